@@ -167,7 +167,7 @@ def test_fused_layer_scorer_matches_each_head(tmp_path):
     got = scorer.score(x)
     assert set(got) == set(heads)
     for name, head in heads.items():
-        want = head.encode(x).float()
+        want = head.logits(x) if isinstance(head, LinearProbe) else head.encode(x).float()
         pre = None
         thr = 0.0
         if isinstance(head, WatchedEncoder) and head.architecture == "jumprelu":
@@ -184,7 +184,7 @@ def test_batched_scorer_across_layers(tmp_path):
     xa, xb = rows(), rows() * 0.5
     got = scorer.score({3: xa, 7: xb})
     torch.testing.assert_close(got["a"], a.encode(xa), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got["b"], b.encode(xb), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["b"], b.logits(xb), rtol=1e-4, atol=1e-4)
     with pytest.raises(ScoringError, match="unique"):
         BatchedScorer({3: {"a": a}, 7: {"a": b}})
 

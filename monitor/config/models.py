@@ -22,6 +22,8 @@ class Strict(BaseModel):
 
 
 class ModelSection(Strict):
+    """The served model; its folder tells the checker how many layers and how wide."""
+
     name: str = Field(
         "smollm2-135m-instruct",
         description="Served model name; becomes the `model_name` label, equal to vLLM's so PromQL can join.",
@@ -36,11 +38,15 @@ class ModelSection(Strict):
 
 
 class Tap(Strict):
+    """One tapped layer. The tap copies the residual stream after the block."""
+
     layer: int = Field(ge=0, description="Decoder block whose output residual stream is tapped (HF hidden_states[layer+1]).")
     hook: Literal["resid_post"] = Field("resid_post", description="Where in the block; only the residual stream after it.")
 
 
 class SAESource(Strict):
+    """A sparse autoencoder whose watched features detectors may use."""
+
     name: str = Field(pattern=NAME_RE, description="Name detectors use to refer to this SAE.")
     layer: int = Field(ge=0, description="Tapped layer the SAE reads; must be listed in `taps`.")
     path: str | None = Field(None, description="sae-lens disk folder (cfg.json + sae_weights.safetensors).")
@@ -61,16 +67,22 @@ class SAESource(Strict):
 
 
 class ProbeSource(Strict):
+    """A linear probe folder (see docs/probe-format.md)."""
+
     name: str = Field(pattern=NAME_RE, description="Name detectors use to refer to this probe.")
     path: str = Field(description="Probe folder (probe.json + probe.safetensors); its layer comes from probe.json.")
 
 
 class Scoring(Strict):
+    """Where and how the sidecar scores rows."""
+
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else CPU.")
     max_batch_rows: int = Field(4096, gt=0, description="Rows scored per pass; bounds the sidecar's memory per step.")
 
 
 class Transport(Strict):
+    """The shared-memory rings between the vLLM plugin and the sidecar."""
+
     directory: str = Field("/dev/shm", description="Where the ring files live; shared by vLLM and the sidecar.")
     name: str = Field("misalignment-monitor", pattern=NAME_RE, description="Ring file prefix (one ring per producer).")
     slots: int = Field(64, ge=2, le=65536, description="Slots in each ring.")
@@ -84,6 +96,8 @@ class Transport(Strict):
 
 
 class Kafka(Strict):
+    """Alert events to Kafka. TLS/SASL settings pass through to kafka-python."""
+
     enabled: bool = Field(False, description="Publish alert events to Kafka.")
     bootstrap_servers: list[str] = Field(["127.0.0.1:9092"], min_length=1, description="Brokers, host:port.")
     topic: str = Field("misalignment-monitor.alerts", description="Topic for alert events (CloudEvents JSON).")
@@ -123,28 +137,38 @@ class Kafka(Strict):
 
 
 class Prometheus(Strict):
+    """The sidecar's /metrics endpoint."""
+
     enabled: bool = Field(True, description="Serve /metrics.")
     host: str = Field("127.0.0.1", description="Bind address; loopback unless you expose it on purpose.")
     port: int = Field(9464, ge=1, le=65535, description="Port for /metrics and health endpoints.")
 
 
 class Sinks(Strict):
+    """Where alerts and metrics go."""
+
     kafka: Kafka = Field(default_factory=Kafka)
     prometheus: Prometheus = Field(default_factory=Prometheus)
 
 
 class Privacy(Strict):
+    """What may leave the sidecar. The default sends no prompt or completion text anywhere."""
+
     include_text: bool = Field(
         False, description="Put the text of the tokens that drove an alert into events. Off: no prompt or completion text leaves the sidecar."
     )
 
 
 class Deployment(Strict):
+    """Names that identify this deployment in events."""
+
     name: str = Field("local", description="Deployment name; the `source` of alert events.")
     namespace: str | None = Field(None, description="Kubernetes namespace, if any.")
 
 
 class MonitorConfig(Strict):
+    """The top level of the monitor's YAML file."""
+
     model: ModelSection = Field(default_factory=ModelSection)
     taps: list[Tap] = Field(default_factory=list, description="Layers tapped in vLLM. Empty: the plugin does nothing.")
     saes: list[SAESource] = Field(default_factory=list)
@@ -183,12 +207,16 @@ class MonitorConfig(Strict):
 
 
 class FeatureInput(Strict):
+    """A detector input: one watched SAE feature."""
+
     sae: str = Field(description="Name of an SAE in the monitor config.")
     feature: int = Field(ge=0, description="Feature index in that SAE.")
     weight: float = Field(1.0, description="Weight under `combine: weighted`.")
 
 
 class ProbeInput(Strict):
+    """A detector input: one probe output."""
+
     probe: str = Field(description="Name of a probe in the monitor config.")
     output: str | None = Field(None, description="Probe output name; default: its first output.")
     weight: float = Field(1.0, description="Weight under `combine: weighted`.")
@@ -208,30 +236,42 @@ DetectorInput = Annotated[
 
 
 class Max(Strict):
+    """The highest token score."""
+
     kind: Literal["max"]
 
 
 class Mean(Strict):
+    """The mean token score (can miss a short burst in a long text)."""
+
     kind: Literal["mean"]
 
 
 class EmaMax(Strict):
+    """The highest value of an exponential moving average of token scores."""
+
     kind: Literal["ema_max"]
     alpha: float = Field(gt=0, le=1, description="EMA weight of the newest token.")
 
 
 class RollingMeanMax(Strict):
+    """The highest mean over any `window` consecutive tokens."""
+
     kind: Literal["rolling_mean_max"]
     window: int = Field(ge=1, description="Tokens per rolling window.")
 
 
 class CountAbove(Strict):
+    """How many tokens reach `token_threshold` (0 until `min_tokens` do)."""
+
     kind: Literal["count_above"]
     token_threshold: float = Field(description="A token supports the verdict when its score reaches this.")
     min_tokens: int = Field(1, ge=1, description="Supporting tokens needed before the score counts.")
 
 
 class FractionAbove(Strict):
+    """The fraction of tokens reaching `token_threshold` (0 until `min_tokens` do)."""
+
     kind: Literal["fraction_above"]
     token_threshold: float
     min_tokens: int = Field(1, ge=1)
@@ -243,6 +283,8 @@ Aggregation = Annotated[
 
 
 class DetectorSpec(Strict):
+    """One detector: a file in a detector pack."""
+
     name: str = Field(pattern=NAME_RE, description="Unique detector name (a Prometheus label value).")
     concept: str = Field(pattern=NAME_RE, description="Concept tag, e.g. `pii`.")
     description: str = ""

@@ -60,7 +60,13 @@ def _affine_of(head: Head) -> tuple[str, str, torch.Tensor, torch.Tensor]:
 
 
 class LayerScorer:
-    """All heads that read one layer's rows: `score(x)` -> {head name: [n, k] float32}."""
+    """All heads that read one layer's rows: `score(x)` -> {head name: [n, k] float32}.
+
+    SAE heads give feature activations (as `encode`); probe heads give *logits*. Detectors
+    aggregate probe logits over tokens and apply the sigmoid last: a probe trained on mean-pooled
+    rows is then exact under `mean` aggregation, and max / EMA / rolling means commute with the
+    monotone sigmoid anyway.
+    """
 
     def __init__(self, heads: Mapping[str, Head], device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -139,7 +145,7 @@ def _activate(seg: _Segment, pre: torch.Tensor) -> torch.Tensor:
         return (gate > 0) * torch.relu(mag)
     if seg.kind == "proxy":
         return pre if seg.col_scale is None else pre * seg.col_scale
-    return torch.sigmoid(pre)
+    return pre  # probes: logits (see LayerScorer)
 
 
 class BatchedScorer:

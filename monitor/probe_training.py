@@ -1,0 +1,129 @@
+"""Fit linear probes on a tapped layer's residual rows, and pick thresholds at a target FPR.
+
+A probe is a logistic regression on the *mean* of a conversation's residual rows (positions >= 1:
+row 0 is the same token at the same position in every chat, an attention sink with a huge norm
+that carries no information). Because the logit is linear, the mean of per-token logits equals
+the logit of the mean row, so the sidecar's `mean` aggregation (which averages logits and applies
+the sigmoid last) reproduces the trained classifier exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from monitor.activations import ActivationExtractor, ConversationRows, Messages
+from monitor.scoring.probe import Calibration, LinearProbe, ProbeMetadata, TrainingData
+
+Scope = Literal["prompt", "generation", "both"]
+
+
+def token_slice(conv: ConversationRows, scope: Scope) -> slice:
+    """Which rows a detector with this scope sees (never row 0, see module doc)."""
+    n = len(conv.token_ids)
+    if scope == "prompt":
+        return slice(1, max(conv.n_prompt, 2))
+    if scope == "generation":
+        return slice(max(conv.n_prompt, 1), n)
+    return slice(1, n)
+
+
+def pooled(convs: list[ConversationRows], layer: int, scope: Scope = "both") -> torch.Tensor:
+    out = []
+    for c in convs:
+        rows = c.rows[layer][token_slice(c, scope)]
+        if rows.shape[0] == 0:
+            rows = c.rows[layer][-1:]
+        out.append(rows.float().mean(0))
+    return torch.stack(out)
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def threshold_at_fpr(negative_scores: np.ndarray, target_fpr: float) -> tuple[float, float]:
+    """The lowest threshold whose FPR on these negatives is at most `target_fpr`.
+
+    A score fires when `score >= threshold`. Returns (threshold, achieved FPR).
+    """
+    s = np.sort(np.asarray(negative_scores, dtype=np.float64))[::-1]
+    n = len(s)
+    if n == 0:
+        raise ValueError("no negative samples to calibrate on")
+    allowed = math.floor(target_fpr * n)  # negatives allowed at or above the threshold
+    if allowed >= n:
+        return float(s[-1]), 1.0
+    # Just above the (allowed+1)-th highest negative: at most `allowed` negatives reach it.
+    thr = float(np.nextafter(s[allowed], np.inf))
+    return thr, float((s >= thr).sum() / n)
+
+
+@dataclass
+class FitResult:
+    probe: LinearProbe
+    train_auroc: float
+
+
+def fit_logistic_probe(
+    x: torch.Tensor,
+    y: np.ndarray,
+    *,
+    name: str,
+    concept: str,
+    model: str,
+    layer: int,
+    training: TrainingData,
+    c: float | None = None,
+) -> FitResult:
+    """Standardise, then L2 logistic regression (C chosen by 5-fold CV on AUROC when not given)."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.metrics import roc_auc_score
+
+    xn = x.double().numpy()
+    mean = xn.mean(0)
+    std = xn.std(0) + 1e-6
+    z = (xn - mean) / std
+    if c is None:
+        cv = LogisticRegressionCV(Cs=np.logspace(-4, 1, 8).tolist(), cv=5, scoring="roc_auc", max_iter=5000)
+        cv.fit(z, y)
+        c = float(cv.C_[0])
+    clf = LogisticRegression(C=c, max_iter=5000)
+    clf.fit(z, y)
+    meta = ProbeMetadata(
+        name=name, concept=concept, model=model, layer=layer, d_in=x.shape[1], standardize=True,
+        aggregation="mean", training=training, metrics={"C": c},
+    )
+    probe = LinearProbe(
+        torch.tensor(clf.coef_, dtype=torch.float32), torch.tensor(clf.intercept_, dtype=torch.float32), meta,
+        torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32),
+    )
+    train_auroc = float(roc_auc_score(y, clf.decision_function(z)))
+    return FitResult(probe, train_auroc)
+
+
+def probe_mean_scores(probe: LinearProbe, convs: list[ConversationRows], scope: Scope = "both") -> np.ndarray:
+    """What the sidecar's `mean` detector reports: sigmoid of the mean per-token logit."""
+    layer = probe.meta.layer
+    return np.array([
+        float(torch.sigmoid(probe.logits(c.rows[layer][token_slice(c, scope)] if token_slice(c, scope).stop > 1
+                                          else c.rows[layer][-1:]).mean(0))[0])
+        for c in convs
+    ])
+
+
+def calibrate_probe(probe: LinearProbe, negative_scores: np.ndarray, target_fpr: float, data: str, date: str) -> None:
+    thr, achieved = threshold_at_fpr(negative_scores, target_fpr)
+    probe.meta.calibration = Calibration(
+        threshold=thr, target_fpr=target_fpr, achieved_fpr=achieved, n_benign=len(negative_scores), data=data, date=date,
+    )
+
+
+def extract(extractor: ActivationExtractor, records: list[tuple[Messages, dict]], progress: str) -> list[ConversationRows]:
+    return extractor.many([m for m, _ in records], progress=progress)

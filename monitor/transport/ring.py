@@ -1,0 +1,301 @@
+"""A single-producer, single-reader ring of fixed slots in shared memory that never blocks the producer.
+
+vLLM's own `shm_broadcast.MessageQueue` blocks the writer until readers catch up; inference must
+never wait for the monitor, so this ring drops instead (or overwrites the oldest slot) and counts.
+
+File layout (little-endian), one file per producer, e.g. /dev/shm/misalignment-monitor-<id>.ring:
+
+    header (4096 bytes)
+      0   magic "MMRING01"            8   version u32, header_bytes u32
+      16  slots u32, d_model u32      24  slot_rows u32, meta_bytes u32
+      32  n_layers u32, dtype u32     40  producer pid u32, overflow u32 (0 drop_newest, 1 overwrite)
+      48  slot_bytes u64              56  created_ns u64
+      64  layers u32[32]
+      ---- producer counters, each u64 on its own cache line ----
+      256 write_seq (slots published)  320 dropped_slots   384 dropped_rows   448 published_rows
+      512 heartbeat_ns                 576 errors          640 closed (1 when the producer exits cleanly)
+      ---- reader fields ----
+      1024 read_seq (next slot the reader wants)   1088 reader_heartbeat_ns
+    slot i (slot_bytes each), holding sequence s where i = s % slots
+      0   state u64: 2s+1 while being written, 2s+2 once complete (a seqlock)
+      8   n_rows u32, meta_len u32
+      16  step u64
+      64  meta (meta_bytes, UTF-8 JSON)
+      ... rows: n_layers x slot_rows x d_model in `dtype`
+
+The reader copies a slot out and re-reads its state: if it changed, the slot was overwritten while
+being read and is counted as lost. x86-64 and ARM64 both keep aligned 8-byte stores atomic; the
+producer writes the state last, after the payload.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+MAGIC = b"MMRING01"
+VERSION = 1
+HEADER_BYTES = 4096
+SLOT_HEADER = 64
+MAX_LAYERS = 32
+DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+
+# Offsets of the u64 counters in the header (one cache line each: producer and reader never share one).
+WRITE_SEQ, DROPPED_SLOTS, DROPPED_ROWS, PUBLISHED_ROWS, HEARTBEAT, ERRORS, CLOSED = (256 + 64 * i for i in range(7))
+READ_SEQ, READER_HEARTBEAT = 1024, 1088
+
+
+class RingError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    slots: int
+    slot_rows: int
+    d_model: int
+    layers: tuple[int, ...]
+    dtype: torch.dtype = torch.bfloat16
+    meta_bytes: int = 64 * 1024
+    overwrite: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def rows_bytes(self) -> int:
+        return len(self.layers) * self.slot_rows * self.d_model * self.itemsize
+
+    @property
+    def slot_bytes(self) -> int:
+        raw = SLOT_HEADER + self.meta_bytes + self.rows_bytes
+        return (raw + 4095) // 4096 * 4096
+
+    @property
+    def file_bytes(self) -> int:
+        return HEADER_BYTES + self.slots * self.slot_bytes
+
+
+def _u64(buf, off: int) -> int:
+    return struct.unpack_from("<Q", buf, off)[0]
+
+
+def _set_u64(buf, off: int, value: int) -> None:
+    struct.pack_into("<Q", buf, off, value)
+
+
+class _Mapped:
+    def __init__(self, path: Path, size: int | None, create: bool) -> None:
+        self.path = path
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self.size = os.fstat(fd).st_size
+            self.mm = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
+        # A numpy view of the same bytes: torch.from_numpy gives tensor views for the row areas.
+        self.np = np.frombuffer(self.mm, dtype=np.uint8)
+
+    def rows_view(self, offset: int, spec: RingSpec) -> torch.Tensor:
+        raw = torch.from_numpy(self.np[offset : offset + spec.rows_bytes])
+        return raw.view(spec.dtype).view(len(spec.layers), spec.slot_rows, spec.d_model)
+
+    def close(self) -> None:
+        del self.np
+        self.mm.close()
+
+
+class RingWriter:
+    """The producer side, inside the vLLM worker. `publish` never waits."""
+
+    def __init__(self, path: str | Path, spec: RingSpec) -> None:
+        if len(spec.layers) > MAX_LAYERS:
+            raise RingError(f"at most {MAX_LAYERS} tapped layers per ring")
+        self.path = Path(path)
+        self.spec = spec
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        m = _Mapped(tmp, spec.file_bytes, create=True)
+        buf = m.mm
+        buf[0:8] = MAGIC
+        struct.pack_into("<II", buf, 8, VERSION, HEADER_BYTES)
+        struct.pack_into("<II", buf, 16, spec.slots, spec.d_model)
+        struct.pack_into("<II", buf, 24, spec.slot_rows, spec.meta_bytes)
+        struct.pack_into("<II", buf, 32, len(spec.layers), DTYPE_CODES[spec.dtype])
+        struct.pack_into("<II", buf, 40, os.getpid(), 1 if spec.overwrite else 0)
+        struct.pack_into("<QQ", buf, 48, spec.slot_bytes, time.time_ns())
+        struct.pack_into(f"<{len(spec.layers)}I", buf, 64, *spec.layers)
+        # Appear under the final name only when complete, so a reader never sees half a header.
+        os.replace(tmp, self.path)
+        m.path = self.path
+        self._m = m
+        self._slot_rows = [m.rows_view(self._slot_offset(i) + SLOT_HEADER + spec.meta_bytes, spec) for i in range(spec.slots)]
+        self.write_seq = 0
+
+    def _slot_offset(self, i: int) -> int:
+        return HEADER_BYTES + i * self.spec.slot_bytes
+
+    def counters(self) -> dict[str, int]:
+        b = self._m.mm
+        return {"published_slots": _u64(b, WRITE_SEQ), "dropped_slots": _u64(b, DROPPED_SLOTS),
+                "dropped_rows": _u64(b, DROPPED_ROWS), "published_rows": _u64(b, PUBLISHED_ROWS),
+                "errors": _u64(b, ERRORS), "reader_seq": _u64(b, READ_SEQ)}
+
+    def has_room(self) -> bool:
+        if self.spec.overwrite:
+            return True
+        return self.write_seq - _u64(self._m.mm, READ_SEQ) < self.spec.slots
+
+    def drop(self, n_rows: int) -> None:
+        b = self._m.mm
+        _set_u64(b, DROPPED_SLOTS, _u64(b, DROPPED_SLOTS) + 1)
+        _set_u64(b, DROPPED_ROWS, _u64(b, DROPPED_ROWS) + n_rows)
+
+    def count_error(self) -> None:
+        b = self._m.mm
+        _set_u64(b, ERRORS, _u64(b, ERRORS) + 1)
+
+    def publish(self, step: int, meta: dict[str, Any], rows: Sequence[torch.Tensor] | None) -> bool:
+        """Write one slot: `rows[i]` is layer i's [n, d_model] tensor (CPU), or None for metadata only.
+
+        Returns False (and counts a drop) when the ring is full under drop_newest.
+        """
+        n = 0 if rows is None else rows[0].shape[0]
+        if n > self.spec.slot_rows:
+            raise RingError(f"{n} rows exceed the slot size {self.spec.slot_rows}; split the step")
+        if not self.has_room():
+            self.drop(n)
+            return False
+        payload = json.dumps(meta, separators=(",", ":")).encode()
+        if len(payload) > self.spec.meta_bytes:
+            self.drop(n)
+            self.count_error()
+            return False
+        s = self.write_seq
+        i = s % self.spec.slots
+        off = self._slot_offset(i)
+        b = self._m.mm
+        _set_u64(b, off, 2 * s + 1)  # writing
+        struct.pack_into("<IIQ", b, off + 8, n, len(payload), step)
+        b[off + SLOT_HEADER : off + SLOT_HEADER + len(payload)] = payload
+        if rows is not None and n:
+            dst = self._slot_rows[i]
+            for li, r in enumerate(rows):
+                dst[li, :n].copy_(r)
+        _set_u64(b, off, 2 * s + 2)  # complete
+        self.write_seq = s + 1
+        _set_u64(b, WRITE_SEQ, s + 1)
+        _set_u64(b, PUBLISHED_ROWS, _u64(b, PUBLISHED_ROWS) + n)
+        _set_u64(b, HEARTBEAT, time.time_ns())
+        return True
+
+    def heartbeat(self) -> None:
+        _set_u64(self._m.mm, HEARTBEAT, time.time_ns())
+
+    def close(self, unlink: bool = True) -> None:
+        _set_u64(self._m.mm, CLOSED, 1)
+        self._slot_rows = []
+        self._m.close()
+        if unlink:
+            self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class Slot:
+    seq: int
+    step: int
+    meta: dict[str, Any]
+    rows: list[torch.Tensor] = field(default_factory=list)  # per layer [n, d_model], copied out of the ring
+
+
+class RingReader:
+    """The sidecar side. Attaches to an existing ring; a restarted reader resumes at the newest slot."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        m = _Mapped(self.path, None, create=False)
+        b = m.mm
+        if bytes(b[0:8]) != MAGIC:
+            m.close()
+            raise RingError(f"{path} is not a monitor ring")
+        version, header = struct.unpack_from("<II", b, 8)
+        if version != VERSION or header != HEADER_BYTES:
+            m.close()
+            raise RingError(f"{path}: ring version {version} is not supported (want {VERSION})")
+        slots, d_model = struct.unpack_from("<II", b, 16)
+        slot_rows, meta_bytes = struct.unpack_from("<II", b, 24)
+        n_layers, dtype_code = struct.unpack_from("<II", b, 32)
+        self.producer_pid, overwrite = struct.unpack_from("<II", b, 40)
+        layers = struct.unpack_from(f"<{n_layers}I", b, 64)
+        self.spec = RingSpec(slots, slot_rows, d_model, tuple(layers), DTYPES[dtype_code], meta_bytes, bool(overwrite))
+        if _u64(b, 48) != self.spec.slot_bytes:
+            m.close()
+            raise RingError(f"{path}: slot size in the header does not match its geometry")
+        self._m = m
+        self._rows = [m.rows_view(HEADER_BYTES + i * self.spec.slot_bytes + SLOT_HEADER + meta_bytes, self.spec)
+                      for i in range(slots)]
+        # Resume where the producer is now: slots written while no reader was attached are counted, not replayed.
+        self.next_seq = max(_u64(b, READ_SEQ), _u64(b, WRITE_SEQ) - slots)
+        self.lost_slots = 0
+
+    def counters(self) -> dict[str, int]:
+        b = self._m.mm
+        return {"published_slots": _u64(b, WRITE_SEQ), "dropped_slots": _u64(b, DROPPED_SLOTS),
+                "dropped_rows": _u64(b, DROPPED_ROWS), "published_rows": _u64(b, PUBLISHED_ROWS),
+                "errors": _u64(b, ERRORS), "heartbeat_ns": _u64(b, HEARTBEAT), "closed": _u64(b, CLOSED),
+                "lost_slots": self.lost_slots, "lag_slots": _u64(b, WRITE_SEQ) - self.next_seq}
+
+    @property
+    def closed(self) -> bool:
+        return _u64(self._m.mm, CLOSED) == 1
+
+    def poll(self, max_slots: int = 64) -> list[Slot]:
+        """Every complete slot since the last poll (up to max_slots), copied out of shared memory."""
+        b = self._m.mm
+        out: list[Slot] = []
+        written = _u64(b, WRITE_SEQ)
+        if written - self.next_seq > self.spec.slots:  # lapped while we were away (overwrite mode)
+            skipped = written - self.spec.slots - self.next_seq
+            self.lost_slots += skipped
+            self.next_seq += skipped
+        while self.next_seq < written and len(out) < max_slots:
+            s = self.next_seq
+            i = s % self.spec.slots
+            off = HEADER_BYTES + i * self.spec.slot_bytes
+            state = _u64(b, off)
+            if state != 2 * s + 2:
+                if state > 2 * s + 2:  # already overwritten by a later sequence
+                    self.lost_slots += 1
+                    self.next_seq += 1
+                    continue
+                break  # being written right now
+            n, meta_len, step = struct.unpack_from("<IIQ", b, off + 8)
+            meta_raw = bytes(b[off + SLOT_HEADER : off + SLOT_HEADER + meta_len])
+            rows = [self._rows[i][li, :n].clone() for li in range(len(self.spec.layers))] if n else []
+            if _u64(b, off) != state:  # overwritten while we copied
+                self.lost_slots += 1
+                self.next_seq += 1
+                continue
+            out.append(Slot(s, step, json.loads(meta_raw), rows))
+            self.next_seq += 1
+        _set_u64(b, READ_SEQ, self.next_seq)
+        _set_u64(b, READER_HEARTBEAT, time.time_ns())
+        return out
+
+    def close(self) -> None:
+        self._rows = []
+        self._m.close()
