@@ -38,6 +38,18 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sidecar(args: argparse.Namespace) -> int:
+    from monitor.config import ConfigError
+    from monitor.sidecar.service import run_sidecar
+
+    try:
+        return run_sidecar(args.config, decisions=args.decisions)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     print("monitor demo: not yet — it lands with the alerting issue (vLLM → sidecar → Kafka/Prometheus → pages).")
     return 0
@@ -58,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a monitor config and its detector packs")
     check.add_argument("file", type=Path)
     check.set_defaults(func=_check_config)
+
+    side = sub.add_parser("sidecar", help="read the vLLM taps, score rows, run detectors")
+    side.add_argument("--config", type=Path, required=True)
+    side.add_argument("--decisions", type=Path, default=None,
+                      help="append detector firings and verdicts as JSON lines (ids and scores, no text)")
+    side.set_defaults(func=_sidecar)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the demo model")
     demo.set_defaults(func=_demo)

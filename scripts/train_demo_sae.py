@@ -130,8 +130,14 @@ def main() -> None:
         normalize_activations="expected_average_only_in", apply_b_dec_to_input=True,
     )
     sae = BatchTopKTrainingSAE(cfg)
-    with torch.no_grad():  # start the decoder bias at the data's mean, as is standard
-        sae.b_dec.copy_(acts[train_idx[:50000]].float().mean(0))
+    # Start the decoder bias at the data's mean, in the units the SAE sees: the trainer rescales
+    # inputs by sqrt(d_in) / mean norm (expected_average_only_in). A b_dec in raw units leaves
+    # one constant direction in x - b_dec, the same latents win top-k on every token and the
+    # rest die (a first run here: 99% dead features).
+    with torch.no_grad():
+        sample = acts[train_idx[:50000]].float()
+        factor = acts.shape[1] ** 0.5 / sample.norm(dim=-1).mean()
+        sae.b_dec.copy_(sample.mean(0) * factor)
 
     def provider():
         while True:

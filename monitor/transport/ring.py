@@ -145,6 +145,7 @@ class RingWriter:
         self._m = m
         self._slot_rows = [m.rows_view(self._slot_offset(i) + SLOT_HEADER + spec.meta_bytes, spec) for i in range(spec.slots)]
         self.write_seq = 0
+        self.closed = False
 
     def _slot_offset(self, i: int) -> int:
         return HEADER_BYTES + i * self.spec.slot_bytes
@@ -161,11 +162,15 @@ class RingWriter:
         return self.write_seq - _u64(self._m.mm, READ_SEQ) < self.spec.slots
 
     def drop(self, n_rows: int) -> None:
+        if self.closed:
+            return
         b = self._m.mm
         _set_u64(b, DROPPED_SLOTS, _u64(b, DROPPED_SLOTS) + 1)
         _set_u64(b, DROPPED_ROWS, _u64(b, DROPPED_ROWS) + n_rows)
 
     def count_error(self) -> None:
+        if self.closed:
+            return
         b = self._m.mm
         _set_u64(b, ERRORS, _u64(b, ERRORS) + 1)
 
@@ -174,6 +179,8 @@ class RingWriter:
 
         Returns False (and counts a drop) when the ring is full under drop_newest.
         """
+        if self.closed:
+            return False
         n = 0 if rows is None else rows[0].shape[0]
         if n > self.spec.slot_rows:
             raise RingError(f"{n} rows exceed the slot size {self.spec.slot_rows}; split the step")
@@ -207,6 +214,9 @@ class RingWriter:
         _set_u64(self._m.mm, HEARTBEAT, time.time_ns())
 
     def close(self, unlink: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
         _set_u64(self._m.mm, CLOSED, 1)
         self._slot_rows = []
         self._m.close()
@@ -257,6 +267,7 @@ class RingReader:
         return {"published_slots": _u64(b, WRITE_SEQ), "dropped_slots": _u64(b, DROPPED_SLOTS),
                 "dropped_rows": _u64(b, DROPPED_ROWS), "published_rows": _u64(b, PUBLISHED_ROWS),
                 "errors": _u64(b, ERRORS), "heartbeat_ns": _u64(b, HEARTBEAT), "closed": _u64(b, CLOSED),
+                "reader_seq": _u64(b, READ_SEQ), "reader_heartbeat_ns": _u64(b, READER_HEARTBEAT),
                 "lost_slots": self.lost_slots, "lag_slots": _u64(b, WRITE_SEQ) - self.next_seq}
 
     @property

@@ -1,0 +1,216 @@
+"""Detectors at run time: compile specs into one scorer, then keep streaming state per request.
+
+Scores of a token, per input: an SAE feature's activation, or a probe output's *logit*. A detector
+whose inputs are all probes reports `sigmoid(aggregate of logits)` (so its threshold is a
+probability and a mean-pooled logistic probe is reproduced exactly); count/fraction aggregations
+report a count/fraction, and their `token_threshold` is a probability for probes.
+
+`combine`: any = the highest per-input aggregate, all = the lowest, weighted = aggregate of the
+per-token weighted sum. A detector fires at most once per request, when its score first reaches
+its threshold; later evidence updates the same alert (same alert id).
+
+Row 0 of every request is skipped: it is the same token at the same position in every chat (an
+attention sink with a huge norm) and carries no information; the probes are trained without it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from monitor.config.load import LoadedConfig
+from monitor.config.models import CountAbove, DetectorSpec, FeatureInput, FractionAbove, ProbeInput
+from monitor.detectors.aggregate import Aggregator, make_aggregator
+from monitor.scoring import BatchedScorer, LinearProbe, WatchedEncoder
+
+TOP_TOKENS = 5
+
+
+def sae_head(name: str) -> str:
+    return f"sae:{name}"
+
+
+def probe_head(name: str) -> str:
+    return f"probe:{name}"
+
+
+@dataclass(frozen=True)
+class InputRef:
+    head: str
+    column: int
+    weight: float
+    is_probe: bool
+    label: str  # "demo-l15/1234" or "pii/score"
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(x: float) -> float:
+    if math.isnan(x):
+        return x
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass
+class CompiledDetector:
+    spec: DetectorSpec
+    inputs: list[InputRef]
+
+    @property
+    def probe_only(self) -> bool:
+        return all(i.is_probe for i in self.inputs)
+
+    @property
+    def counts(self) -> bool:
+        return isinstance(self.spec.aggregation, (CountAbove, FractionAbove))
+
+    def new_state(self) -> "DetectorState":
+        transform = _logit if self.probe_only and self.spec.combine != "weighted" else None
+        n_aggs = 1 if self.spec.combine == "weighted" else len(self.inputs)
+        return DetectorState(self, [make_aggregator(self.spec.aggregation, transform) for _ in range(n_aggs)])
+
+
+@dataclass
+class TokenEvidence:
+    position: int
+    score: float  # the token's combined score (probability for probe detectors)
+    inputs: dict[str, float]
+
+
+@dataclass
+class DetectorState:
+    detector: CompiledDetector
+    aggs: list[Aggregator]
+    fired: bool = False
+    alert_id: str | None = None
+    fired_at: int | None = None  # position of the token that pushed it over
+    top: list[tuple[float, int, dict]] = field(default_factory=list)  # min-heap of (score, position, inputs)
+
+    def _combine_aggs(self) -> float:
+        vals = [a.value for a in self.aggs]
+        if any(math.isnan(v) for v in vals):
+            vals = [v for v in vals if not math.isnan(v)]
+            if not vals:
+                return float("nan")
+        spec = self.detector.spec
+        raw = min(vals) if spec.combine == "all" else max(vals)
+        if self.detector.probe_only and not self.detector.counts and spec.combine != "weighted":
+            return _sigmoid(raw)
+        return raw
+
+    @property
+    def score(self) -> float:
+        return self._combine_aggs()
+
+    def update(self, positions: np.ndarray, columns: list[np.ndarray]) -> bool:
+        """Feed in-scope tokens (`columns[i]` = input i's scores). Returns True when this call fired."""
+        if len(positions) == 0:
+            return False
+        det = self.detector
+        if det.spec.combine == "weighted":
+            combined = sum(ref.weight * col for ref, col in zip(det.inputs, columns))
+            self.aggs[0].update(combined)
+            token_scores = combined
+        else:
+            for agg, col in zip(self.aggs, columns):
+                agg.update(col)
+            stack = np.stack(columns)
+            token_scores = stack.min(0) if det.spec.combine == "all" else stack.max(0)
+        if det.probe_only and det.spec.combine != "weighted":
+            token_scores = 1.0 / (1.0 + np.exp(-token_scores))
+        for j in np.argsort(token_scores)[-TOP_TOKENS:]:
+            item = (float(token_scores[j]), int(positions[j]),
+                    {ref.label: float(col[j]) for ref, col in zip(det.inputs, columns)})
+            if len(self.top) < TOP_TOKENS:
+                heapq.heappush(self.top, item)
+            elif item[0] > self.top[0][0]:
+                heapq.heapreplace(self.top, item)
+        if not self.fired and self.score >= det.spec.threshold:
+            self.fired = True
+            self.alert_id = str(uuid.uuid4())
+            self.fired_at = int(positions[-1])
+            return True
+        return False
+
+    def evidence(self) -> list[TokenEvidence]:
+        return [TokenEvidence(p, s, i) for s, p, i in sorted(self.top, reverse=True)]
+
+
+@dataclass
+class DetectorSet:
+    """The scorer for every configured SAE/probe input, and the detectors that read it."""
+
+    scorer: BatchedScorer
+    detectors: list[CompiledDetector]
+    layers: list[int]
+    feature_columns: dict[str, list[int]]  # SAE name -> watched feature indices, in head column order
+    probe_outputs: dict[str, list[str]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("scoring.device is cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None = None) -> DetectorSet:
+    from sae_lens import SAE
+
+    cfg = loaded.config
+    dev = resolve_device(cfg.scoring.device) if device is None else torch.device(device)
+    sae_cfg = {s.name: s for s in cfg.saes}
+    probe_cfg = {p.name: p for p in cfg.probes}
+    watched: dict[str, set[int]] = {}
+    used_probes: set[str] = set()
+    for det in loaded.detectors:
+        for inp in det.spec.inputs:
+            if isinstance(inp, FeatureInput):
+                watched.setdefault(inp.sae, set()).add(inp.feature)
+            else:
+                used_probes.add(inp.probe)
+    heads: dict[int, dict[str, object]] = {}
+    feature_columns: dict[str, list[int]] = {}
+    for name, feats in watched.items():
+        s = sae_cfg[name]
+        sae = SAE.load_from_disk(loaded.resolve(s.path)) if s.path else SAE.from_pretrained(s.release, s.sae_id)
+        cols = sorted(feats)
+        feature_columns[name] = cols
+        heads.setdefault(s.layer, {})[sae_head(name)] = WatchedEncoder.from_sae(sae, cols, mode=s.mode)
+        del sae  # only the watched columns are kept
+    probe_outputs: dict[str, list[str]] = {}
+    for name in sorted(used_probes):
+        probe = LinearProbe.load(loaded.resolve(probe_cfg[name].path))
+        probe_outputs[name] = probe.meta.outputs
+        heads.setdefault(probe.meta.layer, {})[probe_head(name)] = probe
+    compiled = []
+    for det in loaded.detectors:
+        refs = []
+        for inp in det.spec.inputs:
+            if isinstance(inp, FeatureInput):
+                col = feature_columns[inp.sae].index(inp.feature)
+                refs.append(InputRef(sae_head(inp.sae), col, inp.weight, False, f"{inp.sae}/{inp.feature}"))
+            elif isinstance(inp, ProbeInput):
+                outputs = probe_outputs[inp.probe]
+                col = 0 if inp.output is None else outputs.index(inp.output)
+                refs.append(InputRef(probe_head(inp.probe), col, inp.weight, True, f"{inp.probe}/{outputs[col]}"))
+        compiled.append(CompiledDetector(det.spec, refs))
+    return DetectorSet(BatchedScorer(heads, dev), compiled, sorted(heads), feature_columns, probe_outputs)
+
+
+def in_scope(spec: DetectorSpec, positions: np.ndarray, n_prompt: int) -> np.ndarray:
+    mask = positions >= 1
+    if spec.scope == "prompt":
+        mask &= positions < n_prompt
+    elif spec.scope == "generation":
+        mask &= positions >= n_prompt
+    return mask

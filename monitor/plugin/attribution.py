@@ -1,0 +1,113 @@
+"""Which rows of a step belong to which request, from CPU-side state only (no GPU reads, no sync).
+
+V1 runner: after `execute_model`, `input_batch.req_ids[:num_reqs]` is the forward order and each
+request contributes `scheduler_output.num_scheduled_tokens[req_id]` consecutive rows, starting at
+absolute position `num_computed_tokens` (the tokens computed before this step, prefix-cache hits
+included: cached positions get no forward pass, so they get no rows, and the reader reports them
+as not covered rather than inventing rows).
+
+Ids: a worker sees `"{external}-{8 hex}"`, or `"{i}_{external}-{8 hex}"` for the i-th of n > 1
+samples. The OpenAI server's external id is `chatcmpl-` / `cmpl-` + the `X-Request-Id` header,
+which our middleware guarantees is set, so alerts name an id the caller can find.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+_INTERNAL = re.compile(r"^(?:(?P<sample>\d+)_)?(?P<external>.+)-(?P<suffix>[0-9a-f]{8})$")
+_OPENAI_PREFIXES = ("chatcmpl-", "cmpl-", "resp_", "resp-")
+
+
+@dataclass(frozen=True)
+class Segment:
+    req: str  # the engine's internal id (unique per sample)
+    external_id: str  # what the API returned as the response id
+    request_id: str  # the X-Request-Id the caller sent or received
+    sample: int  # index among n > 1 samples
+    start: int  # absolute token position of the first row
+    n: int  # rows in this step
+    n_prompt: int  # prompt length: positions below it are prompt, the rest generated
+    row: int  # offset of the first row within the step
+
+    def as_meta(self) -> dict:
+        return asdict(self)
+
+
+def parse_request_id(internal: str) -> tuple[str, str, int]:
+    """(external id, caller-visible request id, sample index) from a worker's request id."""
+    m = _INTERNAL.match(internal)
+    if not m:
+        return internal, internal, 0
+    external = m["external"]
+    request_id = external
+    for prefix in _OPENAI_PREFIXES:
+        if external.startswith(prefix):
+            request_id = external[len(prefix):]
+            break
+    return external, request_id, int(m["sample"] or 0)
+
+
+def v1_segments(runner, scheduler_output) -> list[Segment]:
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    scheduled = scheduler_output.num_scheduled_tokens
+    segments: list[Segment] = []
+    row = 0
+    for i, req in enumerate(batch.req_ids[:num_reqs]):
+        n = scheduled.get(req, 0)
+        if n == 0:
+            continue
+        external, request_id, sample = parse_request_id(req)
+        segments.append(Segment(
+            req=req, external_id=external, request_id=request_id, sample=sample,
+            start=int(batch.num_computed_tokens_cpu[i]), n=int(n), n_prompt=int(batch.num_prompt_tokens[i]), row=row,
+        ))
+        row += n
+    return segments
+
+
+def split_segments(segments: list[Segment], max_rows: int) -> list[tuple[int, int, list[Segment]]]:
+    """Cut a step's segments into chunks of at most `max_rows` rows: (first row, rows, segments)."""
+    chunks: list[tuple[int, int, list[Segment]]] = []
+    current: list[Segment] = []
+    chunk_start, used = 0, 0
+    for seg in segments:
+        offset = 0
+        while offset < seg.n:
+            take = min(seg.n - offset, max_rows - used)
+            current.append(Segment(**{**asdict(seg), "start": seg.start + offset, "n": take, "row": used}))
+            used += take
+            offset += take
+            if used == max_rows:
+                chunks.append((chunk_start, used, current))
+                chunk_start, used, current = chunk_start + used, 0, []
+    if current:
+        chunks.append((chunk_start, used, current))
+    return chunks
+
+
+def v2_segments(runner, scheduler_output) -> list[Segment]:
+    """V2 runner (vLLM >= 0.33 with Triton): the step's batch lives on `execute_model_state` until
+    `sample_tokens` runs. Rows are laid out by `query_start_loc_np` (decode-first order).
+
+    Written against the 0.32 source; only a GPU build runs V2, so it is not exercised on CPU CI.
+    """
+    state = runner.execute_model_state
+    if state is None:
+        return []
+    b = state.input_batch
+    segments = []
+    for i in range(b.num_reqs):
+        req = b.req_ids[i]
+        n = int(b.num_scheduled_tokens[i])
+        if n == 0:
+            continue
+        external, request_id, sample = parse_request_id(req)
+        segments.append(Segment(
+            req=req, external_id=external, request_id=request_id, sample=sample,
+            start=int(b.num_computed_tokens_np[i]), n=n, n_prompt=int(b.prefill_len_np[i]),
+            row=int(b.query_start_loc_np[i]),
+        ))
+    return segments

@@ -1,0 +1,167 @@
+"""Per-worker capture: the tap buffers, the ring, and what happens after each forward step.
+
+On CPU the step's rows are ready when `execute_model` returns, so they are copied straight into the
+ring (a memcpy of n x d_model per layer) before the next step can overwrite the tap buffers.
+
+On GPU nothing may wait on the device. After each step the rows are copied, in stream order, into
+one of K device staging slots (fast, device-to-device); a side stream then copies that slot into
+pinned host memory and records an event; a publisher thread waits on that event (in its own thread,
+never the inference thread) and writes the ring. With every staging slot busy, the step is dropped
+and counted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import socket
+import threading
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from monitor.config.models import MonitorConfig
+from monitor.plugin.attribution import Segment, split_segments, v1_segments, v2_segments
+from monitor.plugin.tap import install_taps
+from monitor.transport.ring import RingSpec, RingWriter
+
+log = logging.getLogger("monitor.plugin")
+
+
+def ring_path(cfg: MonitorConfig, rank: int) -> Path:
+    host = socket.gethostname().replace("/", "_")
+    return Path(cfg.transport.directory) / f"{cfg.transport.name}-{host}-{os.getpid()}-r{rank}.ring"
+
+
+class _Publisher:
+    """Splits a step into ring slots and writes them; rows come as per-layer [n, d] CPU tensors."""
+
+    def __init__(self, ring: RingWriter) -> None:
+        self.ring = ring
+        self.lock = threading.Lock()  # the GPU path writes from the publisher thread
+
+    def publish(self, step: int, segments: list[Segment], finished: list[str], rows: list[torch.Tensor] | None) -> None:
+        with self.lock:
+            chunks = split_segments(segments, self.ring.spec.slot_rows) if segments else []
+            if not chunks and finished:
+                self.ring.publish(step, {"segments": [], "finished": finished}, None)
+            for k, (first, n, segs) in enumerate(chunks):
+                meta = {"segments": [s.as_meta() for s in segs], "finished": finished if k == len(chunks) - 1 else []}
+                self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None)
+
+    def drop(self, n_rows: int) -> None:
+        with self.lock:
+            self.ring.drop(n_rows)
+
+
+class _GpuStager:
+    def __init__(self, n_layers: int, max_tokens: int, d_model: int, dtype: torch.dtype, device: torch.device,
+                 publisher: _Publisher, slots: int = 2) -> None:
+        self.stage = [torch.empty(n_layers, max_tokens, d_model, dtype=dtype, device=device) for _ in range(slots)]
+        self.pinned = [torch.empty(n_layers, max_tokens, d_model, dtype=dtype, pin_memory=True) for _ in range(slots)]
+        self.side = torch.cuda.Stream(device=device)
+        self.free: deque[int] = deque(range(slots))
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.publisher = publisher
+        threading.Thread(target=self._run, name="misalignment-monitor-publisher", daemon=True).start()
+
+    def submit(self, buffers: list[torch.Tensor], n: int, step: int, segments: list[Segment], finished: list[str]) -> None:
+        if not self.free:  # every staging slot still in flight: drop, never wait
+            self.publisher.drop(n)
+            return
+        k = self.free.popleft()
+        main = torch.cuda.current_stream()
+        for li, buf in enumerate(buffers):
+            self.stage[k][li, :n].copy_(buf[:n], non_blocking=True)
+        staged = torch.cuda.Event()
+        staged.record(main)
+        self.side.wait_event(staged)
+        with torch.cuda.stream(self.side):
+            for li in range(len(buffers)):  # contiguous per layer: a strided D2H copy may synchronize
+                self.pinned[k][li, :n].copy_(self.stage[k][li, :n], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.side)
+        self.jobs.put((k, copied, n, step, segments, finished))
+
+    def _run(self) -> None:
+        while True:
+            k, copied, n, step, segments, finished = self.jobs.get()
+            try:
+                copied.synchronize()  # this thread only
+                rows = [self.pinned[k][li, :n] for li in range(self.pinned[k].shape[0])]
+                self.publisher.publish(step, segments, finished, rows)
+            except Exception:  # noqa: BLE001 - the publisher must outlive any one bad step
+                log.exception("publishing a step failed")
+                self.publisher.ring.count_error()
+            finally:
+                self.free.append(k)
+
+
+class Capture:
+    """Created in a worker after `load_model`; `after_step` runs after each `execute_model`."""
+
+    def __init__(self, cfg: MonitorConfig, worker) -> None:
+        runner = worker.model_runner
+        vcfg = worker.vllm_config
+        self.v2 = bool(getattr(vcfg, "use_v2_model_runner", False) or getattr(worker, "use_v2_model_runner", False))
+        model = runner.get_model()
+        d_model = vcfg.model_config.get_hidden_size()
+        dtype = vcfg.model_config.dtype
+        max_tokens = int(getattr(runner, "max_num_tokens", 0) or vcfg.scheduler_config.max_num_batched_tokens)
+        device = torch.device(getattr(runner, "device", "cpu"))
+        self.buffers = install_taps(model, cfg.tapped_layers, max_tokens, d_model, dtype, device)
+        self.layers = sorted(self.buffers)
+        rank = int(getattr(worker, "rank", 0))
+        try:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        except Exception:  # noqa: BLE001 - not initialised in some single-process set-ups
+            tp_rank = 0
+        # The residual stream is replicated across tensor-parallel ranks: one of them publishes.
+        self.active = bool(self.layers) and tp_rank == 0
+        self.ring: RingWriter | None = None
+        self.stager: _GpuStager | None = None
+        self.step = 0
+        self.failed = False
+        if not self.active:
+            return
+        t = cfg.transport
+        spec = RingSpec(slots=t.slots, slot_rows=t.slot_rows, d_model=d_model, layers=tuple(self.layers), dtype=dtype,
+                        overwrite=t.overflow == "overwrite_oldest")
+        self.ring = RingWriter(ring_path(cfg, rank), spec)
+        self.publisher = _Publisher(self.ring)
+        if device.type == "cuda":
+            self.stager = _GpuStager(len(self.layers), max_tokens, d_model, dtype, device, self.publisher)
+        atexit.register(self.close)  # mark the ring closed and unlink it; a reader drains what it mapped
+        log.info("misalignment-monitor tapping layers %s into %s (%s)", self.layers, self.ring.path, device.type)
+
+    def after_step(self, runner, scheduler_output) -> None:
+        if not self.active or self.failed:
+            return
+        try:
+            self.step += 1
+            segments = v2_segments(runner, scheduler_output) if self.v2 else v1_segments(runner, scheduler_output)
+            finished = sorted(scheduler_output.finished_req_ids or ())
+            n = sum(s.n for s in segments)
+            if not segments and not finished:
+                return
+            bufs = [self.buffers[layer] for layer in self.layers]
+            if self.stager is not None and n:
+                self.stager.submit(bufs, n, self.step, segments, finished)
+            else:
+                self.publisher.publish(self.step, segments, finished, [b[:n] for b in bufs] if n else None)
+        except Exception:  # noqa: BLE001 - fail open: log once, stop tapping, keep serving
+            self.failed = True
+            log.exception("misalignment-monitor capture failed; the tap is disabled, vLLM keeps serving")
+            if self.ring is not None:
+                self.ring.count_error()
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+            self.active = False

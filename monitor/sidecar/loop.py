@@ -1,0 +1,262 @@
+"""The sidecar's loop: read the rings, score rows, keep per-request detector state, publish.
+
+Per poll, each slot's rows (all requests of a step) are scored in one pass; rows are then split by
+request. Per-request state is bounded (detector aggregators are O(window), evidence is the top few
+tokens) and released when vLLM reports the request finished or after `transport.request_timeout_s`
+without rows. A request's positions arrive in order; rows for positions already seen (a preempted
+request being recomputed) are ignored, and positions never computed (prefix-cache hits) are
+counted as not covered rather than invented.
+
+Consumers subscribe to the `ScoreBus`: per-token scores as they arrive, and detector updates.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from monitor.config.load import LoadedConfig
+from monitor.detectors.runtime import DetectorSet, DetectorState, build_detector_set, in_scope
+from monitor.transport.ring import RingError, RingReader, Slot
+
+log = logging.getLogger("monitor.sidecar")
+
+
+@dataclass
+class TokenScores:
+    req: str
+    request_id: str
+    external_id: str
+    sample: int
+    positions: np.ndarray
+    is_prompt: np.ndarray
+    scores: dict[str, np.ndarray]  # head -> [n, k]: SAE activations, probe logits
+
+
+@dataclass
+class DetectorUpdate:
+    req: str
+    request_id: str
+    external_id: str
+    sample: int
+    state: DetectorState
+    fired_now: bool
+    final: bool  # the request finished: this is the verdict
+
+    @property
+    def detector(self):
+        return self.state.detector.spec
+
+
+@dataclass
+class RequestState:
+    req: str
+    request_id: str
+    external_id: str
+    sample: int
+    n_prompt: int
+    next_pos: int = 0
+    uncovered: int = 0  # positions never computed (prefix-cache hits)
+    rows: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    detectors: dict[str, DetectorState] = field(default_factory=dict)
+
+
+class ScoreBus:
+    """The in-process API: callbacks run on the sidecar's thread and must be quick."""
+
+    def __init__(self) -> None:
+        self._tokens: list[Callable[[TokenScores], None]] = []
+        self._detectors: list[Callable[[DetectorUpdate], None]] = []
+
+    def on_tokens(self, fn: Callable[[TokenScores], None]) -> None:
+        self._tokens.append(fn)
+
+    def on_detector(self, fn: Callable[[DetectorUpdate], None]) -> None:
+        self._detectors.append(fn)
+
+    def emit_tokens(self, t: TokenScores) -> None:
+        for fn in self._tokens:
+            fn(t)
+
+    def emit_detector(self, u: DetectorUpdate) -> None:
+        for fn in self._detectors:
+            fn(u)
+
+
+@dataclass
+class SidecarStats:
+    slots: int = 0
+    rows: int = 0
+    tokens_scored: int = 0
+    requests_seen: int = 0
+    requests_finished: int = 0
+    requests_expired: int = 0
+    duplicate_rows: int = 0
+    uncovered_positions: int = 0
+    scoring_seconds: float = 0.0
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+
+
+class Sidecar:
+    def __init__(self, loaded: LoadedConfig, device: str | None = None) -> None:
+        self.loaded = loaded
+        self.device = device
+        self.detectors: DetectorSet = build_detector_set(loaded, device)
+        self.bus = ScoreBus()
+        self.stats = SidecarStats()
+        self.readers: dict[str, RingReader] = {}
+        self.requests: dict[str, RequestState] = {}
+        self._lock = threading.Lock()  # reload vs. the loop
+        t = loaded.config.transport
+        self.pattern = str(Path(t.directory) / f"{t.name}-*.ring")
+        self.timeout = t.request_timeout_s
+
+    # ---- rings -----------------------------------------------------------------------------
+    def discover(self) -> None:
+        for path in glob.glob(self.pattern):
+            if path in self.readers:
+                continue
+            try:
+                reader = RingReader(path)
+            except (RingError, OSError, ValueError) as e:
+                log.warning("skipping ring %s: %s", path, e)
+                continue
+            missing = set(self.detectors.layers) - set(reader.spec.layers)
+            if missing:
+                log.warning("ring %s carries layers %s; detectors need %s too", path, reader.spec.layers, sorted(missing))
+            self.readers[path] = reader
+            log.info("attached to ring %s (layers %s)", path, list(reader.spec.layers))
+        for path, reader in list(self.readers.items()):
+            # A producer that exits unlinks its ring; our mapping stays valid, so drain it first.
+            gone = reader.closed or not Path(path).exists()
+            if gone and reader.counters()["lag_slots"] == 0:
+                reader.close()
+                del self.readers[path]
+                log.info("detached from ring %s", path)
+
+    def producer_counters(self) -> dict[str, dict[str, int]]:
+        return {path: r.counters() for path, r in self.readers.items()}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def poll_once(self) -> int:
+        n = 0
+        with self._lock:
+            for reader in list(self.readers.values()):
+                for slot in reader.poll():
+                    self._process(reader, slot)
+                    n += 1
+            self._expire()
+        return n
+
+    def run(self, stop: threading.Event, idle_sleep: float = 0.002, discover_every: float = 1.0) -> None:
+        last_discover = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            if now - last_discover > discover_every:
+                self.discover()
+                last_discover = now
+            if self.poll_once() == 0:
+                time.sleep(idle_sleep)
+
+    def _process(self, reader: RingReader, slot: Slot) -> None:
+        self.stats.slots += 1
+        segments = slot.meta.get("segments", [])
+        if slot.rows and segments:
+            n_rows = slot.rows[0].shape[0]
+            self.stats.rows += n_rows
+            by_layer = {layer: slot.rows[i] for i, layer in enumerate(reader.spec.layers) if layer in self.detectors.layers}
+            t0 = time.perf_counter()
+            scores = {k: v.cpu().numpy() for k, v in self.detectors.scorer.score(by_layer).items()}
+            self.stats.scoring_seconds += time.perf_counter() - t0
+            self.stats.tokens_scored += n_rows
+            for seg in segments:
+                self._segment(seg, scores)
+        for req in slot.meta.get("finished", []):
+            self._finish(req)
+
+    def _state(self, seg: dict) -> RequestState:
+        st = self.requests.get(seg["req"])
+        if st is None:
+            st = RequestState(seg["req"], seg["request_id"], seg["external_id"], seg["sample"], seg["n_prompt"])
+            self.requests[seg["req"]] = st
+            self.stats.requests_seen += 1
+        return st
+
+    def _segment(self, seg: dict, scores: dict[str, np.ndarray]) -> None:
+        st = self._state(seg)
+        st.last_seen = time.monotonic()
+        start, n, row = seg["start"], seg["n"], seg["row"]
+        positions = np.arange(start, start + n)
+        keep = positions >= st.next_pos  # preemption re-sends positions already scored
+        self.stats.duplicate_rows += int((~keep).sum())
+        if not keep.any():
+            return
+        if start > st.next_pos:  # prefix-cache hit: these positions had no forward pass
+            st.uncovered += start - st.next_pos
+            self.stats.uncovered_positions += start - st.next_pos
+        positions = positions[keep]
+        rows = slice(row, row + n)
+        seg_scores = {head: s[rows][keep] for head, s in scores.items()}
+        st.next_pos = int(positions[-1]) + 1
+        st.rows += len(positions)
+        self.bus.emit_tokens(TokenScores(st.req, st.request_id, st.external_id, st.sample, positions,
+                                         positions < st.n_prompt, seg_scores))
+        for det in self.detectors.detectors:
+            mask = in_scope(det.spec, positions, st.n_prompt)
+            if not mask.any():
+                continue
+            ds = st.detectors.get(det.spec.name)
+            if ds is None:
+                ds = st.detectors[det.spec.name] = det.new_state()
+            cols = [seg_scores[ref.head][mask, ref.column].astype(np.float64) for ref in det.inputs]
+            fired = ds.update(positions[mask], cols)
+            self.bus.emit_detector(DetectorUpdate(st.req, st.request_id, st.external_id, st.sample, ds, fired, False))
+
+    def _finish(self, req: str, expired: bool = False) -> None:
+        st = self.requests.pop(req, None)
+        if st is None:
+            return
+        if expired:
+            self.stats.requests_expired += 1
+        else:
+            self.stats.requests_finished += 1
+        for ds in st.detectors.values():
+            self.bus.emit_detector(DetectorUpdate(st.req, st.request_id, st.external_id, st.sample, ds, False, True))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for req in [r for r, st in self.requests.items() if now - st.last_seen > self.timeout]:
+            self._finish(req, expired=True)
+
+    # ---- reload -------------------------------------------------------------------------------
+    def reload(self, loaded: LoadedConfig) -> None:
+        """Swap in new detectors, SAEs and probes without touching vLLM (the tap exports rows).
+
+        Requests in flight keep the state of detectors that still exist; new detectors start
+        with the next rows. Tapped layers cannot change here: that needs vLLM restarted.
+        """
+        new = build_detector_set(loaded, self.device)
+        with self._lock:
+            if loaded.config.tapped_layers != self.loaded.config.tapped_layers:
+                log.warning("taps changed from %s to %s: restart vLLM for the tap to follow",
+                            self.loaded.config.tapped_layers, loaded.config.tapped_layers)
+            names = {d.spec.name for d in new.detectors}
+            for st in self.requests.values():
+                st.detectors = {k: v for k, v in st.detectors.items() if k in names}
+            self.detectors = new
+            self.loaded = loaded
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+        self.readers.clear()
+

@@ -1,0 +1,80 @@
+"""`monitor sidecar --config FILE`: run the loop, reload config on SIGHUP or when files change."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from monitor.config import ConfigError, load_config
+from monitor.config.load import detector_files
+from monitor.sidecar.loop import DetectorUpdate, Sidecar
+
+log = logging.getLogger("monitor.sidecar")
+
+
+def _watched_files(sidecar: Sidecar) -> dict[Path, float]:
+    lc = sidecar.loaded
+    files = [lc.path] + detector_files([lc.resolve(p) for p in lc.config.detectors])[0]
+    files += [lc.resolve(p.path) / "probe.json" for p in lc.config.probes]
+    return {f: f.stat().st_mtime for f in files if f.exists()}
+
+
+class DecisionLog:
+    """One JSON line per detector firing and per final verdict. Ids and scores only, never text."""
+
+    def __init__(self, path: Path) -> None:
+        self.f = path.open("a", buffering=1)
+
+    def __call__(self, u: DetectorUpdate) -> None:
+        if not (u.fired_now or u.final):
+            return
+        self.f.write(json.dumps({
+            "event": "fired" if u.fired_now else "final", "time": time.time(), "request_id": u.request_id,
+            "external_id": u.external_id, "sample": u.sample, "detector": u.detector.name,
+            "concept": u.detector.concept, "severity": u.detector.severity, "score": u.state.score,
+            "threshold": u.detector.threshold, "fired": u.state.fired, "alert_id": u.state.alert_id,
+            "fired_at_position": u.state.fired_at,
+            "top_tokens": [{"position": e.position, "score": e.score, "inputs": e.inputs} for e in u.state.evidence()],
+        }) + "\n")
+
+
+def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Event | None = None,
+                watch_every: float = 2.0) -> int:
+    loaded = load_config(config)
+    sidecar = Sidecar(loaded)
+    if decisions is not None:
+        sidecar.bus.on_detector(DecisionLog(decisions))
+    stop = stop or threading.Event()
+    reload_requested = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker = threading.Thread(target=sidecar.run, args=(stop,), name="sidecar-loop", daemon=True)
+    worker.start()
+    log.info("sidecar running: %d detector(s) on layers %s, rings %s", len(sidecar.detectors.detectors),
+             sidecar.detectors.layers, sidecar.pattern)
+    mtimes = _watched_files(sidecar)
+    while not stop.wait(watch_every):
+        current = _watched_files(sidecar)
+        if current != mtimes or reload_requested.is_set():
+            reload_requested.clear()
+            mtimes = current
+            try:
+                sidecar.reload(load_config(config))
+                sidecar.stats.reloads_ok += 1
+                mtimes = _watched_files(sidecar)
+                log.info("config reloaded: %d detector(s)", len(sidecar.detectors.detectors))
+            except ConfigError as e:
+                sidecar.stats.reloads_failed += 1
+                log.error("config reload failed, keeping the running config: %s", e)
+            except Exception:  # noqa: BLE001
+                sidecar.stats.reloads_failed += 1
+                log.exception("config reload failed, keeping the running config")
+    worker.join(timeout=5)
+    sidecar.close()
+    return 0

@@ -1,0 +1,114 @@
+"""Start and stop vLLM's OpenAI server with the monitor's plugin, for the demo and the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monitor.plugin import CONFIG_ENV, DISABLE_ENV
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VLLMServer:
+    model: Path
+    served_name: str = "smollm2-135m-instruct"
+    monitor_config: Path | None = None  # None: the plugin stays off (no config)
+    plugin_disabled: bool = False  # the kill switch
+    port: int = field(default_factory=free_port)
+    eager: bool = False
+    max_num_batched_tokens: int | None = None
+    prefix_caching: bool = False
+    kv_cache_gib: int = 2
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "bfloat16", "--max-model-len", "2048", "--seed", "0",
+               "--middleware", "monitor.plugin.middleware.RequestIdMiddleware"]
+        if self.eager:
+            cmd.append("--enforce-eager")
+        if self.max_num_batched_tokens:
+            cmd += ["--max-num-batched-tokens", str(self.max_num_batched_tokens), "--enable-chunked-prefill"]
+        cmd.append("--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching")
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 600.0) -> "VLLMServer":
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        env.pop(CONFIG_ENV, None)
+        env.pop(DISABLE_ENV, None)
+        if self.monitor_config is not None:
+            env[CONFIG_ENV] = str(self.monitor_config)
+        if self.plugin_disabled:
+            env[DISABLE_ENV] = "1"
+        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        print(f"[vllm] starting {' '.join(self.command()[2:6])} ... on {self.url} "
+              f"({'eager' if self.eager else 'compiled'}; a cold compile takes ~2 min on CPU)", flush=True)
+        self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode} while starting; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        print(f"[vllm] healthy at {self.url}", flush=True)
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"vLLM did not become healthy in {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def chat(self, messages: list[dict], max_tokens: int = 32, request_id: str | None = None, n: int = 1,
+             timeout: float = 120.0, **extra) -> tuple[dict, dict[str, str]]:
+        """POST /v1/chat/completions (greedy); returns (body, response headers)."""
+        body = {"model": self.served_name, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+                "n": n, **extra}
+        if n > 1:
+            body["temperature"] = extra.get("temperature", 0.8)
+        req = urllib.request.Request(f"{self.url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        if request_id:
+            req.add_header("X-Request-Id", request_id)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read()), dict(r.headers)

@@ -1,0 +1,113 @@
+"""Each aggregation on hand-built score sequences, streamed in chunks, and detector decisions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from monitor.config.models import DetectorSpec
+from monitor.detectors.aggregate import make_aggregator
+from monitor.detectors.runtime import CompiledDetector, InputRef, in_scope
+
+SEQ = np.array([0.1, 0.9, 0.2, 0.8, 0.7, 0.0, 1.0, 0.3])
+
+
+def spec(**agg):
+    return DetectorSpec.model_validate({"name": "d", "concept": "c", "inputs": [{"sae": "s", "feature": 1}],
+                                        "aggregation": agg, "threshold": 0.5}).aggregation
+
+
+def feed(agg, seq, chunks):
+    bounds = np.linspace(0, len(seq), chunks + 1).astype(int)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        agg.update(seq[a:b])
+    return agg.value
+
+
+def ema_max(seq, alpha):
+    e, best = None, -math.inf
+    for v in seq:
+        e = v if e is None else alpha * v + (1 - alpha) * e
+        best = max(best, e)
+    return best
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 8])  # streaming in any chunking gives the same verdict
+@pytest.mark.parametrize("agg,expected", [
+    ({"kind": "max"}, 1.0),
+    ({"kind": "mean"}, SEQ.mean()),
+    ({"kind": "ema_max", "alpha": 0.5}, ema_max(SEQ, 0.5)),
+    ({"kind": "rolling_mean_max", "window": 3}, max(SEQ[i:i + 3].mean() for i in range(6))),
+    ({"kind": "count_above", "token_threshold": 0.7, "min_tokens": 2}, 4.0),
+    ({"kind": "count_above", "token_threshold": 0.7, "min_tokens": 5}, 0.0),
+    ({"kind": "fraction_above", "token_threshold": 0.7, "min_tokens": 1}, 4 / 8),
+], ids=["max", "mean", "ema", "rolling", "count", "count-below-min", "fraction"])
+def test_aggregations(agg, expected, chunks):
+    assert feed(make_aggregator(spec(**agg)), SEQ, chunks) == pytest.approx(expected)
+
+
+def test_rolling_mean_before_window_is_mean_so_far():
+    a = make_aggregator(spec(kind="rolling_mean_max", window=5))
+    a.update(np.array([0.2, 0.4]))
+    assert a.value == pytest.approx(0.3)
+
+
+def test_mean_drowns_a_short_burst_that_rolling_catches():
+    burst = np.r_[np.zeros(60), np.ones(4), np.zeros(60)]
+    mean, rolling = make_aggregator(spec(kind="mean")), make_aggregator(spec(kind="rolling_mean_max", window=4))
+    mean.update(burst)
+    rolling.update(burst)
+    assert mean.value < 0.05 and rolling.value == 1.0
+
+
+def detector(threshold=0.5, combine="any", inputs=None, agg=None, scope="both"):
+    inputs = inputs or [{"sae": "s", "feature": 1}]
+    s = DetectorSpec.model_validate({"name": "d", "concept": "c", "inputs": inputs, "combine": combine,
+                                     "aggregation": agg or {"kind": "max"}, "threshold": threshold, "scope": scope})
+    refs = [InputRef("h", i, inp.get("weight", 1.0), "probe" in inp, f"x/{i}") for i, inp in enumerate(inputs)]
+    return CompiledDetector(s, refs)
+
+
+def test_fires_once_mid_stream_and_keeps_the_same_alert():
+    st = detector(threshold=0.8).new_state()
+    assert st.update(np.array([1, 2]), [np.array([0.1, 0.2])]) is False
+    assert st.update(np.array([3, 4]), [np.array([0.3, 0.85])]) is True  # fires mid-generation
+    alert = st.alert_id
+    assert st.fired_at == 4
+    assert st.update(np.array([5]), [np.array([0.99])]) is False  # later evidence: no second fire
+    assert st.alert_id == alert and st.score == pytest.approx(0.99)
+    assert [e.position for e in st.evidence()][:2] == [5, 4]
+
+
+def test_combine_any_all_weighted():
+    two = [{"sae": "s", "feature": 1}, {"sae": "s", "feature": 2, "weight": 2.0}]
+    a, b = np.array([0.9, 0.1]), np.array([0.2, 0.3])
+    pos = np.array([1, 2])
+    for combine, want in (("any", 0.9), ("all", 0.3), ("weighted", 0.9 + 2 * 0.2)):
+        st = detector(combine=combine, inputs=two).new_state()
+        st.update(pos, [a, b])
+        assert st.score == pytest.approx(want), combine
+
+
+def test_probe_detector_reports_probability_of_mean_logit():
+    st = detector(inputs=[{"probe": "p"}], agg={"kind": "mean"}, threshold=0.5).new_state()
+    logits = np.array([2.0, -1.0, 0.5])
+    st.update(np.array([1, 2, 3]), [logits])
+    assert st.score == pytest.approx(1 / (1 + math.exp(-logits.mean())))
+
+
+def test_probe_count_threshold_is_a_probability():
+    st = detector(inputs=[{"probe": "p"}], agg={"kind": "count_above", "token_threshold": 0.5, "min_tokens": 1},
+                  threshold=2).new_state()
+    st.update(np.array([1, 2, 3]), [np.array([0.1, -0.1, 3.0])])  # p = .52, .48, .95
+    assert st.score == 2.0 and st.fired
+
+
+def test_scope_and_attention_sink():
+    s = detector(scope="prompt").spec
+    pos = np.arange(0, 8)
+    assert in_scope(s, pos, n_prompt=5).tolist() == [False, True, True, True, True, False, False, False]
+    g = detector(scope="generation").spec
+    assert in_scope(g, pos, n_prompt=5).tolist() == [False] * 5 + [True] * 3
