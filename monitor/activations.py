@@ -42,14 +42,16 @@ def _fingerprint(model_dir: Path) -> str:
 class ActivationExtractor:
     """`rows(messages)` -> token ids and residual rows at the requested layers.
 
-    `dtype` is the model's compute dtype; bfloat16 matches what vLLM computes.
+    `dtype` is the model's compute dtype. float32 (the default) reproduces vLLM's rows best: the
+    tap's bf16 rows have cosine >= 0.9999 with it, while transformers' own bf16 pass drifts to
+    0.9985 at some tokens (vLLM's CPU kernels accumulate in float32). bfloat16 is 2.6x faster.
     """
 
     def __init__(
         self,
         model_dir: str | Path,
         layers: Sequence[int],
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype = torch.float32,
         cache: bool = True,
         max_tokens: int = 1024,
     ) -> None:

@@ -69,6 +69,7 @@ def threshold_at_fpr(negative_scores: np.ndarray, target_fpr: float) -> tuple[fl
 class FitResult:
     probe: LinearProbe
     train_auroc: float
+    oof_scores: np.ndarray  # out-of-fold sigmoid(mean logit) per training record, for calibration
 
 
 def fit_logistic_probe(
@@ -81,10 +82,18 @@ def fit_logistic_probe(
     layer: int,
     training: TrainingData,
     c: float | None = None,
+    groups: np.ndarray | None = None,
 ) -> FitResult:
-    """Standardise, then L2 logistic regression (C chosen by 5-fold CV on AUROC when not given)."""
+    """Standardise, then L2 logistic regression (C chosen by 5-fold CV on AUROC when not given).
+
+    Also returns out-of-fold scores: each record scored by a probe fit without its fold. With
+    `groups` (e.g. the template source of each record) whole groups are held out together, so the
+    scores, and a threshold calibrated on them, reflect phrasings the probe has not seen. Scores of
+    the records a probe was fit on are overconfident: a threshold set on them fires too often.
+    """
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predict
 
     xn = x.double().numpy()
     mean = xn.mean(0)
@@ -94,6 +103,9 @@ def fit_logistic_probe(
         cv = LogisticRegressionCV(Cs=np.logspace(-4, 1, 8).tolist(), cv=5, scoring="roc_auc", max_iter=5000)
         cv.fit(z, y)
         c = float(cv.C_[0])
+    folds = GroupKFold(n_splits=5) if groups is not None else StratifiedKFold(5, shuffle=True, random_state=0)
+    oof = cross_val_predict(LogisticRegression(C=c, max_iter=5000), z, y, cv=folds, groups=groups,
+                            method="decision_function")
     clf = LogisticRegression(C=c, max_iter=5000)
     clf.fit(z, y)
     meta = ProbeMetadata(
@@ -105,7 +117,7 @@ def fit_logistic_probe(
         torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32),
     )
     train_auroc = float(roc_auc_score(y, clf.decision_function(z)))
-    return FitResult(probe, train_auroc)
+    return FitResult(probe, train_auroc, 1.0 / (1.0 + np.exp(-oof)))
 
 
 def probe_mean_scores(probe: LinearProbe, convs: list[ConversationRows], scope: Scope = "both") -> np.ndarray:

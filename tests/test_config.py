@@ -203,3 +203,10 @@ def test_shipped_demo_config_is_valid():
     loaded = load_config(root / "deploy/local/monitor.yaml")
     names = {d.spec.concept for d in loaded.detectors}
     assert {"pii", "prompt_injection", "harmful_request"} <= names
+
+
+def test_reference_page_matches_the_models():
+    """docs/configuration.md is generated from the models; a stale page fails here."""
+    from monitor.config.reference import PAGE, render
+
+    assert PAGE.read_text() == render(), "run: python -m monitor.config.reference"

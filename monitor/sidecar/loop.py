@@ -241,17 +241,27 @@ class Sidecar:
     def reload(self, loaded: LoadedConfig) -> None:
         """Swap in new detectors, SAEs and probes without touching vLLM (the tap exports rows).
 
-        Requests in flight keep the state of detectors that still exist; new detectors start
-        with the next rows. Tapped layers cannot change here: that needs vLLM restarted.
+        Requests in flight keep a detector's aggregated state when what it measures (inputs,
+        aggregation, combine, scope) is unchanged, now judged by the new definition (a new
+        threshold applies at once); a detector that measures something else starts again with the
+        next rows. Tapped layers cannot change here: that needs vLLM restarted.
         """
         new = build_detector_set(loaded, self.device)
+        measures = ("inputs", "aggregation", "combine", "scope")
         with self._lock:
             if loaded.config.tapped_layers != self.loaded.config.tapped_layers:
                 log.warning("taps changed from %s to %s: restart vLLM for the tap to follow",
                             self.loaded.config.tapped_layers, loaded.config.tapped_layers)
-            names = {d.spec.name for d in new.detectors}
+            by_name = {d.spec.name: d for d in new.detectors}
             for st in self.requests.values():
-                st.detectors = {k: v for k, v in st.detectors.items() if k in names}
+                kept = {}
+                for name, ds in st.detectors.items():
+                    nd = by_name.get(name)
+                    old = ds.detector.spec
+                    if nd is not None and all(getattr(nd.spec, k) == getattr(old, k) for k in measures):
+                        ds.detector = nd
+                        kept[name] = ds
+                st.detectors = kept
             self.detectors = new
             self.loaded = loaded
 
