@@ -5,7 +5,8 @@
 Configurations alternate within each round (this machine is noisy); each run is a fresh vLLM
 process timed around `generate` only (load and compile excluded). When tapping, the real sidecar
 runs with the demo detectors, pinned to its own core, as in production on a 2-core box. Reports
-medians and the ratio to "off". Also the sidecar's scoring rate in rows/s on this machine.
+medians and the ratio to "off". Also the sidecar's rate in rows/s on one thread: the scoring
+matmul alone, and the whole loop on decode-shaped and prefill-shaped slots.
 """
 
 from __future__ import annotations
@@ -109,6 +110,43 @@ def scoring_rate(rows: int = 4096) -> float:
     return rows / statistics.median(times)
 
 
+def sidecar_rate(slots: int = 400) -> dict[str, float]:
+    """The whole sidecar loop (ring read, scoring, per-request split, demo detectors) on one thread.
+
+    Two shapes: decode steps (32 requests x 1 row per slot) and prefill chunks (1 request x 128 rows).
+    """
+    import torch
+
+    from capture_helpers import capture_config
+    from monitor.config import load_config
+    from monitor.sidecar.loop import Sidecar
+    from monitor.transport.ring import RingSpec, RingWriter
+
+    torch.set_num_threads(1)
+    out = {}
+    for shape, (n_req, rows_per) in {"decode": (32, 1), "prefill": (1, 128)}.items():
+        with tempfile.TemporaryDirectory() as d:
+            cfg = capture_config(Path(d), detectors=True)
+            side = Sidecar(load_config(cfg), device="cpu")
+            ring = RingWriter(Path(d) / "test-bench.ring", RingSpec(slots=slots + 1, slot_rows=128, d_model=576,
+                                                                     layers=(15,), dtype=torch.bfloat16))
+            side.discover()
+            x = torch.randn(n_req * rows_per, 576, dtype=torch.bfloat16) * 3
+            for step in range(slots):
+                segs = [{"req": f"r{i}", "external_id": f"chatcmpl-r{i}", "request_id": f"r{i}", "sample": 0,
+                         "start": 1 + step * rows_per, "n": rows_per, "n_prompt": 10**6, "row": i * rows_per}
+                        for i in range(n_req)]
+                ring.publish(step, {"segments": segs, "finished": []}, [x])
+            t = time.perf_counter()
+            while side.poll_once():
+                pass
+            dt = time.perf_counter() - t
+            out[shape] = slots * n_req * rows_per / dt
+            ring.close()
+            side.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -128,13 +166,17 @@ def main() -> None:
                 print(f"[bench] round {r + 1}/{args.rounds} {name:>13}: {tps:7.1f} generated tokens/s", flush=True)
     med = {n: statistics.median(v) for n, v in results.items()}
     rate = scoring_rate()
+    loop = sidecar_rate()
     print("\nconfiguration   median tok/s   vs off")
     for n in names:
         print(f"{n:>13}   {med[n]:12.1f}   {med[n] / med['off']:6.3f}")
     print(f"\nsidecar scoring (demo detectors, 1 thread): {rate:,.0f} rows/s = "
           f"{rate / med['tap-1-layer']:.0f}x vLLM's token rate with one tapped layer")
+    for shape, r in loop.items():
+        print(f"whole sidecar loop, {shape} slots: {r:,.0f} rows/s = {r / med['tap-1-layer']:.0f}x vLLM's token rate")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": results, "median": med, "scoring_rows_per_s": rate}, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": results, "median": med, "scoring_rows_per_s": rate,
+                                               "sidecar_loop_rows_per_s": loop}, indent=2))
 
 
 if __name__ == "__main__":

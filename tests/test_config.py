@@ -156,6 +156,18 @@ def test_detector_errors(workspace):
     assert f"{bad}: severity: Input should be 'critical', 'warning' or 'info'" in text
 
 
+def test_detector_input_type_errors_name_the_field(workspace):
+    write(workspace / "detectors/feat.yaml", {
+        "name": "pii-feature", "concept": "pii", "inputs": [{"sae": "s", "feature": "seven"}, {"probe": "pii", "wieght": 2}],
+        "aggregation": {"kind": "max"}, "threshold": 1,
+    })
+    with pytest.raises(ConfigError) as e:
+        load_config(workspace / "monitor.yaml")
+    text = str(e.value)
+    assert "feat.yaml: inputs[0].feature: Input should be a valid integer" in text
+    assert "feat.yaml: inputs[1].wieght: unknown key" in text
+
+
 def test_detector_unknown_probe_and_duplicate_name(workspace):
     write(workspace / "detectors/dup.yaml", {
         "name": "pii-probe", "concept": "pii", "inputs": [{"probe": "missing"}],

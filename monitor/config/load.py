@@ -116,8 +116,9 @@ def _loc(loc: tuple) -> str:
 def _pydantic_issues(path: Path, err: ValidationError) -> list[ConfigIssue]:
     issues = []
     for e in err.errors():
-        # Tagged-union branches add their tag to the location; users never wrote it.
-        loc = tuple(p for p in e["loc"] if p not in ("feature", "probe") or p == e["loc"][-1])
+        # Tagged-union branches add their tag right after the list index; users never wrote it.
+        raw = e["loc"]
+        loc = tuple(p for i, p in enumerate(raw) if not (p in ("feature", "probe") and i > 0 and isinstance(raw[i - 1], int)))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; see docs/configuration.md)"

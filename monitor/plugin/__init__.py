@@ -35,6 +35,8 @@ def _disabled() -> bool:
 
 
 def _load_config():
+    from pathlib import Path
+
     from monitor.config.load import read_yaml
     from monitor.config.models import MonitorConfig
 
@@ -42,8 +44,6 @@ def _load_config():
     if not path:
         return None
     # Schema only: the plugin needs the taps and the transport, not the SAEs or probes.
-    from pathlib import Path
-
     return MonitorConfig.model_validate(read_yaml(Path(path)) or {})
 
 
