@@ -136,7 +136,7 @@ class ActivationExtractor:
         out = []
         for i, m in enumerate(convs):
             out.append(self.rows(m))
-            if progress and (i + 1) % 50 == 0 or progress and i + 1 == len(convs):
+            if progress and ((i + 1) % 50 == 0 or i + 1 == len(convs)):
                 print(f"[{progress}] activations {i + 1}/{len(convs)}", flush=True)
         return out
 

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from monitor.activations import ActivationExtractor, ConversationRows, Messages
+from monitor.activations import ConversationRows
 from monitor.scoring.probe import Calibration, LinearProbe, ProbeMetadata, TrainingData
 
 Scope = Literal["prompt", "generation", "both"]
@@ -34,14 +34,14 @@ def token_slice(conv: ConversationRows, scope: Scope) -> slice:
     return slice(1, n)
 
 
+def scope_rows(conv: ConversationRows, layer: int, scope: Scope) -> torch.Tensor:
+    """The rows a detector with this scope sees; the last row when the scope is empty."""
+    rows = conv.rows[layer][token_slice(conv, scope)]
+    return rows if rows.shape[0] else conv.rows[layer][-1:]
+
+
 def pooled(convs: list[ConversationRows], layer: int, scope: Scope = "both") -> torch.Tensor:
-    out = []
-    for c in convs:
-        rows = c.rows[layer][token_slice(c, scope)]
-        if rows.shape[0] == 0:
-            rows = c.rows[layer][-1:]
-        out.append(rows.float().mean(0))
-    return torch.stack(out)
+    return torch.stack([scope_rows(c, layer, scope).float().mean(0) for c in convs])
 
 
 def sha256_file(path: str | Path) -> str:
@@ -123,11 +123,7 @@ def fit_logistic_probe(
 def probe_mean_scores(probe: LinearProbe, convs: list[ConversationRows], scope: Scope = "both") -> np.ndarray:
     """What the sidecar's `mean` detector reports: sigmoid of the mean per-token logit."""
     layer = probe.meta.layer
-    return np.array([
-        float(torch.sigmoid(probe.logits(c.rows[layer][token_slice(c, scope)] if token_slice(c, scope).stop > 1
-                                          else c.rows[layer][-1:]).mean(0))[0])
-        for c in convs
-    ])
+    return np.array([float(torch.sigmoid(probe.logits(scope_rows(c, layer, scope)).mean(0))[0]) for c in convs])
 
 
 def calibrate_probe(probe: LinearProbe, negative_scores: np.ndarray, target_fpr: float, data: str, date: str) -> None:
@@ -136,6 +132,3 @@ def calibrate_probe(probe: LinearProbe, negative_scores: np.ndarray, target_fpr:
         threshold=thr, target_fpr=target_fpr, achieved_fpr=achieved, n_benign=len(negative_scores), data=data, date=date,
     )
 
-
-def extract(extractor: ActivationExtractor, records: list[tuple[Messages, dict]], progress: str) -> list[ConversationRows]:
-    return extractor.many([m for m, _ in records], progress=progress)

@@ -19,13 +19,8 @@ class Aggregator:
 
     @property
     def value(self) -> float:
+        """The aggregate so far; NaN before any token."""
         raise NotImplementedError
-
-    @property
-    def count(self) -> int:
-        return self._n
-
-    _n = 0
 
 
 class MaxAgg(Aggregator):
