@@ -117,7 +117,9 @@ def test_concurrent_requests_with_chunked_prefill(server, collector, reference):
 
 def test_n2_samples_are_attributed_separately(server, collector, reference):
     messages = [{"role": "user", "content": "Tell me a short story about a robot."}]
-    body, _ = chat(server, messages[0]["content"], request_id="n2", n=2, max_tokens=12, temperature=1.0, seed=1)
+    # No per-request seed: vLLM 0.32's CPU sampler crashes the engine ("CPU Generator does not use
+    # offset") when a seeded request is partially prefilled. Each sample is checked against its own tokens.
+    body, _ = chat(server, messages[0]["content"], request_id="n2", n=2, max_tokens=12, temperature=1.0)
     collector.drain()
     samples = check_rows(collector, reference, body, messages)
     assert sorted(rec.segments[0]["sample"] for rec in samples.values()) == [0, 1]
