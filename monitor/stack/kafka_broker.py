@@ -6,14 +6,13 @@ service; nothing in the product depends on tansu.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from monitor.stack.process import stop_process_group
 from monitor.stack.vllm_server import free_port
 
 
@@ -56,13 +55,7 @@ class TansuBroker:
         raise TimeoutError("tansu did not start listening")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc, timeout=10)
 
     def create_topic(self, name: str, partitions: int = 1) -> None:
         from kafka.admin import KafkaAdminClient, NewTopic

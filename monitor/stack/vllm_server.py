@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.plugin import CONFIG_ENV, DISABLE_ENV
+from monitor.stack.process import stop_process_group
 
 
 def free_port() -> int:
@@ -84,14 +84,7 @@ class VLLMServer:
         raise TimeoutError(f"vLLM did not become healthy in {timeout:.0f}s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_process_group(self.proc, timeout=30)
 
     def __enter__(self) -> "VLLMServer":
         return self.start()
