@@ -94,6 +94,8 @@ def wait_until_reading(server: VLLMServer, rings: Path, proc: subprocess.Popen, 
 
 def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings, tmp_path):
     side, decisions = start_sidecar(config, tmp_path)
+    stalled = False
+    final: list[dict] = []
     try:
         wait_until_reading(server, rings, side, tmp_path / "sidecar.log")
         for rid, text in (("e2e-pii", PII), ("e2e-injection", INJECTION), ("e2e-benign", BENIGN)):
@@ -105,9 +107,17 @@ def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings
             if {"e2e-pii", "e2e-injection", "e2e-benign"} <= {d["request_id"] for d in final if d["event"] == "final"}:
                 break
             time.sleep(0.5)
+        stalled = side.poll() is None and not {"e2e-pii", "e2e-injection", "e2e-benign"} <= {
+            d["request_id"] for d in final if d["event"] == "final"}
+        if stalled:  # dump the sidecar's threads into its log before stopping it
+            os.kill(side.pid, signal.SIGUSR1)
+            time.sleep(1)
     finally:
         side.terminate()
         side.wait(timeout=30)
+    if stalled:
+        pytest.fail(f"the sidecar stopped delivering verdicts; ring {counters(rings)}; log:\n"
+                    + (tmp_path / "sidecar.log").read_text()[-6000:])
     fired = {(d["request_id"], d["detector"]) for d in final if d["event"] == "fired"}
     verdicts = {(d["request_id"], d["detector"]): d for d in final if d["event"] == "final"}
     assert ("e2e-pii", "pii-probe") in fired, verdicts.get(("e2e-pii", "pii-probe"))
