@@ -18,7 +18,8 @@ from pathlib import Path
 from monitor.sidecar.loop import DetectorUpdate
 
 EVENT_TYPE = "io.misalignment-monitor.alert.v1"
-SCHEMA_REF = "https://github.com/misalignment-monitor/misalignment-monitor/blob/main/monitor/schemas/alert.v1.json"
+# The schema's own $id; the file ships in the package (monitor/schemas/alert.v1.json).
+SCHEMA_REF = "misalignment-monitor/alert.v1.json"
 
 
 def alert_schema() -> dict:

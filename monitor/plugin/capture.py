@@ -49,6 +49,9 @@ class _Publisher:
             if not chunks and finished:
                 self.ring.publish(step, {"segments": [], "finished": finished}, None)
             for k, (first, n, segs) in enumerate(chunks):
+                if not self.ring.has_room():  # full (no or slow reader): count it, build nothing
+                    self.ring.drop(n)
+                    continue
                 meta = {"segments": [s.as_meta() for s in segs], "finished": finished if k == len(chunks) - 1 else []}
                 self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None)
 
@@ -114,6 +117,7 @@ class Capture:
         device = torch.device(getattr(runner, "device", "cpu"))
         self.buffers = install_taps(model, cfg.tapped_layers, max_tokens, d_model, dtype, device)
         self.layers = sorted(self.buffers)
+        self._ordered = [self.buffers[layer] for layer in self.layers]  # ring layer order
         rank = int(getattr(worker, "rank", 0))
         try:
             from vllm.distributed import get_tensor_model_parallel_rank
@@ -149,11 +153,10 @@ class Capture:
             n = sum(s.n for s in segments)
             if not segments and not finished:
                 return
-            bufs = [self.buffers[layer] for layer in self.layers]
             if self.stager is not None and n:
-                self.stager.submit(bufs, n, self.step, segments, finished)
+                self.stager.submit(self._ordered, n, self.step, segments, finished)
             else:
-                self.publisher.publish(self.step, segments, finished, [b[:n] for b in bufs] if n else None)
+                self.publisher.publish(self.step, segments, finished, [b[:n] for b in self._ordered] if n else None)
         except Exception:  # noqa: BLE001 - fail open: log once, stop tapping, keep serving
             self.failed = True
             log.exception("misalignment-monitor capture failed; the tap is disabled, vLLM keeps serving")

@@ -94,7 +94,6 @@ class ScoreBus:
 @dataclass
 class SidecarStats:
     slots: int = 0
-    rows: int = 0
     tokens_scored: int = 0
     requests_seen: int = 0
     requests_finished: int = 0
@@ -172,7 +171,6 @@ class Sidecar:
         segments = slot.meta.get("segments", [])
         if slot.rows and segments:
             n_rows = slot.rows[0].shape[0]
-            self.stats.rows += n_rows
             by_layer = {layer: slot.rows[i] for i, layer in enumerate(reader.spec.layers) if layer in self.detectors.layers}
             t0 = time.perf_counter()
             scores = {k: v.cpu().numpy() for k, v in self.detectors.scorer.score(by_layer).items()}
