@@ -26,6 +26,11 @@ def alert_schema() -> dict:
     return json.loads(resources.files("monitor").joinpath("schemas/alert.v1.json").read_text())
 
 
+def _rfc3339(t: datetime) -> str:
+    # Microseconds: detection latency on loopback is a few milliseconds.
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 @dataclass
 class FeatureExplanations:
     """`{"<sae>/<feature>": explanation}` from the SAEs' label files, read once (never at alert time)."""
@@ -76,7 +81,7 @@ class EventBuilder:
             "id": str(uuid.uuid4()),
             "source": self.source,
             "type": EVENT_TYPE,
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": _rfc3339(datetime.now(timezone.utc)),
             "datacontenttype": "application/json",
             "dataschema": SCHEMA_REF,
             "subject": u.request_id,
@@ -86,6 +91,9 @@ class EventBuilder:
                 "deployment": self.deployment, "pod": self.pod, "detector": spec.name, "concept": spec.concept,
                 "severity": spec.severity, "score": st.score, "threshold": spec.threshold,
                 "aggregation": spec.aggregation.model_dump(), "scope": spec.scope,
-                "fired_at_position": st.fired_at, "final": u.final, "labels": dict(spec.labels), "tokens": tokens,
+                "fired_at_position": st.fired_at,
+                "forward_pass_time": (_rfc3339(datetime.fromtimestamp(u.step_time, timezone.utc))
+                                      if u.step_time is not None else None),
+                "final": u.final, "labels": dict(spec.labels), "tokens": tokens,
             },
         }

@@ -16,6 +16,7 @@ from monitor.events import EventBuilder, FeatureExplanations, alert_schema
 from monitor.sidecar.loop import DetectorUpdate
 from monitor.sinks.kafka import KafkaSink
 from monitor.stack.kafka_broker import TansuBroker
+from sidecar_helpers import open_ring, publish_request, start_service, tiny_monitor
 
 TOPIC = "misalignment-monitor.alerts"
 
@@ -148,48 +149,11 @@ def test_full_spool_drops_and_counts(tmp_path):
 
 def test_sidecar_service_publishes_alerts(broker, tmp_path):
     """Rows on a real ring -> `monitor sidecar`'s service -> alert events a consumer reads."""
-    import threading
-
-    import torch
-    import yaml
-    from sae_lens import SAE, StandardSAEConfig
-
-    from monitor.sidecar.service import run_sidecar
-    from monitor.transport.ring import RingSpec, RingWriter
-
-    d = 16
-    sae = SAE.from_dict(StandardSAEConfig(d_in=d, d_sae=8, apply_b_dec_to_input=False).to_dict())
-    with torch.no_grad():
-        sae.W_enc.zero_()
-        sae.W_enc[0, 3] = 1.0  # feature 3 = relu(x[0])
-        sae.b_enc.zero_()
-    sae.save_model(tmp_path / "sae")
-    (tmp_path / "det").mkdir()
-    (tmp_path / "det/f.yaml").write_text(yaml.safe_dump({
-        "name": "feat", "concept": "c", "inputs": [{"sae": "s", "feature": 3}], "aggregation": {"kind": "max"},
-        "threshold": 5.0, "severity": "critical"}))
-    cfg = tmp_path / "m.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"name": "tiny", "num_layers": 4, "d_model": d}, "taps": [{"layer": 2}],
-        "saes": [{"name": "s", "layer": 2, "path": "sae"}], "detectors": ["det"],
-        "transport": {"directory": str(tmp_path / "rings"), "name": "k"},
-        "sinks": {"kafka": {"enabled": True, "bootstrap_servers": [broker.bootstrap], "topic": TOPIC,
-                            "spool_dir": str(tmp_path / "spool")}, "prometheus": {"enabled": False}},
-        "deployment": {"name": "unit"}}))
-    ring = RingWriter(tmp_path / "rings/k-x.ring", RingSpec(slots=16, slot_rows=8, d_model=d, layers=(2,),
-                                                           dtype=torch.float32))
-    stop = threading.Event()
-    service = threading.Thread(target=run_sidecar, args=(cfg,), kwargs={"stop": stop, "watch_every": 0.2}, daemon=True)
-    service.start()
-    deadline = time.time() + 30
-    while ring.counters()["reader_seq"] == 0 and time.time() < deadline:  # until the sidecar attached
-        ring.publish(0, {"segments": [], "finished": []}, None)
-        time.sleep(0.2)
-    x = torch.zeros(3, d)
-    x[:, 0] = torch.tensor([0.0, 9.0, 1.0])
-    seg = {"req": "chatcmpl-abc-12345678", "external_id": "chatcmpl-abc", "request_id": "abc", "sample": 0,
-           "start": 0, "n": 3, "n_prompt": 2, "row": 0}
-    ring.publish(1, {"segments": [seg], "finished": ["chatcmpl-abc-12345678"]}, [x])
+    cfg = tiny_monitor(tmp_path, {"kafka": {"enabled": True, "bootstrap_servers": [broker.bootstrap], "topic": TOPIC,
+                                            "spool_dir": str(tmp_path / "spool")}, "prometheus": {"enabled": False}})
+    ring = open_ring(tmp_path)
+    service, stop = start_service(cfg, ring)
+    publish_request(ring, [0.0, 9.0, 1.0])
     got = consume_all(broker, 2, timeout=30)
     stop.set()
     service.join(timeout=20)
@@ -197,3 +161,6 @@ def test_sidecar_service_publishes_alerts(broker, tmp_path):
     assert [(e["data"]["revision"], e["data"]["final"]) for e in got] == [(0, False), (1, True)]
     assert {e["subject"] for e in got} == {"abc"} and got[0]["data"]["severity"] == "critical"
     assert got[0]["source"] == "/misalignment-monitor/unit/local" and got[0]["data"]["score"] == 9.0
+    assert got[0]["data"]["forward_pass_time"] is not None  # detection latency is measurable from the event
+    for e in got:
+        jsonschema.validate(e, alert_schema())

@@ -18,6 +18,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -43,16 +44,18 @@ class _Publisher:
         self.ring = ring
         self.lock = threading.Lock()  # the GPU path writes from the publisher thread
 
-    def publish(self, step: int, segments: list[Segment], finished: list[str], rows: list[torch.Tensor] | None) -> None:
+    def publish(self, step: int, segments: list[Segment], finished: list[str], rows: list[torch.Tensor] | None,
+                t: float) -> None:
+        # `t`: wall-clock time the step's forward pass returned; the sidecar measures detection latency from it.
         with self.lock:
             chunks = split_segments(segments, self.ring.spec.slot_rows) if segments else []
             if not chunks and finished:
-                self.ring.publish(step, {"segments": [], "finished": finished}, None)
+                self.ring.publish(step, {"segments": [], "finished": finished, "t": t}, None)
             for k, (first, n, segs) in enumerate(chunks):
                 if not self.ring.has_room():  # full (no or slow reader): count it, build nothing
                     self.ring.drop(n)
                     continue
-                meta = {"segments": [s.as_meta() for s in segs], "finished": finished if k == len(chunks) - 1 else []}
+                meta = {"segments": [s.as_meta() for s in segs], "finished": finished if k == len(chunks) - 1 else [], "t": t}
                 self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None)
 
     def drop(self, n_rows: int) -> None:
@@ -71,7 +74,8 @@ class _GpuStager:
         self.publisher = publisher
         threading.Thread(target=self._run, name="misalignment-monitor-publisher", daemon=True).start()
 
-    def submit(self, buffers: list[torch.Tensor], n: int, step: int, segments: list[Segment], finished: list[str]) -> None:
+    def submit(self, buffers: list[torch.Tensor], n: int, step: int, segments: list[Segment], finished: list[str],
+               t: float) -> None:
         if not self.free:  # every staging slot still in flight: drop, never wait
             self.publisher.drop(n)
             return
@@ -87,15 +91,15 @@ class _GpuStager:
                 self.pinned[k][li, :n].copy_(self.stage[k][li, :n], non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self.side)
-        self.jobs.put((k, copied, n, step, segments, finished))
+        self.jobs.put((k, copied, n, step, segments, finished, t))
 
     def _run(self) -> None:
         while True:
-            k, copied, n, step, segments, finished = self.jobs.get()
+            k, copied, n, step, segments, finished, t = self.jobs.get()
             try:
                 copied.synchronize()  # this thread only
                 rows = [self.pinned[k][li, :n] for li in range(self.pinned[k].shape[0])]
-                self.publisher.publish(step, segments, finished, rows)
+                self.publisher.publish(step, segments, finished, rows, t)
             except Exception:  # noqa: BLE001 - the publisher must outlive any one bad step
                 log.exception("publishing a step failed")
                 self.publisher.ring.count_error()
@@ -147,6 +151,7 @@ class Capture:
         if not self.active or self.failed:
             return
         try:
+            t = time.time()
             self.step += 1
             segments = v2_segments(runner, scheduler_output) if self.v2 else v1_segments(runner, scheduler_output)
             finished = sorted(scheduler_output.finished_req_ids or ())
@@ -154,9 +159,9 @@ class Capture:
             if not segments and not finished:
                 return
             if self.stager is not None and n:
-                self.stager.submit(self._ordered, n, self.step, segments, finished)
+                self.stager.submit(self._ordered, n, self.step, segments, finished, t)
             else:
-                self.publisher.publish(self.step, segments, finished, [b[:n] for b in self._ordered] if n else None)
+                self.publisher.publish(self.step, segments, finished, [b[:n] for b in self._ordered] if n else None, t)
         except Exception:  # noqa: BLE001 - fail open: log once, stop tapping, keep serving
             self.failed = True
             log.exception("misalignment-monitor capture failed; the tap is disabled, vLLM keeps serving")

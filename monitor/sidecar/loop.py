@@ -28,6 +28,8 @@ from monitor.transport.ring import RingError, RingReader, Slot
 
 log = logging.getLogger("monitor.sidecar")
 
+RETIRED_COUNTERS = ("published_slots", "published_rows", "dropped_slots", "dropped_rows", "errors", "lost_slots")
+
 
 @dataclass
 class TokenScores:
@@ -49,6 +51,7 @@ class DetectorUpdate:
     state: DetectorState
     fired_now: bool
     final: bool  # the request finished: this is the verdict
+    step_time: float | None = None  # wall-clock end of the forward pass whose rows caused this update
 
     @property
     def detector(self):
@@ -69,12 +72,27 @@ class RequestState:
     detectors: dict[str, DetectorState] = field(default_factory=dict)
 
 
+@dataclass
+class SlotScored:
+    rows: int
+    seconds: float  # scoring time of the slot's rows (one batched pass)
+    step_time: float | None
+
+
 class ScoreBus:
     """The in-process API: callbacks run on the sidecar's thread and must be quick."""
 
     def __init__(self) -> None:
         self._tokens: list[Callable[[TokenScores], None]] = []
         self._detectors: list[Callable[[DetectorUpdate], None]] = []
+        self._slots: list[Callable[[SlotScored], None]] = []
+
+    def on_slot(self, fn: Callable[[SlotScored], None]) -> None:
+        self._slots.append(fn)
+
+    def emit_slot(self, s: SlotScored) -> None:
+        for fn in self._slots:
+            fn(s)
 
     def on_tokens(self, fn: Callable[[TokenScores], None]) -> None:
         self._tokens.append(fn)
@@ -118,6 +136,9 @@ class Sidecar:
         t = loaded.config.transport
         self.pattern = str(Path(t.directory) / f"{t.name}-*.ring")
         self.timeout = t.request_timeout_s
+        # Counters of rings already detached (a restarted vLLM makes a new ring): totals never go back.
+        self.retired: dict[str, int] = {}
+        self.heartbeat = time.monotonic()  # the loop's last iteration: liveness
 
     # ---- rings -----------------------------------------------------------------------------
     def discover(self) -> None:
@@ -137,7 +158,10 @@ class Sidecar:
         for path, reader in list(self.readers.items()):
             # A producer that exits unlinks its ring; our mapping stays valid, so drain it first.
             gone = reader.closed or not Path(path).exists()
-            if gone and reader.counters()["lag_slots"] == 0:
+            counters = reader.counters()
+            if gone and counters["lag_slots"] == 0:
+                for k in RETIRED_COUNTERS:
+                    self.retired[k] = self.retired.get(k, 0) + counters[k]
                 reader.close()
                 del self.readers[path]
                 log.info("detached from ring %s", path)
@@ -159,7 +183,7 @@ class Sidecar:
     def run(self, stop: threading.Event, idle_sleep: float = 0.002, discover_every: float = 1.0) -> None:
         last_discover = 0.0
         while not stop.is_set():
-            now = time.monotonic()
+            now = self.heartbeat = time.monotonic()
             if now - last_discover > discover_every:
                 self.discover()
                 last_discover = now
@@ -174,10 +198,12 @@ class Sidecar:
             by_layer = {layer: slot.rows[i] for i, layer in enumerate(reader.spec.layers) if layer in self.detectors.layers}
             t0 = time.perf_counter()
             scores = {k: v.cpu().numpy() for k, v in self.detectors.scorer.score(by_layer).items()}
-            self.stats.scoring_seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.stats.scoring_seconds += took
             self.stats.tokens_scored += n_rows
+            self.bus.emit_slot(SlotScored(n_rows, took, slot.meta.get("t")))
             for seg in segments:
-                self._segment(seg, scores)
+                self._segment(seg, scores, slot.meta.get("t"))
         for req in slot.meta.get("finished", []):
             self._finish(req)
 
@@ -189,7 +215,7 @@ class Sidecar:
             self.stats.requests_seen += 1
         return st
 
-    def _segment(self, seg: dict, scores: dict[str, np.ndarray]) -> None:
+    def _segment(self, seg: dict, scores: dict[str, np.ndarray], step_time: float | None = None) -> None:
         st = self._state(seg)
         st.last_seen = time.monotonic()
         start, n, row = seg["start"], seg["n"], seg["row"]
@@ -217,7 +243,8 @@ class Sidecar:
                 ds = st.detectors[det.spec.name] = det.new_state()
             cols = [seg_scores[ref.head][mask, ref.column].astype(np.float64) for ref in det.inputs]
             fired = ds.update(positions[mask], cols)
-            self.bus.emit_detector(DetectorUpdate(st.req, st.request_id, st.external_id, st.sample, ds, fired, False))
+            self.bus.emit_detector(DetectorUpdate(st.req, st.request_id, st.external_id, st.sample, ds, fired, False,
+                                                  step_time))
 
     def _finish(self, req: str, expired: bool = False) -> None:
         st = self.requests.pop(req, None)

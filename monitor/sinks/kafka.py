@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from monitor.config.models import Kafka
 
@@ -45,13 +46,14 @@ class Spool:
         self.max_bytes = max_bytes
         files = self._files()
         self.bytes = sum(f.stat().st_size for f in files)
+        self.count = len(files)
         self.next_seq = int(files[-1].stem) + 1 if files else 0
 
     def _files(self) -> list[Path]:
         return sorted(self.dir.glob("*.json"))
 
     def __len__(self) -> int:
-        return len(self._files())
+        return self.count
 
     def push(self, payload: bytes) -> bool:
         if self.bytes + len(payload) > self.max_bytes:
@@ -61,6 +63,7 @@ class Spool:
         tmp.write_bytes(payload)
         os.replace(tmp, path)  # a crash never leaves half an event under a .json name
         self.next_seq += 1
+        self.count += 1
         self.bytes += len(payload)
         return True
 
@@ -70,6 +73,7 @@ class Spool:
 
     def pop(self, path: Path) -> None:
         self.bytes -= path.stat().st_size
+        self.count -= 1
         path.unlink()
 
 
@@ -99,7 +103,8 @@ class KafkaSink:
         self.cfg = cfg
         self.options = producer_options(cfg, base_dir)
         self.counters = KafkaCounters()
-        self.queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=cfg.queue_size)
+        self.queue: queue.Queue[tuple[str, bytes, float]] = queue.Queue(maxsize=cfg.queue_size)
+        self.on_delivered: Callable[[float], None] | None = None  # seconds from submit() to the broker's ack
         self.spool = Spool(cfg.spool_dir, cfg.spool_max_bytes)
         self.retry_every = retry_every
         self._producer = None
@@ -111,7 +116,7 @@ class KafkaSink:
     def submit(self, event: dict) -> bool:
         record = json.dumps({"key": event["subject"], "event": event}, separators=(",", ":")).encode()
         try:
-            self.queue.put_nowait((event["subject"], record))
+            self.queue.put_nowait((event["subject"], record, time.monotonic()))
             return True
         except queue.Full:
             self.counters.dropped_queue_full += 1
@@ -166,17 +171,23 @@ class KafkaSink:
                 last_try = time.monotonic()
                 healthy = self._drain_spool()
             try:
-                key, record = self.queue.get(timeout=0.1)
+                key, record, queued_at = self.queue.get(timeout=0.1)
             except queue.Empty:
                 continue
             if healthy:
                 doc = json.loads(record)
                 healthy = self._send(key, json.dumps(doc["event"], separators=(",", ":")).encode())
+                if healthy and self.on_delivered is not None:
+                    self.on_delivered(time.monotonic() - queued_at)
                 if not healthy:
                     last_try = time.monotonic()
                     self._spool(record)
             else:
                 self._spool(record)  # behind the spool: order is kept
+
+    @property
+    def spool_len(self) -> int:
+        return len(self.spool)
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
