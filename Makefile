@@ -11,9 +11,20 @@ TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo model bench clean
+.PHONY: setup system-deps test demo model bench clean
+SYSTEM_PKGS := prometheus prometheus-alertmanager
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# Prometheus, promtool, Alertmanager and amtool: Debian's builds, for the rules tests and the demo.
+# Without root (or passwordless sudo) this says so and goes on; what needs them then reports it.
+system-deps:
+	@if command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then echo "[setup] apt-get install $(SYSTEM_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then echo "[setup] sudo apt-get install $(SYSTEM_PKGS)"; \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; \
+	else echo "[setup] WARNING: cannot install $(SYSTEM_PKGS) without root; install them to run the alerting tests and the full demo"; fi
 
 $(STAMP): pyproject.toml Makefile
 	@echo "[setup] python environment in $(VENV) (first run: a few minutes, ~4 GB)"
@@ -32,10 +43,10 @@ $(STAMP): pyproject.toml Makefile
 model: $(STAMP)
 	$(VENV)/bin/monitor model prepare
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: setup
 	$(VENV)/bin/monitor demo
 
 bench: $(STAMP)

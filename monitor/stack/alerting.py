@@ -1,0 +1,221 @@
+"""The local alerting stack: Prometheus and Alertmanager (the Debian builds) and a receiver for pages.
+
+Used by `monitor demo` and the tests. The configs are derived from the files we ship
+(`deploy/prometheus/rules.yml`, `deploy/alertmanager/alertmanager.yml`) rather than written again,
+so the demo exercises the routing users deploy: only receivers move to loopback and waits shrink.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+
+from monitor.paths import REPO_ROOT
+from monitor.stack.process import stop_process_group
+from monitor.stack.vllm_server import free_port
+
+RULES = REPO_ROOT / "deploy/prometheus/rules.yml"
+ALERTMANAGER_EXAMPLE = REPO_ROOT / "deploy/alertmanager/alertmanager.yml"
+PROMETHEUS_BIN = "prometheus"
+ALERTMANAGER_BIN = "prometheus-alertmanager"  # Debian's name for the alertmanager binary
+INSTALL_HINT = "apt-get install prometheus prometheus-alertmanager (or `make system-deps`)"
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def find_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise StackError(f"`{name}` is not installed: {INSTALL_HINT}")
+    return path
+
+
+def local_alertmanager_config(receiver_url: str, example: Path = ALERTMANAGER_EXAMPLE) -> dict:
+    """The shipped routing with every receiver pointed at `receiver_url/<receiver>` and short waits."""
+    cfg = copy.deepcopy(yaml.safe_load(example.read_text()))
+    cfg["route"].update(group_wait="1s", group_interval="5s")
+    for receiver in cfg.get("receivers", []):
+        name = receiver["name"]
+        for pd in receiver.get("pagerduty_configs", []):
+            pd.pop("routing_key_file", None)
+            pd.pop("service_key_file", None)
+            pd["routing_key"] = "local-not-a-secret"
+            pd["url"] = f"{receiver_url}/{name}/pagerduty/v2/enqueue"  # PagerDuty's Events API v2 path
+        for wh in receiver.get("webhook_configs", []):
+            wh["url"] = f"{receiver_url}/{name}"
+    return cfg
+
+
+def local_prometheus_config(sidecar: str, vllm: str | None, alertmanager: str, rules: Path = RULES,
+                            interval: str = "1s") -> dict:
+    scrape = [{"job_name": "misalignment-monitor", "static_configs": [{"targets": [sidecar]}]}]
+    if vllm:
+        scrape.append({"job_name": "vllm", "static_configs": [{"targets": [vllm]}]})
+    return {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(rules)],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
+        "scrape_configs": scrape,
+    }
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{what} exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            if urllib.request.urlopen(url, timeout=1).status == 200:
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise StackError(f"{what} not ready after {timeout:.0f}s; log:\n{log.read_text()[-3000:]}")
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+class _Process:
+    """A binary started with a config under `workdir`, on a loopback port, stopped with its group."""
+
+    name = ""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = self.workdir / f"{self.name}.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def _start(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_ready(f"{self.url}/-/ready", self.proc, self.name, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc, timeout=10)
+            self.proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Prometheus(_Process):
+    name = "prometheus"
+
+    def start(self, config: dict) -> "Prometheus":
+        path = self.workdir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self._start([find_binary(PROMETHEUS_BIN), f"--config.file={path}", f"--storage.tsdb.path={self.workdir / 'data'}",
+                     f"--web.listen-address={self.address}", "--web.enable-lifecycle", "--log.level=warn",
+                     # Alerts that fire before Alertmanager is discovered (~5 s) would wait out the
+                     # default 1 min resend delay.
+                     "--rules.alert.resend-delay=1s"])
+        return self
+
+    def alerts(self) -> list[dict]:
+        return _get_json(f"{self.url}/api/v1/alerts")["data"]["alerts"]
+
+    def query(self, promql: str) -> list[dict]:
+        q = urllib.parse.urlencode({"query": promql})
+        return _get_json(f"{self.url}/api/v1/query?{q}")["data"]["result"]
+
+
+class Alertmanager(_Process):
+    name = "alertmanager"
+
+    def start(self, config: dict) -> "Alertmanager":
+        path = self.workdir / "alertmanager.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        # An empty cluster address turns gossip off: no second port, nothing beyond loopback.
+        self._start([find_binary(ALERTMANAGER_BIN), f"--config.file={path}", f"--storage.path={self.workdir / 'data'}",
+                     f"--web.listen-address={self.address}", "--cluster.listen-address=", "--log.level=warn"])
+        return self
+
+    def alerts(self) -> list[dict]:
+        return json.loads(urllib.request.urlopen(f"{self.url}/api/v2/alerts", timeout=5).read())
+
+
+@dataclass
+class Page:
+    path: str  # "/pager", "/pager/pagerduty/v2/enqueue", "/safety-queue", ...
+    body: dict
+    received: float = field(default_factory=time.time)
+
+    @property
+    def receiver(self) -> str:
+        return self.path.strip("/").split("/")[0]
+
+    def alertnames(self) -> list[str]:
+        if "alerts" in self.body:  # Alertmanager's webhook payload
+            return [a["labels"].get("alertname", "") for a in self.body["alerts"]]
+        return []
+
+
+class WebhookReceiver:
+    """Stands in for the pager: records every POST (Alertmanager webhooks, PagerDuty Events API v2)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.pages: list[Page] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    doc = json.loads(body)
+                except ValueError:
+                    doc = {"raw": body.decode(errors="replace")}
+                with receiver._lock:
+                    receiver.pages.append(Page(self.path, doc))
+                answer = b'{"status":"success","message":"Event processed"}'
+                self.send_response(202 if "pagerduty" in self.path else 200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, name="webhook-receiver", daemon=True).start()
+
+    def received(self) -> list[Page]:
+        with self._lock:
+            return list(self.pages)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
