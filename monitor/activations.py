@@ -29,6 +29,14 @@ class ConversationRows:
     rows: dict[int, torch.Tensor]  # layer -> [n_tokens, d_model] float32
 
 
+def chat_token_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
+    """The chat template's token ids (vLLM's server applies the same template to chat requests)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def _fingerprint(model_dir: Path) -> str:
     manifest = model_dir / "prepared.json"
     if manifest.is_file():
@@ -72,15 +80,9 @@ class ActivationExtractor:
 
     def tokenize(self, messages: Messages, add_generation_prompt: bool = False) -> tuple[list[int], int]:
         """Chat-template token ids, and how many belong to the prompt (through the last assistant header)."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        ids = list(ids)[: self.max_tokens]
+        ids = chat_token_ids(self.tokenizer, messages, add_generation_prompt)[: self.max_tokens]
         if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
-            prompt = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
-            if isinstance(prompt, dict) or hasattr(prompt, "keys"):
-                prompt = prompt["input_ids"]
-            n_prompt = min(len(prompt), len(ids))
+            n_prompt = min(len(chat_token_ids(self.tokenizer, messages[:-1], True)), len(ids))
         else:
             n_prompt = len(ids)
         return ids, n_prompt

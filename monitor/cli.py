@@ -51,8 +51,9 @@ def _sidecar(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print("monitor demo: not yet — it lands with the alerting issue (vLLM → sidecar → Kafka/Prometheus → pages).")
-    return 0
+    from monitor.demo import run_demo
+
+    return run_demo(args.once, args.summary_json, args.timeout, args.requests, args.eager)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="append detector firings and verdicts as JSON lines (ids and scores, no text)")
     side.set_defaults(func=_sidecar)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on the demo model")
+    demo = sub.add_parser("demo", help="run the whole pipeline on the demo model, on loopback")
+    demo.add_argument("--once", action="store_true",
+                      help="wait for every expected signal, stop everything, exit 0 only if all arrived")
+    demo.add_argument("--summary-json", type=Path, default=None, help="write what happened as JSON")
+    demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the signals (default 180)")
+    demo.add_argument("--requests", type=Path, default=None,
+                      help="JSON lines of {name, messages, expect: [detectors]} (default deploy/local/demo-requests.jsonl)")
+    demo.add_argument("--eager", action="store_true", help="start vLLM in eager mode (faster start, slower serving)")
     demo.set_defaults(func=_demo)
     return parser
 
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    # kafka-python logs every connection at INFO; its warnings (a broker down) are what an operator needs.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     return args.func(args)
 
 

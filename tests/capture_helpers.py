@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from monitor.stack.vllm_server import free_port
 from monitor.transport.ring import RingReader
 
 LAYER = 15
@@ -21,6 +22,7 @@ def capture_config(folder: Path, detectors: bool = False, slots: int = 1024) -> 
 model: {{name: smollm2-135m-instruct, num_layers: 30, d_model: 576}}
 taps: [{{layer: {LAYER}}}]
 transport: {{directory: {folder}, name: test, slots: {slots}, slot_rows: 128}}
+sinks: {{prometheus: {{port: {free_port()}}}}}
 """
     if detectors:
         text += f"""

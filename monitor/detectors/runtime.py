@@ -207,6 +207,24 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
     return DetectorSet(BatchedScorer(heads, dev), compiled, sorted(heads), feature_columns, probe_outputs)
 
 
+def feed(det: CompiledDetector, state: "DetectorState | None", positions: np.ndarray, n_prompt: int,
+         scores: dict[str, np.ndarray]) -> tuple["DetectorState | None", bool]:
+    """Give a detector one batch of a request's tokens (`scores`: head -> [n, k] for `positions`).
+
+    The one place where a detector meets token scores: the sidecar and offline evaluation both call
+    it, so a detector is judged offline exactly as it is in production. Returns the state (created
+    on the first in-scope token), or None when no token of this batch is in scope, and whether this
+    batch fired it.
+    """
+    mask = in_scope(det.spec, positions, n_prompt)
+    if not mask.any():
+        return None, False
+    if state is None:
+        state = det.new_state()
+    cols = [scores[ref.head][mask, ref.column].astype(np.float64) for ref in det.inputs]
+    return state, state.update(positions[mask], cols)
+
+
 def in_scope(spec: DetectorSpec, positions: np.ndarray, n_prompt: int) -> np.ndarray:
     mask = positions >= 1
     if spec.scope == "prompt":

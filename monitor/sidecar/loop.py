@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from monitor.config.load import LoadedConfig
-from monitor.detectors.runtime import DetectorSet, DetectorState, build_detector_set, in_scope
+from monitor.detectors.runtime import DetectorSet, DetectorState, build_detector_set, feed
 from monitor.transport.ring import RingError, RingReader, Slot
 
 log = logging.getLogger("monitor.sidecar")
@@ -235,14 +235,10 @@ class Sidecar:
         self.bus.emit_tokens(TokenScores(st.req, st.request_id, st.external_id, st.sample, positions,
                                          positions < st.n_prompt, seg_scores))
         for det in self.detectors.detectors:
-            mask = in_scope(det.spec, positions, st.n_prompt)
-            if not mask.any():
-                continue
-            ds = st.detectors.get(det.spec.name)
+            ds, fired = feed(det, st.detectors.get(det.spec.name), positions, st.n_prompt, seg_scores)
             if ds is None:
-                ds = st.detectors[det.spec.name] = det.new_state()
-            cols = [seg_scores[ref.head][mask, ref.column].astype(np.float64) for ref in det.inputs]
-            fired = ds.update(positions[mask], cols)
+                continue
+            st.detectors[det.spec.name] = ds
             self.bus.emit_detector(DetectorUpdate(st.req, st.request_id, st.external_id, st.sample, ds, fired, False,
                                                   step_time))
 

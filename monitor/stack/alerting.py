@@ -114,7 +114,11 @@ class _Process:
 
     def _start(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_ready(f"{self.url}/-/ready", self.proc, self.name, self.log)
+        try:
+            _wait_ready(f"{self.url}/-/ready", self.proc, self.name, self.log)
+        except BaseException:
+            self.stop()  # the caller never gets an object to stop
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:
