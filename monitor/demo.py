@@ -17,11 +17,8 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,7 +30,7 @@ from monitor.paths import REPO_ROOT, cache_dir
 from monitor.stack.alerting import (Alertmanager, Prometheus, StackError, WebhookReceiver, find_binary,
                                     local_alertmanager_config, local_prometheus_config, ALERTMANAGER_BIN,
                                     PROMETHEUS_BIN, INSTALL_HINT)
-from monitor.stack.process import stop_process_group
+from monitor.stack.sidecar_process import SidecarProcess
 from monitor.stack.vllm_server import VLLMServer, free_port
 
 DEMO_CONFIG = REPO_ROOT / "deploy/local/monitor.yaml"
@@ -268,26 +265,13 @@ class Demo:
         return broker
 
     def _sidecar(self, stack: ExitStack, cfg: Path, metrics_port: int) -> None:
-        log = (self.run / "sidecar.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "sidecar", "--config", str(cfg),
-                                 "--decisions", str(self.run / "decisions.jsonl")],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        stack.callback(stop_process_group, proc, 15)
-        url = f"http://127.0.0.1:{metrics_port}"
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the sidecar exited with {proc.returncode}; see {self.run / 'sidecar.log'}")
-            try:
-                if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit(f"the sidecar was not ready in 120 s; see {self.run / 'sidecar.log'}")
-            time.sleep(0.5)
-        self.urls["sidecar_metrics"] = f"{url}/metrics"
-        say(f"sidecar ready: {url}/metrics (log: {self.run / 'sidecar.log'})")
+        side = SidecarProcess(cfg, metrics_port, self.run / "sidecar.log", decisions=self.run / "decisions.jsonl")
+        try:
+            stack.enter_context(side)
+        except RuntimeError as e:
+            raise SystemExit(str(e))
+        self.urls["sidecar_metrics"] = f"{side.url}/metrics"
+        say(f"sidecar ready: {side.url}/metrics (log: {self.run / 'sidecar.log'})")
 
     def _wait_scraped(self, prom: Prometheus) -> None:
         """Until Prometheus holds the fire counters at 0: a fire is then an increase it can see."""

@@ -106,3 +106,18 @@ def test_health_and_reload_failure(service):
     assert value(text, "misalignment_monitor_config_last_reload_successful") == 0
     # Still serving, still ready: a bad edit keeps the running config.
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200
+
+
+def test_every_exported_metric_is_documented(service):
+    """docs/metrics.md lists exactly what the sidecar exports (with Kafka on, every family exists)."""
+    import re
+    from pathlib import Path
+
+    port, ring, _ = service
+    publish_request(ring, [0.0, 9.0, 1.0])
+    text = wait_for(port, "misalignment_monitor_detector_fires_total", 1, detector="feat", severity="critical")
+    exported = {f.name for f in text_string_to_metric_families(text)}
+    doc = (Path(__file__).resolve().parent.parent / "docs/metrics.md").read_text()
+    documented = {re.sub(r"_total$", "", m) for m in re.findall(r"^\| `(misalignment_monitor_\w+)`", doc, flags=re.M)}
+    kafka_only = {m for m in documented if m.startswith("misalignment_monitor_kafka_")}
+    assert exported == documented - kafka_only, (exported ^ (documented - kafka_only))

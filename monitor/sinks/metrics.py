@@ -215,9 +215,9 @@ class SidecarMetrics:
         self.step_lag = Histogram(f"{PREFIX}_scoring_lag_seconds",
                                   "From the end of a forward pass to its rows being scored.",
                                   ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
-        self.delivery_latency = Histogram(f"{PREFIX}_kafka_delivery_latency_seconds",
-                                          "From an alert event being queued to Kafka acknowledging it.",
-                                          ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
+        self.delivery_latency = None if kafka is None else Histogram(
+            f"{PREFIX}_kafka_delivery_latency_seconds", "From an alert event being queued to Kafka acknowledging it.",
+            ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
         self.features = BulkHistogram(f"{PREFIX}_feature_activation",
                                       "Watched SAE feature activations per scored token (feature = sae/index).",
                                       ("model_name", "feature"), FEATURE_BUCKETS)
@@ -257,7 +257,8 @@ class SidecarMetrics:
                 self.verdicts.labels(m, spec.name, spec.severity, outcome)
             self.ratios.ensure((m, spec.name))
         for h in (self.detection_latency, self.scoring_latency, self.step_lag, self.delivery_latency):
-            h.labels(m)
+            if h is not None:
+                h.labels(m)
 
     def reloaded(self, ok: bool) -> None:
         self.last_reload_failed = not ok
