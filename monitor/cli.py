@@ -50,6 +50,67 @@ def _sidecar(args: argparse.Namespace) -> int:
         return 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+
+    from monitor.config import ConfigError, load_config
+    from monitor.evaluation import EvalError, evaluate, plots, read_labeled, table
+    from monitor.model_prep import ModelPrepError, prepare_model
+
+    try:
+        records = read_labeled(args.data)
+        loaded = load_config(args.config, detectors=[args.detectors])
+        if not loaded.detectors:
+            raise EvalError(f"{args.detectors}: no detector files (*.yaml) found")
+        # With --json, stdout carries the JSON object alone: progress goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            model = args.model or prepare_model().path
+            reports = evaluate(loaded, records, model)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except (EvalError, ModelPrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({r.detector: r.summary() for r in reports}, indent=2))
+        return 0
+    print(table(reports))
+    written = plots(reports, args.report)
+    print(f"\nplots (ROC, score histograms with the threshold): {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from monitor.calibration import calibrate
+    from monitor.config import ConfigError, load_config
+    from monitor.evaluation import EvalError, read_labeled
+    from monitor.model_prep import ModelPrepError, prepare_model
+
+    try:
+        records = read_labeled(args.benign, require_labels=False)
+        loaded = load_config(args.config, detectors=[args.detectors])
+        if not loaded.detectors:
+            raise EvalError(f"{args.detectors}: no detector files (*.yaml) found")
+        model = args.model or prepare_model().path
+        results = calibrate(loaded, records, args.benign, args.target_fpr, model, write=not args.dry_run)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except (EvalError, ModelPrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for c in results:
+        print(f"{c.detector:<26} threshold {c.old_threshold:.4g} -> {c.threshold:.4g}  FPR {c.achieved_fpr:.4f} on "
+              f"{c.n_benign} benign (95% upper bound {c.fpr_upper_95:.4f})"
+              + (f", {c.skipped_positive} positive record(s) skipped" if c.skipped_positive else "")
+              + ("" if args.dry_run else f"  -> {c.file}"))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
@@ -77,6 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument("--decisions", type=Path, default=None,
                       help="append detector firings and verdicts as JSON lines (ids and scores, no text)")
     side.set_defaults(func=_sidecar)
+
+    ev = sub.add_parser("eval", help="measure detectors on labeled conversations, scored as the sidecar would")
+    ev.add_argument("--detectors", type=Path, required=True, help="a detector file or a folder (searched recursively)")
+    ev.add_argument("--data", type=Path, required=True,
+                    help='JSON lines: {"messages": [...] or "text": ..., "labels": {"<concept>": 0|1}}')
+    ev.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "deploy/local/monitor.yaml",
+                    help="monitor config defining the SAEs and probes the detectors use (default: the demo's)")
+    ev.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    ev.add_argument("--report", type=Path, default=Path("eval-report"), help="folder for the plots (default eval-report/)")
+    ev.set_defaults(func=_eval)
+
+    cal = sub.add_parser("calibrate", help="set detector thresholds at a target false-positive rate on benign data")
+    cal.add_argument("--detectors", type=Path, required=True, help="a detector file or a folder (searched recursively)")
+    cal.add_argument("--benign", type=Path, required=True,
+                     help="JSON lines of benign conversations (records labelled 1 for a detector's concept are skipped)")
+    cal.add_argument("--target-fpr", type=float, required=True, help="e.g. 0.01")
+    cal.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "deploy/local/monitor.yaml",
+                     help="monitor config defining the SAEs and probes the detectors use (default: the demo's)")
+    cal.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    cal.add_argument("--dry-run", action="store_true", help="print the thresholds, change no file")
+    cal.set_defaults(func=_calibrate)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the demo model, on loopback")
     demo.add_argument("--once", action="store_true",

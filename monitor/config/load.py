@@ -169,8 +169,12 @@ def load_detectors(paths: list[Path]) -> tuple[list[Detector], list[ConfigIssue]
     return detectors, issues
 
 
-def load_config(path: str | Path) -> LoadedConfig:
-    """Parse and check a monitor config; raise ConfigError listing every problem found."""
+def load_config(path: str | Path, detectors: list[Path] | None = None) -> LoadedConfig:
+    """Parse and check a monitor config; raise ConfigError listing every problem found.
+
+    `detectors` replaces the config's detector packs (offline evaluation of another pack against
+    the same SAEs and probes).
+    """
     path = Path(path).resolve()
     data = read_yaml(path)
     if data is None:
@@ -181,8 +185,9 @@ def load_config(path: str | Path) -> LoadedConfig:
         cfg = MonitorConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_pydantic_issues(path, e)) from e
-    detectors, issues = load_detectors([resolve_path(path, p) for p in cfg.detectors])
-    loaded = LoadedConfig(path=path, config=cfg, detectors=detectors)
+    packs = [Path(p).resolve() for p in detectors] if detectors is not None else [resolve_path(path, p) for p in cfg.detectors]
+    found, issues = load_detectors(packs)
+    loaded = LoadedConfig(path=path, config=cfg, detectors=found)
     issues += _check_model(loaded)
     issues += _check_saes(loaded)
     issues += _check_probes(loaded)

@@ -44,7 +44,9 @@ class Calibration(BaseModel):
     target_fpr: float = Field(gt=0, lt=1)
     achieved_fpr: float | None = Field(default=None, ge=0, le=1)
     n_benign: int | None = Field(default=None, ge=0)
+    fpr_upper_95: float | None = Field(default=None, ge=0, le=1, description="One-sided 95% upper bound on the FPR (Clopper-Pearson).")
     data: str | None = None
+    data_sha256: str | None = None
     date: str | None = None
 
 

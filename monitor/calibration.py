@@ -1,0 +1,118 @@
+"""`monitor calibrate`: set each detector's threshold at a target false-positive rate on benign data.
+
+The threshold is the lowest one at which at most `floor(target x n)` benign conversations fire
+(`score >= threshold`), scored exactly as the sidecar would (`monitor.evaluation`). It is written
+back into the detector's YAML with its provenance: the data file and its sha256, the sample count,
+the target, the FPR achieved on the set and a one-sided 95% upper bound on the true FPR
+(Clopper-Pearson), and the date.
+
+A benign set too small for the target to mean anything is refused: with n samples and no false
+positive the 95% upper bound is about 3/n, so below n = ceil(3 / target) even a perfect result
+cannot show the target is met.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from monitor.evaluation import EvalError, Record
+from monitor.probe_training import sha256_file, threshold_at_fpr
+
+
+def min_samples(target_fpr: float) -> int:
+    return math.ceil(3.0 / target_fpr)
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0 if k < n else 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+            for i in range(k + 1)]
+    m = max(logs)
+    return min(1.0, math.exp(m) * sum(math.exp(x - m) for x in logs))
+
+
+def fpr_upper_bound(false_positives: int, n: int, confidence: float = 0.95) -> float:
+    """Clopper-Pearson one-sided upper bound: the p at which seeing <= k positives has prob 1 - confidence."""
+    if false_positives >= n:
+        return 1.0
+    lo, hi = false_positives / n, 1.0
+    for _ in range(60):  # bisection to ~1e-18
+        mid = (lo + hi) / 2
+        if _binom_cdf(false_positives, n, mid) > 1 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@dataclass
+class Calibrated:
+    detector: str
+    file: Path
+    old_threshold: float
+    threshold: float
+    achieved_fpr: float
+    fpr_upper_95: float
+    n_benign: int
+    skipped_positive: int  # records labelled positive for the detector's concept: not benign for it
+
+
+def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: float, model_dir: Path,
+              write: bool = True) -> list[Calibrated]:
+    from monitor.activations import ActivationExtractor
+    from monitor.detectors.offline import judge
+    from monitor.detectors.runtime import build_detector_set
+
+    if not 0 < target_fpr < 1:
+        raise EvalError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    need = min_samples(target_fpr)
+    detset = build_detector_set(loaded, "cpu")
+    convs = ActivationExtractor(model_dir, detset.layers).many([r.messages for r in records], progress="calibrate")
+    verdicts = [judge(detset, c) for c in convs]
+    digest = sha256_file(benign_file)
+    out = []
+    for det in loaded.detectors:
+        spec = det.spec
+        benign = [v[spec.name].score for r, v in zip(records, verdicts) if r.labels.get(spec.concept, 0) == 0]
+        skipped = len(records) - len(benign)
+        if len(benign) < need:
+            raise EvalError(f"detector {spec.name}: {len(benign)} benign conversations cannot show an FPR of "
+                            f"{target_fpr:g} (with none firing, the 95% upper bound would still be about "
+                            f"{3 / max(len(benign), 1):.3g}); use at least {need}")
+        scores = np.array([-np.inf if np.isnan(s) else s for s in benign])
+        thr, achieved = threshold_at_fpr(scores, target_fpr)
+        fp = int((scores >= thr).sum())
+        result = Calibrated(spec.name, det.file, spec.threshold, thr, achieved, fpr_upper_bound(fp, len(scores)),
+                            len(scores), skipped)
+        if write:
+            _write_back(det.file, result, target_fpr, benign_file, digest)
+        out.append(result)
+    return out
+
+
+def _write_back(path: Path, c: Calibrated, target_fpr: float, data: Path, digest: str) -> None:
+    """Replace `threshold` and `calibration` in the detector file; its leading comment lines are kept."""
+    text = path.read_text()
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    doc = yaml.safe_load(text)
+    doc["threshold"] = c.threshold
+    doc["calibration"] = {
+        "threshold": c.threshold, "target_fpr": target_fpr, "achieved_fpr": c.achieved_fpr,
+        "fpr_upper_95": c.fpr_upper_95, "n_benign": c.n_benign, "data": str(data), "data_sha256": digest,
+        "date": date.today().isoformat(),
+    }
+    body = yaml.safe_dump(doc, sort_keys=False)
+    path.write_text(("\n".join(header) + "\n" if header else "") + body)

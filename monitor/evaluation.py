@@ -1,0 +1,211 @@
+"""`monitor eval`: detectors measured on labeled conversations, scored exactly as the sidecar would.
+
+Input: JSON lines `{"messages": [...], "labels": {"<concept>": 0 or 1}}` (or `"text"` for one user
+message). Every detector whose concept a record labels is judged on it through the sidecar's own
+scorer and `feed` (same scope, same aggregation, row 0 skipped), on the tapped layer's rows from
+transformers in float32 (the rows vLLM's tap produces, to cos >= 0.9999; `monitor.activations`).
+A detector "fires" when its score >= its threshold, as in production; a conversation in which no
+token is in the detector's scope gets no score and never fires.
+
+Metrics: AUROC (Mann-Whitney, ties counted half), TPR at 1% and 5% FPR (the threshold that keeps
+the FPR on these negatives at most the target, as `monitor calibrate` picks it), and at the
+detector's own threshold: precision, recall and the FPR achieved on the negatives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from monitor.probe_training import threshold_at_fpr
+
+
+class EvalError(ValueError):
+    """Bad input: the message names the file, line and what is wrong."""
+
+
+@dataclass
+class Record:
+    messages: list[dict]
+    labels: dict[str, int]
+    line: int
+
+
+def read_labeled(path: Path, require_labels: bool = True) -> list[Record]:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: no such file")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(rec, dict):
+            raise EvalError(f"{where}: each line must be a JSON object")
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if not (isinstance(msgs, list) and msgs and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs)):
+                raise EvalError(f"{where}: `messages` must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        elif isinstance(rec.get("text"), str):
+            msgs = [{"role": "user", "content": rec["text"]}]
+        else:
+            raise EvalError(f"{where}: needs `messages` (a chat) or `text` (a string)")
+        labels = rec.get("labels", None if require_labels else {})
+        if not isinstance(labels, dict) or (require_labels and not labels):
+            raise EvalError(f"{where}: needs `labels`, e.g. {{\"pii\": 1}}")
+        for concept, v in labels.items():
+            if v not in (0, 1) or isinstance(v, bool):
+                raise EvalError(f"{where}: labels.{concept} must be 0 or 1, got {v!r}")
+        out.append(Record(msgs, {k: int(v) for k, v in labels.items()}, n))
+    if not out:
+        raise EvalError(f"{path}: no records")
+    return out
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (= the ROC curve's area)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    allv = np.concatenate([pos, neg])
+    _, inverse, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    avg_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    ranks = avg_rank[inverse]
+    r_pos = ranks[: len(pos)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
+
+
+def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, target: float) -> float:
+    thr, _ = threshold_at_fpr(neg, target)
+    return float((np.asarray(pos) >= thr).mean())
+
+
+@dataclass
+class DetectorReport:
+    detector: str
+    concept: str
+    auroc: float
+    tpr_at_1pct_fpr: float
+    tpr_at_5pct_fpr: float
+    precision: float | None  # None when nothing fired
+    recall: float
+    fpr_at_threshold: float
+    threshold: float
+    n_pos: int
+    n_neg: int
+    pos_scores: list[float] = field(default_factory=list, repr=False)
+    neg_scores: list[float] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        for k in ("detector", "pos_scores", "neg_scores"):
+            d.pop(k)
+        return d
+
+
+def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.ndarray) -> DetectorReport:
+    if len(pos) == 0 or len(neg) == 0:
+        raise EvalError(f"detector {name}: concept {concept!r} has {len(pos)} positive and {len(neg)} negative "
+                        "records; both classes are needed")
+    # No token in scope: no score, never fires; ranked below every scored record.
+    pos = np.where(np.isnan(pos), -np.inf, pos)
+    neg = np.where(np.isnan(neg), -np.inf, neg)
+    tp, fp = int((pos >= threshold).sum()), int((neg >= threshold).sum())
+    return DetectorReport(
+        detector=name, concept=concept, auroc=auroc(pos, neg), tpr_at_1pct_fpr=tpr_at_fpr(pos, neg, 0.01),
+        tpr_at_5pct_fpr=tpr_at_fpr(pos, neg, 0.05), precision=tp / (tp + fp) if tp + fp else None,
+        recall=tp / len(pos), fpr_at_threshold=fp / len(neg), threshold=float(threshold), n_pos=len(pos),
+        n_neg=len(neg), pos_scores=[float(x) for x in pos], neg_scores=[float(x) for x in neg])
+
+
+def score_records(loaded, records: list[Record], model_dir: Path, progress: bool = True) -> dict[str, tuple[list, list]]:
+    """detector -> (scores of positives, scores of negatives) on the records that label its concept."""
+    from monitor.activations import ActivationExtractor
+    from monitor.detectors.offline import judge
+    from monitor.detectors.runtime import build_detector_set
+
+    concepts = {d.spec.concept for d in loaded.detectors}
+    for r in records:
+        unknown = set(r.labels) - concepts
+        if unknown:
+            raise EvalError(f"line {r.line}: label(s) {sorted(unknown)} match no detector's concept "
+                            f"(the detectors watch {sorted(concepts)})")
+    detset = build_detector_set(loaded, "cpu")
+    extractor = ActivationExtractor(model_dir, detset.layers)
+    convs = extractor.many([r.messages for r in records], progress="activations" if progress else None)
+    out: dict[str, tuple[list, list]] = {d.spec.name: ([], []) for d in loaded.detectors}
+    for rec, conv in zip(records, convs):
+        verdicts = judge(detset, conv)
+        for d in loaded.detectors:
+            label = rec.labels.get(d.spec.concept)
+            if label is not None:
+                out[d.spec.name][0 if label else 1].append(verdicts[d.spec.name].score)
+    return out
+
+
+def evaluate(loaded, records: list[Record], model_dir: Path, progress: bool = True) -> list[DetectorReport]:
+    scored = score_records(loaded, records, model_dir, progress)
+    return [report(d.spec.name, d.spec.concept, d.spec.threshold, np.array(scored[d.spec.name][0], np.float64),
+                   np.array(scored[d.spec.name][1], np.float64))
+            for d in loaded.detectors if scored[d.spec.name] != ([], [])]
+
+
+def table(reports: list[DetectorReport]) -> str:
+    head = f"{'detector':<26} {'concept':<18} {'AUROC':>6} {'TPR@1%':>7} {'TPR@5%':>7} {'thresh':>8} " \
+           f"{'prec':>5} {'recall':>6} {'FPR@thr':>7} {'pos':>5} {'neg':>5}"
+    rows = [head, "-" * len(head)]
+    for r in reports:
+        prec = "-" if r.precision is None else f"{r.precision:.2f}"
+        rows.append(f"{r.detector:<26} {r.concept:<18} {r.auroc:>6.3f} {r.tpr_at_1pct_fpr:>7.2f} {r.tpr_at_5pct_fpr:>7.2f} "
+                    f"{r.threshold:>8.3g} {prec:>5} {r.recall:>6.2f} {r.fpr_at_threshold:>7.3f} {r.n_pos:>5} {r.n_neg:>5}")
+    return "\n".join(rows)
+
+
+def plots(reports: list[DetectorReport], folder: Path) -> list[Path]:
+    """Per detector: ROC curve, and score histograms of positives vs negatives with the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for r in reports:
+        pos, neg = np.array(r.pos_scores), np.array(r.neg_scores)
+        fig, (roc, hist) = plt.subplots(1, 2, figsize=(11, 4.2))
+        finite = np.concatenate([pos, neg])
+        finite = finite[np.isfinite(finite)]
+        thresholds = np.unique(np.concatenate([finite, [np.inf]]))[::-1]
+        tpr = [(pos >= t).mean() for t in thresholds] + [1.0]
+        fpr = [(neg >= t).mean() for t in thresholds] + [1.0]
+        roc.plot(fpr, tpr, drawstyle="steps-post", label=f"AUROC {r.auroc:.3f}")
+        roc.plot([0, 1], [0, 1], ls=":", c="grey")
+        roc.scatter([r.fpr_at_threshold], [r.recall], c="red", zorder=3, label=f"threshold {r.threshold:.3g}")
+        roc.axvline(0.01, ls="--", c="grey", lw=0.8)
+        roc.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"{r.detector}: ROC", xscale="symlog",
+                xlim=(0, 1))
+        roc.set_xscale("symlog", linthresh=0.01)
+        roc.legend(loc="lower right")
+        lo = float(finite.min()) if finite.size else 0.0
+        hi = float(finite.max()) if finite.size else 1.0
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
+        hist.hist(neg[np.isfinite(neg)], bins=bins, alpha=0.6, label=f"negatives ({r.n_neg})", density=True)
+        hist.hist(pos[np.isfinite(pos)], bins=bins, alpha=0.6, label=f"positives ({r.n_pos})", density=True)
+        hist.axvline(r.threshold, c="red", label="threshold")
+        hist.set(xlabel="detector score", ylabel="density", title=f"{r.detector}: scores ({r.concept})")
+        hist.legend()
+        fig.tight_layout()
+        path = folder / f"{r.detector}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
