@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
@@ -50,29 +51,38 @@ def _sidecar(args: argparse.Namespace) -> int:
         return 1
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _offline(args: argparse.Namespace, work: Callable[..., object], require_labels: bool):
+    """Read the data, load the detector pack against the config's SAEs/probes, prepare the model, run
+    `work(loaded, records, model)`; None (after printing why) when any input is bad."""
     import contextlib
-    import json
 
     from monitor.config import ConfigError, load_config
-    from monitor.evaluation import EvalError, evaluate, plots, read_labeled, table
+    from monitor.evaluation import EvalError, read_labeled
     from monitor.model_prep import ModelPrepError, prepare_model
 
     try:
-        records = read_labeled(args.data)
+        records = read_labeled(args.data, require_labels=require_labels)
         loaded = load_config(args.config, detectors=[args.detectors])
         if not loaded.detectors:
             raise EvalError(f"{args.detectors}: no detector files (*.yaml) found")
         # With --json, stdout carries the JSON object alone: progress goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
-            model = args.model or prepare_model().path
-            reports = evaluate(loaded, records, model)
+        with contextlib.redirect_stdout(sys.stderr if getattr(args, "json", False) else sys.stdout):
+            return work(loaded, records, args.model or prepare_model().path)
     except ConfigError as e:
         for issue in e.issues:
             print(f"error: {issue}", file=sys.stderr)
-        return 2
     except (EvalError, ModelPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
+    return None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from monitor.evaluation import evaluate, plots, table
+
+    reports = _offline(args, evaluate, require_labels=True)
+    if reports is None:
         return 2
     if args.json:
         print(json.dumps({r.detector: r.summary() for r in reports}, indent=2))
@@ -85,23 +95,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from monitor.calibration import calibrate
-    from monitor.config import ConfigError, load_config
-    from monitor.evaluation import EvalError, read_labeled
-    from monitor.model_prep import ModelPrepError, prepare_model
 
-    try:
-        records = read_labeled(args.benign, require_labels=False)
-        loaded = load_config(args.config, detectors=[args.detectors])
-        if not loaded.detectors:
-            raise EvalError(f"{args.detectors}: no detector files (*.yaml) found")
-        model = args.model or prepare_model().path
-        results = calibrate(loaded, records, args.benign, args.target_fpr, model, write=not args.dry_run)
-    except ConfigError as e:
-        for issue in e.issues:
-            print(f"error: {issue}", file=sys.stderr)
-        return 2
-    except (EvalError, ModelPrepError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    results = _offline(args, lambda loaded, records, model: calibrate(
+        loaded, records, args.data, args.target_fpr, model, write=not args.dry_run), require_labels=False)
+    if results is None:
         return 2
     for c in results:
         print(f"{c.detector:<26} threshold {c.old_threshold:.4g} -> {c.threshold:.4g}  FPR {c.achieved_fpr:.4f} on "
@@ -152,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="set detector thresholds at a target false-positive rate on benign data")
     cal.add_argument("--detectors", type=Path, required=True, help="a detector file or a folder (searched recursively)")
-    cal.add_argument("--benign", type=Path, required=True,
+    cal.add_argument("--benign", dest="data", metavar="FILE", type=Path, required=True,
                      help="JSON lines of benign conversations (records labelled 1 for a detector's concept are skipped)")
     cal.add_argument("--target-fpr", type=float, required=True, help="e.g. 0.01")
     cal.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "deploy/local/monitor.yaml",

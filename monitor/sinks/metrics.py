@@ -106,6 +106,12 @@ class MonitorCollector(Collector):
             fam.add_metric([model], value)
             return fam
 
+        def by_label(name: str, doc: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
+            fam = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model_name", label])
+            for v, x in values.items():
+                fam.add_metric([model, v], x)
+            return fam
+
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             fam = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["model_name"])
             fam.add_metric([model], value)
@@ -117,11 +123,8 @@ class MonitorCollector(Collector):
         yield info
         yield counter("tokens_scored", "Token rows scored by the sidecar (prompt and generated).", st.tokens_scored)
         yield counter("requests_scored", "Requests whose rows reached the sidecar.", st.requests_seen)
-        done = CounterMetricFamily(f"{PREFIX}_requests_completed", "Requests whose state was released, by reason.",
-                                   labels=["model_name", "reason"])
-        done.add_metric([model, "finished"], st.requests_finished)
-        done.add_metric([model, "timed_out"], st.requests_expired)
-        yield done
+        yield by_label("requests_completed", "Requests whose state was released, by reason.", "reason",
+                       {"finished": st.requests_finished, "timed_out": st.requests_expired})
         yield gauge("requests_in_flight", "Requests with detector state held by the sidecar.", len(sc.requests))
         yield counter("positions_not_covered", "Token positions vLLM never computed (prefix-cache hits), so never scored.",
                       st.uncovered_positions)
@@ -133,18 +136,14 @@ class MonitorCollector(Collector):
         # The producers' counters live in the rings' shared-memory headers.
         rings = sc.producer_counters()
         totals = {k: sc.retired.get(k, 0) + sum(c[k] for c in rings.values()) for k in RETIRED_COUNTERS}
-        yield counter("ring_slots_published", "Slots the vLLM plugin wrote into the rings.", totals.get("published_slots", 0))
-        yield counter("ring_rows_published", "Token rows the vLLM plugin wrote into the rings.", totals.get("published_rows", 0))
+        yield counter("ring_slots_published", "Slots the vLLM plugin wrote into the rings.", totals["published_slots"])
+        yield counter("ring_rows_published", "Token rows the vLLM plugin wrote into the rings.", totals["published_rows"])
         yield counter("ring_rows_dropped", "Token rows the plugin dropped, never scored: no free ring slot "
-                      "(or GPU staging buffer) when the step ended.", totals.get("dropped_rows", 0))
-        dropped = CounterMetricFamily(f"{PREFIX}_ring_slots_dropped",
-                                      "Ring slots never scored, by reason: ring_full (dropped by the plugin) or "
-                                      "overwritten (lapped before the sidecar read them, overwrite_oldest mode).",
-                                      labels=["model_name", "reason"])
-        dropped.add_metric([model, "ring_full"], totals.get("dropped_slots", 0))
-        dropped.add_metric([model, "overwritten"], totals.get("lost_slots", 0))
-        yield dropped
-        yield counter("ring_producer_errors", "Capture errors in the vLLM plugin (the tap disables itself).", totals.get("errors", 0))
+                      "(or GPU staging buffer) when the step ended.", totals["dropped_rows"])
+        yield by_label("ring_slots_dropped", "Ring slots never scored, by reason: ring_full (dropped by the plugin) or "
+                       "overwritten (lapped before the sidecar read them, overwrite_oldest mode).", "reason",
+                       {"ring_full": totals["dropped_slots"], "overwritten": totals["lost_slots"]})
+        yield counter("ring_producer_errors", "Capture errors in the vLLM plugin (the tap disables itself).", totals["errors"])
         yield gauge("ring_lag_slots", "Slots written but not yet read, summed over rings.",
                     sum(c.get("lag_slots", 0) for c in rings.values()))
         cap = sum(r.spec.slots for r in sc.readers.values())
@@ -153,10 +152,8 @@ class MonitorCollector(Collector):
         yield gauge("loop_heartbeat_age_seconds", "Seconds since the scoring loop last iterated.",
                     max(0.0, time.monotonic() - sc.heartbeat))
 
-        fam = CounterMetricFamily(f"{PREFIX}_config_reloads", "Config reloads, by outcome.", labels=["model_name", "outcome"])
-        fam.add_metric([model, "success"], st.reloads_ok)
-        fam.add_metric([model, "failure"], st.reloads_failed)
-        yield fam
+        yield by_label("config_reloads", "Config reloads, by outcome.", "outcome",
+                       {"success": st.reloads_ok, "failure": st.reloads_failed})
         yield gauge("config_last_reload_successful", "1 if the last config reload succeeded (or none was tried).",
                     0.0 if m.last_reload_failed else 1.0)
         yield gauge("config_last_reload_success_timestamp_seconds", "When the running config was loaded.",
@@ -172,11 +169,8 @@ class MonitorCollector(Collector):
             c = k.counters
             yield counter("kafka_events_sent", "Alert events acknowledged by Kafka (acks=all).", c.sent)
             yield counter("kafka_events_spooled", "Alert events written to the disk spool (broker unreachable).", c.spooled)
-            drops = CounterMetricFamily(f"{PREFIX}_kafka_events_dropped", "Alert events lost, by reason.",
-                                        labels=["model_name", "reason"])
-            drops.add_metric([model, "queue_full"], c.dropped_queue_full)
-            drops.add_metric([model, "spool_full"], c.dropped_spool_full)
-            yield drops
+            yield by_label("kafka_events_dropped", "Alert events lost, by reason.", "reason",
+                           {"queue_full": c.dropped_queue_full, "spool_full": c.dropped_spool_full})
             yield counter("kafka_send_errors", "Failed send attempts (each retried from the spool).", c.send_errors)
             yield gauge("kafka_spool_events", "Alert events waiting in the disk spool.", k.spool_len)
             yield gauge("kafka_spool_bytes", "Bytes in the disk spool.", k.spool.bytes)
