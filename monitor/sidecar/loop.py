@@ -160,14 +160,17 @@ class Sidecar:
             gone = reader.closed or not Path(path).exists()
             counters = reader.counters()
             if gone and counters["lag_slots"] == 0:
-                for k in RETIRED_COUNTERS:
-                    self.retired[k] = self.retired.get(k, 0) + counters[k]
-                reader.close()
-                del self.readers[path]
+                with self._lock:  # a scrape sees the ring's totals live or retired, never both or neither
+                    for k in RETIRED_COUNTERS:
+                        self.retired[k] = self.retired.get(k, 0) + counters[k]
+                    del self.readers[path]
+                    reader.close()
                 log.info("detached from ring %s", path)
 
-    def producer_counters(self) -> dict[str, dict[str, int]]:
-        return {path: r.counters() for path, r in self.readers.items()}
+    def producer_counters(self) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        """Each attached ring's counters, and the totals of rings already detached (one consistent view)."""
+        with self._lock:
+            return {path: r.counters() for path, r in self.readers.items()}, dict(self.retired)
 
     # ---- the loop ----------------------------------------------------------------------------
     def poll_once(self) -> int:

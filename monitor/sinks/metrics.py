@@ -134,8 +134,8 @@ class MonitorCollector(Collector):
         yield counter("scoring_seconds", "Time spent in batched scoring.", st.scoring_seconds)
 
         # The producers' counters live in the rings' shared-memory headers.
-        rings = sc.producer_counters()
-        totals = {k: sc.retired.get(k, 0) + sum(c[k] for c in rings.values()) for k in RETIRED_COUNTERS}
+        rings, retired = sc.producer_counters()
+        totals = {k: retired.get(k, 0) + sum(c[k] for c in rings.values()) for k in RETIRED_COUNTERS}
         yield counter("ring_slots_published", "Slots the vLLM plugin wrote into the rings.", totals["published_slots"])
         yield counter("ring_rows_published", "Token rows the vLLM plugin wrote into the rings.", totals["published_rows"])
         yield counter("ring_rows_dropped", "Token rows the plugin dropped, never scored: no free ring slot "
@@ -146,7 +146,7 @@ class MonitorCollector(Collector):
         yield counter("ring_producer_errors", "Capture errors in the vLLM plugin (the tap disables itself).", totals["errors"])
         yield gauge("ring_lag_slots", "Slots written but not yet read, summed over rings.",
                     sum(c.get("lag_slots", 0) for c in rings.values()))
-        cap = sum(r.spec.slots for r in sc.readers.values())
+        cap = sum(r.spec.slots for r in list(sc.readers.values()))  # specs outlive a close
         yield gauge("ring_capacity_slots", "Slots in the attached rings.", cap)
         yield gauge("rings_attached", "Rings (one per vLLM worker) the sidecar reads.", len(rings))
         yield gauge("loop_heartbeat_age_seconds", "Seconds since the scoring loop last iterated.",
