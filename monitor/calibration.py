@@ -13,7 +13,6 @@ cannot show the target is met.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -22,36 +21,7 @@ import numpy as np
 import yaml
 
 from monitor.evaluation import EvalError, Record
-from monitor.probe_training import sha256_file, threshold_at_fpr
-
-
-def min_samples(target_fpr: float) -> int:
-    return math.ceil(3.0 / target_fpr)
-
-
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0:
-        return 1.0
-    if p >= 1:
-        return 0.0 if k < n else 1.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-            for i in range(k + 1)]
-    m = max(logs)
-    return min(1.0, math.exp(m) * sum(math.exp(x - m) for x in logs))
-
-
-def fpr_upper_bound(false_positives: int, n: int, confidence: float = 0.95) -> float:
-    """Clopper-Pearson one-sided upper bound: the p at which seeing <= k positives has prob 1 - confidence."""
-    if false_positives >= n:
-        return 1.0
-    lo, hi = false_positives / n, 1.0
-    for _ in range(60):  # bisection to ~1e-18
-        mid = (lo + hi) / 2
-        if _binom_cdf(false_positives, n, mid) > 1 - confidence:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+from monitor.probe_training import fpr_upper_bound, min_samples, sha256_file, threshold_at_fpr
 
 
 @dataclass

@@ -108,6 +108,39 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_train(args: argparse.Namespace) -> int:
+    from monitor.evaluation import EvalError, read_labeled
+    from monitor.model_prep import ModelPrepError, prepare_model
+    from monitor.probe_train import train_probe
+
+    name = args.name or args.concept
+    try:
+        records = read_labeled(args.data)
+        for extra in args.benign or []:  # benign conversations: negatives for the concept
+            for r in read_labeled(extra, require_labels=False):
+                if r.labels.get(args.concept, 0):
+                    raise EvalError(f"{extra}:{r.line}: labelled {args.concept}=1 in a --benign file")
+                r.labels[args.concept] = 0
+                records.append(r)
+        model = args.model or prepare_model().path
+        t = train_probe(records, args.data, args.concept, model, name=name,
+                        detector_name=args.detector_name or f"{name.replace('_', '-')}-probe", layer=args.layer,
+                        scope=args.scope, target_fpr=args.target_fpr, validation=args.validation,
+                        severity=args.severity, description=args.description,
+                        out_probe=args.probe_dir or Path("probes") / name,
+                        out_detector=args.detector_file or Path("detectors") / f"{name}_probe.yaml",
+                        model_name=args.model_name)
+    except (EvalError, ModelPrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"probe    {t.probe_dir}  (train {t.n_train[0]} pos / {t.n_train[1]} neg, validation "
+          f"{t.n_validation[0]} / {t.n_validation[1]})")
+    print(f"detector {t.detector_file}  threshold {t.threshold:.4g} at FPR {args.target_fpr:g}")
+    print("metrics  " + ", ".join(f"{k} {v}" for k, v in t.metrics.items()))
+    print(f"To use it, add under `probes:` in your monitor config:  - {{name: {name}, path: {t.probe_dir}}}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
@@ -146,6 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ev.add_argument("--report", type=Path, default=Path("eval-report"), help="folder for the plots (default eval-report/)")
     ev.set_defaults(func=_eval)
+
+    probe = sub.add_parser("probe", help="linear probes").add_subparsers(dest="probe_command", required=True)
+    pt = probe.add_parser("train", help="train a linear probe and a detector that uses it from labeled conversations")
+    pt.add_argument("--data", type=Path, required=True, help='JSON lines with labels {"<concept>": 0|1}')
+    pt.add_argument("--concept", required=True)
+    pt.add_argument("--benign", type=Path, action="append", help="more JSON lines used as negatives (repeatable)")
+    pt.add_argument("--name", default=None, help="probe name (default: the concept)")
+    pt.add_argument("--detector-name", default=None, help="detector name (default: <name>-probe)")
+    pt.add_argument("--layer", type=int, default=15, help="tapped layer (default 15, the demo's)")
+    pt.add_argument("--scope", choices=["prompt", "generation", "both"], default="prompt")
+    pt.add_argument("--target-fpr", type=float, default=0.01)
+    pt.add_argument("--validation", type=float, default=0.2, help="fraction held out (default 0.2)")
+    pt.add_argument("--severity", choices=["critical", "warning", "info"], default="warning")
+    pt.add_argument("--description", default=None, help="the detector's description")
+    pt.add_argument("--probe-dir", type=Path, default=None, help="where the probe goes (default probes/<name>/)")
+    pt.add_argument("--detector-file", type=Path, default=None, help="the detector YAML (default detectors/<name>_probe.yaml)")
+    pt.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    pt.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="recorded in the probe's metadata")
+    pt.set_defaults(func=_probe_train)
 
     cal = sub.add_parser("calibrate", help="set detector thresholds at a target false-positive rate on benign data")
     cal.add_argument("--detectors", type=Path, required=True, help="a detector file or a folder (searched recursively)")

@@ -32,6 +32,7 @@ class Record:
     messages: list[dict]
     labels: dict[str, int]
     line: int
+    source: str | None = None  # the record's template/origin, if given: kept together in splits
 
 
 def read_labeled(path: Path, require_labels: bool = True) -> list[Record]:
@@ -65,7 +66,8 @@ def read_labeled(path: Path, require_labels: bool = True) -> list[Record]:
         for concept, v in labels.items():
             if v not in (0, 1) or isinstance(v, bool):
                 raise EvalError(f"{where}: labels.{concept} must be 0 or 1, got {v!r}")
-        out.append(Record(msgs, {k: int(v) for k, v in labels.items()}, n))
+        source = rec.get("source")
+        out.append(Record(msgs, {k: int(v) for k, v in labels.items()}, n, source if isinstance(source, str) else None))
     if not out:
         raise EvalError(f"{path}: no records")
     return out

@@ -65,6 +65,35 @@ def threshold_at_fpr(negative_scores: np.ndarray, target_fpr: float) -> tuple[fl
     return thr, float((s >= thr).sum() / n)
 
 
+def min_samples(target_fpr: float) -> int:
+    return math.ceil(3.0 / target_fpr)
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0 if k < n else 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+            for i in range(k + 1)]
+    m = max(logs)
+    return min(1.0, math.exp(m) * sum(math.exp(x - m) for x in logs))
+
+
+def fpr_upper_bound(false_positives: int, n: int, confidence: float = 0.95) -> float:
+    """Clopper-Pearson one-sided upper bound: the p at which seeing <= k positives has prob 1 - confidence."""
+    if false_positives >= n:
+        return 1.0
+    lo, hi = false_positives / n, 1.0
+    for _ in range(60):  # bisection to ~1e-18
+        mid = (lo + hi) / 2
+        if _binom_cdf(false_positives, n, mid) > 1 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 @dataclass
 class FitResult:
     probe: LinearProbe
@@ -95,6 +124,11 @@ def fit_logistic_probe(
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predict
 
+    import warnings
+
+    # scikit-learn 1.8 announces changes to LogisticRegressionCV's defaults and attributes; we pass
+    # and read nothing they affect (L2 penalty, C_), and the warnings would bury the command's output.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn.linear_model")
     xn = x.double().numpy()
     mean = xn.mean(0)
     std = xn.std(0) + 1e-6
@@ -128,7 +162,9 @@ def probe_mean_scores(probe: LinearProbe, convs: list[ConversationRows], scope: 
 
 def calibrate_probe(probe: LinearProbe, negative_scores: np.ndarray, target_fpr: float, data: str, date: str) -> None:
     thr, achieved = threshold_at_fpr(negative_scores, target_fpr)
+    fp = int((np.asarray(negative_scores) >= thr).sum())
     probe.meta.calibration = Calibration(
-        threshold=thr, target_fpr=target_fpr, achieved_fpr=achieved, n_benign=len(negative_scores), data=data, date=date,
+        threshold=thr, target_fpr=target_fpr, achieved_fpr=achieved, n_benign=len(negative_scores),
+        fpr_upper_95=fpr_upper_bound(fp, len(negative_scores)), data=data, date=date,
     )
 

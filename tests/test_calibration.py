@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import yaml
 from scipy.stats import beta
 
-from monitor.calibration import fpr_upper_bound, min_samples
+from monitor.probe_training import fpr_upper_bound, min_samples
 from monitor.probe_training import threshold_at_fpr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,23 +49,52 @@ def test_too_small_a_benign_set_is_refused(tmp_path):
     assert f"40 benign conversations cannot show an FPR of 0.01" in res.stderr and f"at least {min_samples(0.01)}" in res.stderr
 
 
-def test_calibrate_then_eval_on_committed_data(tmp_path):
-    """The shipped pii probe re-calibrated on the committed benign split, then evaluated on its test split."""
-    det = tmp_path / "pack"
-    det.mkdir()
-    shutil.copy(ROOT / "detectors/pii_probe.yaml", det)
+def test_probe_train_refuses_what_it_cannot_do(tmp_path):
+    from monitor.evaluation import EvalError, Record
+    from monitor.probe_train import train_probe
+
+    def records(n_pos, n_neg, concept="pii"):
+        return [Record([{"role": "user", "content": f"x{i}"}], {concept: int(i < n_pos)}, i + 1)
+                for i in range(n_pos + n_neg)]
+
+    kw = dict(name="p", detector_name="p-probe", layer=15, scope="prompt", validation=0.2, severity="warning",
+              out_probe=tmp_path / "p", out_detector=tmp_path / "p.yaml", model_name="m")
+    with pytest.raises(EvalError, match=r"line\(s\) \[1, 2, 3, 4, 5\]... carry no label for 'pii'"):
+        train_probe(records(20, 400, "other"), Path("d.jsonl"), "pii", tmp_path, target_fpr=0.01, **kw)
+    with pytest.raises(EvalError, match="3 positive and 400 negative records for 'pii'; a probe needs at least 10"):
+        train_probe(records(3, 400), Path("d.jsonl"), "pii", tmp_path, target_fpr=0.01, **kw)
+    with pytest.raises(EvalError, match="100 negatives cannot calibrate a threshold at FPR 0.01; use at least 300"):
+        train_probe(records(50, 100), Path("d.jsonl"), "pii", tmp_path, target_fpr=0.01, **kw)
+
+
+def test_train_calibrate_eval_on_committed_data(tmp_path):
+    """`monitor probe train` on the pii train split, `monitor calibrate` on the benign split, `monitor eval` on test."""
+    import json
+
+    probe_dir, det_file = tmp_path / "probes/pii_t", tmp_path / "pack/pii_t_probe.yaml"
+    res = run("probe", "train", "--data", str(ROOT / "data/concepts/pii/train.jsonl"), "--concept", "pii",
+              "--name", "pii_t", "--target-fpr", "0.05", "--probe-dir", str(probe_dir), "--detector-file", str(det_file))
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((probe_dir / "probe.json").read_text())
+    assert meta["layer"] == 15 and meta["aggregation"] == "mean" and meta["metrics"]["validation_auroc"] > 0.9
+    assert meta["training"]["sha256"] and meta["calibration"]["target_fpr"] == 0.05
+    # A monitor config that knows the new probe, for the detector that uses it.
+    cfg = tmp_path / "monitor.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name": "smollm2-135m-instruct", "num_layers": 30, "d_model": 576},
+                                   "taps": [{"layer": 15}], "probes": [{"name": "pii_t", "path": str(probe_dir)}],
+                                   "detectors": [str(det_file.parent)]}))
     benign = ROOT / "data/benign/train.jsonl"
     n = sum(1 for line in benign.read_text().splitlines() if line.strip())
-    res = run("calibrate", "--detectors", str(det), "--benign", str(benign), "--target-fpr", "0.02")
+    res = run("calibrate", "--config", str(cfg), "--detectors", str(det_file.parent), "--benign", str(benign),
+              "--target-fpr", "0.02")
     assert res.returncode == 0, res.stderr[-3000:]
-    doc = yaml.safe_load((det / "pii_probe.yaml").read_text())
+    doc = yaml.safe_load(det_file.read_text())
     cal = doc["calibration"]
     assert doc["threshold"] == cal["threshold"] and cal["n_benign"] == n and cal["target_fpr"] == 0.02
     assert cal["achieved_fpr"] <= 0.02 < cal["fpr_upper_95"] and len(cal["data_sha256"]) == 64
-    assert (det / "pii_probe.yaml").read_text().startswith("#")  # the file's comment header is kept
-    res = run("eval", "--detectors", str(det), "--data", str(ROOT / "data/concepts/pii/test.jsonl"), "--json")
+    assert det_file.read_text().startswith("#")  # the file's comment header is kept
+    res = run("eval", "--config", str(cfg), "--detectors", str(det_file.parent),
+              "--data", str(ROOT / "data/concepts/pii/test.jsonl"), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
-    import json
-
-    r = json.loads(res.stdout)["pii-probe"]
-    assert r["threshold"] == cal["threshold"] and r["auroc"] > 0.95
+    r = json.loads(res.stdout)["pii-t-probe"]
+    assert r["threshold"] == cal["threshold"] and r["auroc"] > 0.95 and r["n_pos"] > 50

@@ -1,16 +1,11 @@
-"""Train the demo probes, pick the demo SAE features, and write the demo detector packs.
+"""Pick the demo's SAE-feature detectors: per concept, the single feature of the demo SAE that best
+separates the train split, shipped only where it also holds up on the held-out test split.
 
-    python scripts/train_demo_probes.py --model DIR
+    python scripts/select_demo_features.py --model DIR
 
-For each concept (pii, prompt_injection, harmful_request):
-  - a logistic probe on mean-pooled layer-15 rows of the prompt, fit on the concept's train split
-    plus the benign train set, its threshold set at 1% FPR on those negatives;
-  - the SAE feature whose max activation over the prompt best separates the train split (AUROC);
-    a feature detector is shipped only where that feature also holds up on the test split;
-  - figures on the held-out test split (plus the benign test set) in artifacts/demo/probes/summary.json.
-
-`monitor probe train` / `monitor calibrate` / `monitor eval` will replace the ad-hoc parts of this
-script as they land; the probe format and the detector files are already final.
+The probe detectors are made by the product's own command (scripts/train_demo_detectors.sh runs
+`monitor probe train` and `monitor eval`); this script only chooses features and writes
+detectors/<concept>_sae_feature.yaml, with figures in artifacts/demo/probes/features.json.
 """
 
 from __future__ import annotations
@@ -29,16 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from monitor.activations import ActivationExtractor, read_jsonl_messages  # noqa: E402
-from monitor.probe_training import (  # noqa: E402
-    calibrate_probe,
-    fit_logistic_probe,
-    probe_mean_scores,
-    sha256_file,
-    threshold_at_fpr,
-    token_slice,
-)
+from monitor.probe_training import threshold_at_fpr, token_slice  # noqa: E402
 from monitor.scoring import WatchedEncoder  # noqa: E402
-from monitor.scoring.probe import TrainingData  # noqa: E402
 
 LAYER = 15
 CONCEPTS = {
@@ -69,10 +56,6 @@ def feature_max(enc: WatchedEncoder, convs, scope="prompt") -> np.ndarray:
     return np.stack(out)
 
 
-def sources(path: Path) -> list[str]:
-    return [json.loads(line).get("source", f"line{i}") for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -81,7 +64,7 @@ def main() -> None:
     from sae_lens import SAE
 
     today = date.today().isoformat()
-    ex = ActivationExtractor(args.model, [LAYER], dtype=torch.bfloat16)  # as the committed probes were made
+    ex = ActivationExtractor(args.model, [LAYER], dtype=torch.bfloat16)  # as the committed feature detector was chosen
     sae = SAE.load_from_disk(args.sae)
     all_feats = WatchedEncoder.from_sae(sae, list(range(sae.cfg.d_sae)))
     labels = json.loads((Path(args.sae) / "feature_labels.json").read_text())["features"]
@@ -99,48 +82,6 @@ def main() -> None:
         y_te = np.array([lab.get(concept, 0) for _, lab in test])
         c_tr = ex.many([m for m, _ in train], progress=f"{concept} train")
         c_te = ex.many([m for m, _ in test], progress=f"{concept} test")
-
-        from monitor.probe_training import pooled
-
-        x_tr = pooled(c_tr, LAYER, "prompt")
-        groups = np.array([src.split("#")[0].removeprefix("other-concept/") for src in
-                           sources(train_file) + sources(ROOT / "data/benign/train.jsonl")])
-        fit = fit_logistic_probe(
-            x_tr, y_tr, name=concept, concept=concept, model="SmolLM2-135M-Instruct", layer=LAYER,
-            training=TrainingData(
-                path=str(train_file.relative_to(ROOT)), sha256=sha256_file(train_file),
-                n_pos=int(y_tr.sum()), n_neg=int((1 - y_tr).sum()),
-                notes="plus data/benign/train.jsonl as negatives; mean over prompt tokens (positions >= 1)",
-            ),
-            groups=groups,
-        )
-        probe = fit.probe
-        s_tr = probe_mean_scores(probe, c_tr, "prompt")
-        calibrate_probe(probe, fit.oof_scores[y_tr == 0], TARGET_FPR,
-                        data=f"out-of-fold scores of {train_file.relative_to(ROOT)} negatives + data/benign/train.jsonl",
-                        date=today)
-        s_te = probe_mean_scores(probe, c_te, "prompt")
-        thr = probe.threshold
-        tpr, fpr = tpr_at(y_te, s_te, thr)
-        # TPR at 1% FPR on the test negatives (an oracle threshold, for comparison with the bar).
-        oracle_thr, _ = threshold_at_fpr(s_te[y_te == 0], TARGET_FPR)
-        tpr_1, _ = tpr_at(y_te, s_te, oracle_thr)
-        probe.meta.metrics.update({
-            "train_auroc": round(auroc(y_tr, s_tr), 4), "oof_auroc": round(auroc(y_tr, fit.oof_scores), 4),
-            "test_auroc": round(auroc(y_te, s_te), 4),
-            "test_tpr_at_threshold": round(tpr, 4), "test_fpr_at_threshold": round(fpr, 4),
-            "test_tpr_at_1pct_fpr": round(tpr_1, 4),
-        })
-        probe.save(ROOT / f"artifacts/demo/probes/{concept}")
-        det = {
-            "name": f"{concept.replace('_', '-')}-probe", "concept": concept, "description": description,
-            "inputs": [{"probe": concept}], "aggregation": {"kind": "mean"}, "threshold": thr,
-            "scope": "prompt", "severity": severity, "labels": {"source": "linear_probe"},
-            "calibration": probe.meta.calibration.model_dump(),
-        }
-        (ROOT / f"detectors/{concept}_probe.yaml").write_text(
-            f"# {description}\n# Trained and calibrated by scripts/train_demo_probes.py; figures in docs/detectors.md.\n"
-            + yaml.safe_dump(det, sort_keys=False))
 
         # The best single SAE feature, chosen on train, judged on test.
         f_tr, f_te = feature_max(all_feats, c_tr), feature_max(all_feats, c_te)
@@ -168,18 +109,17 @@ def main() -> None:
                                 "date": today},
             }
             (ROOT / f"detectors/{concept}_sae_feature.yaml").write_text(
-                f"# {det['description']}\n# Chosen by scripts/train_demo_probes.py; figures in docs/detectors.md.\n"
+                f"# {det['description']}\n# Chosen by scripts/select_demo_features.py; figures in docs/detectors.md.\n"
                 + yaml.safe_dump(det, sort_keys=False))
         else:
             (ROOT / f"detectors/{concept}_sae_feature.yaml").unlink(missing_ok=True)
         summary["concepts"][concept] = {
             "train": {"file": str(train_file.relative_to(ROOT)), "n_pos": int(y_tr.sum()), "n_neg": int((1 - y_tr).sum())},
             "test": {"file": str(test_file.relative_to(ROOT)), "n_pos": int(y_te.sum()), "n_neg": int((1 - y_te).sum())},
-            "probe": {"threshold": thr, **probe.meta.metrics},
             "sae_feature": feat_info,
         }
         print(json.dumps({concept: summary["concepts"][concept]}, indent=1, default=str), flush=True)
-    (ROOT / "artifacts/demo/probes/summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (ROOT / "artifacts/demo/probes/features.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

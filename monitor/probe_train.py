@@ -1,0 +1,105 @@
+"""`monitor probe train`: a linear probe and its detector from labeled conversations.
+
+Logistic regression on the mean of the tapped layer's rows over the detector's scope (the
+sidecar's `mean` aggregation reproduces it exactly: `monitor.probe_training`). A validation split is
+held out first (stratified; records with a `source` keep their whole source on one side, so the
+validation figures measure phrasings the probe never saw). The threshold is set at the target FPR on
+scores no model saw during its own fit: out-of-fold scores of the training negatives (5 folds, by
+source when given) plus the validation negatives scored by the final probe. The probe is written
+in the monitor's probe format and a detector YAML that uses it; `monitor calibrate` can then move the
+threshold on a larger benign set, and `monitor eval` measures it on a test split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from monitor.evaluation import EvalError, Record, auroc
+from monitor.probe_training import (Scope, calibrate_probe, fit_logistic_probe, pooled, probe_mean_scores,
+                                    sha256_file)
+from monitor.scoring.probe import TrainingData
+
+
+@dataclass
+class Trained:
+    probe_dir: Path
+    detector_file: Path
+    n_train: tuple[int, int]  # positives, negatives
+    n_validation: tuple[int, int]
+    threshold: float
+    metrics: dict
+
+
+def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    k = max(2, round(1 / validation))
+    groups = np.array([r.source.split("#")[0] if r.source else f"line{i}" for i, r in enumerate(records)])
+    splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if any(r.source for r in records) \
+        else StratifiedKFold(k, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(splitter.split(np.zeros(len(y)), y, groups))
+    if len(set(y[val_idx])) < 2 or len(set(y[train_idx])) < 2:
+        raise EvalError("the validation split lacks a class; add data or change --validation")
+    return train_idx, val_idx
+
+
+def train_probe(records: list[Record], data_file: Path, concept: str, model_dir: Path, *, name: str,
+                detector_name: str, layer: int, scope: Scope, target_fpr: float, validation: float,
+                severity: str, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
+                seed: int = 0) -> Trained:
+    from monitor.activations import ActivationExtractor
+
+    missing = [r.line for r in records if concept not in r.labels]
+    if missing:
+        raise EvalError(f"{data_file}: line(s) {missing[:5]}{'...' if len(missing) > 5 else ''} carry no label "
+                        f"for {concept!r}")
+    y = np.array([r.labels[concept] for r in records])
+    if y.sum() < 10 or (1 - y).sum() < 10:
+        raise EvalError(f"{data_file}: {int(y.sum())} positive and {int((1 - y).sum())} negative records for "
+                        f"{concept!r}; a probe needs at least 10 of each")
+    need = math.ceil(3.0 / target_fpr)
+    if (1 - y).sum() < need:
+        raise EvalError(f"{int((1 - y).sum())} negatives cannot calibrate a threshold at FPR {target_fpr:g}; "
+                        f"use at least {need} (or a larger --target-fpr)")
+    train_idx, val_idx = _split(records, y, validation, seed)
+    convs = ActivationExtractor(model_dir, [layer]).many([r.messages for r in records], progress="probe train")
+    x = pooled(convs, layer, scope)
+    groups = np.array([(r.source or f"line{i}").split("#")[0] for i, r in enumerate(records)])
+    fit = fit_logistic_probe(
+        x[train_idx], y[train_idx], name=name, concept=concept, model=model_name, layer=layer,
+        training=TrainingData(path=str(data_file), sha256=sha256_file(data_file), n_pos=int(y[train_idx].sum()),
+                              n_neg=int((1 - y[train_idx]).sum()),
+                              notes=f"mean over {scope} tokens (positions >= 1); {len(val_idx)} records held out"),
+        groups=groups[train_idx])
+    probe = fit.probe
+    val_convs = [convs[i] for i in val_idx]
+    s_val = probe_mean_scores(probe, val_convs, scope)
+    y_val = y[val_idx]
+    unseen_neg = np.concatenate([fit.oof_scores[y[train_idx] == 0], s_val[y_val == 0]])
+    calibrate_probe(probe, unseen_neg, target_fpr, date=date.today().isoformat(),
+                    data=f"out-of-fold training negatives + validation negatives of {data_file}")
+    thr = probe.threshold
+    metrics = {"train_oof_auroc": round(auroc(fit.oof_scores[y[train_idx] == 1], fit.oof_scores[y[train_idx] == 0]), 4),
+               "validation_auroc": round(auroc(s_val[y_val == 1], s_val[y_val == 0]), 4),
+               "validation_tpr_at_threshold": round(float((s_val[y_val == 1] >= thr).mean()), 4),
+               "validation_fpr_at_threshold": round(float((s_val[y_val == 0] >= thr).mean()), 4)}
+    probe.meta.metrics.update(metrics)
+    probe.save(out_probe)
+    detector = {
+        "name": detector_name, "concept": concept, "description": description or f"Linear probe {name} for {concept}.",
+        "inputs": [{"probe": name}], "aggregation": {"kind": "mean"}, "threshold": thr, "scope": scope,
+        "severity": severity, "labels": {"source": "linear_probe"},
+        "calibration": probe.meta.calibration.model_dump(exclude_none=True),
+    }
+    out_detector.parent.mkdir(parents=True, exist_ok=True)
+    out_detector.write_text((f"# {description}\n" if description else "")
+                            + f"# Trained by `monitor probe train` from {data_file}; probe at {out_probe}.\n"
+                            + yaml.safe_dump(detector, sort_keys=False))
+    return Trained(out_probe, out_detector, (int(y[train_idx].sum()), int((1 - y[train_idx]).sum())),
+                   (int(y_val.sum()), int((1 - y_val).sum())), thr, metrics)
