@@ -1,0 +1,170 @@
+{{- define "mm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "mm.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mm.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "mm.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "mm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "mm.monitorImage" -}}
+{{ .Values.monitor.image.repository }}:{{ .Values.monitor.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The monitor config the sidecar and the plugin read: values.monitor.config plus what the chart owns. */}}
+{{- define "mm.monitorConfig" -}}
+{{- $c := deepCopy .Values.monitor.config }}
+{{- $_ := set $c "model" (merge (dict "name" .Values.vllm.servedModelName) (deepCopy ($c.model | default dict))) }}
+{{- $_ = set $c "transport" (merge (dict "directory" "/dev/shm" "name" "misalignment-monitor") (deepCopy ($c.transport | default dict))) }}
+{{- $_ = set $c "detectors" (list "/etc/misalignment-monitor/detectors") }}
+{{- $kafka := dict "enabled" .Values.kafka.enabled }}
+{{- if .Values.kafka.enabled }}
+{{- $_ = set $kafka "bootstrap_servers" .Values.kafka.bootstrapServers }}
+{{- $_ = set $kafka "topic" .Values.kafka.topic }}
+{{- $_ = set $kafka "security_protocol" .Values.kafka.securityProtocol }}
+{{- $_ = set $kafka "spool_dir" "/var/spool/misalignment-monitor" }}
+{{- $_ = set $kafka "spool_max_bytes" (int64 .Values.kafka.spool.maxBytes) }}
+{{- if hasPrefix "SASL" .Values.kafka.securityProtocol }}
+{{- $_ = set $kafka "sasl_mechanism" .Values.kafka.sasl.mechanism }}
+{{- $_ = set $kafka "sasl_username" .Values.kafka.sasl.username }}
+{{- $_ = set $kafka "sasl_password_file" "/etc/misalignment-monitor/kafka-sasl/password" }}
+{{- end }}
+{{- if .Values.kafka.tls.existingSecret }}
+{{- $_ = set $kafka "ssl_cafile" (printf "/etc/misalignment-monitor/kafka-tls/%s" .Values.kafka.tls.caKey) }}
+{{- if .Values.kafka.tls.certKey }}
+{{- $_ = set $kafka "ssl_certfile" (printf "/etc/misalignment-monitor/kafka-tls/%s" .Values.kafka.tls.certKey) }}
+{{- $_ = set $kafka "ssl_keyfile" (printf "/etc/misalignment-monitor/kafka-tls/%s" .Values.kafka.tls.keyKey) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $_ = set $c "sinks" (dict "kafka" $kafka "prometheus" (dict "enabled" true "host" "0.0.0.0" "port" (int .Values.monitor.port))) }}
+{{- $_ = set $c "privacy" (dict "include_text" .Values.monitor.privacy.includeText) }}
+{{- $_ = set $c "deployment" (dict "name" (include "mm.fullname" .) "namespace" .Release.Namespace) }}
+{{- toYaml $c }}
+{{- end }}
+
+{{/* The monitor container: rendered as a native sidecar (initContainers, restartPolicy Always) or a regular container. */}}
+{{- define "mm.monitorContainer" -}}
+- name: monitor
+  image: {{ include "mm.monitorImage" . }}
+  imagePullPolicy: {{ .Values.monitor.image.pullPolicy }}
+  {{- if .Values.monitor.nativeSidecar }}
+  restartPolicy: Always
+  {{- end }}
+  args: ["sidecar", "--config", "/etc/misalignment-monitor/config/monitor.yaml"]
+  ports:
+    - name: monitor-metrics
+      containerPort: {{ .Values.monitor.port }}
+      protocol: TCP
+  env:
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    # A read-only root filesystem: every cache goes to the /tmp emptyDir.
+    - name: HOME
+      value: /tmp
+    - name: HF_HOME
+      value: /tmp/huggingface
+    - name: MPLCONFIGDIR
+      value: /tmp/matplotlib
+    {{- with .Values.monitor.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  securityContext:
+    {{- toYaml .Values.monitor.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml .Values.monitor.resources | nindent 4 }}
+  livenessProbe:
+    {{- toYaml .Values.monitor.livenessProbe | nindent 4 }}
+  readinessProbe:
+    {{- toYaml .Values.monitor.readinessProbe | nindent 4 }}
+  volumeMounts:
+    - name: dshm
+      mountPath: /dev/shm
+    - name: monitor-config
+      mountPath: /etc/misalignment-monitor/config
+      readOnly: true
+    - name: monitor-detectors
+      mountPath: /etc/misalignment-monitor/detectors
+      readOnly: true
+    - name: tmp
+      mountPath: /tmp
+    {{- if .Values.kafka.enabled }}
+    - name: spool
+      mountPath: /var/spool/misalignment-monitor
+    {{- end }}
+    {{- if and .Values.kafka.enabled (hasPrefix "SASL" .Values.kafka.securityProtocol) }}
+    - name: kafka-sasl
+      mountPath: /etc/misalignment-monitor/kafka-sasl
+      readOnly: true
+    {{- end }}
+    {{- if and .Values.kafka.enabled .Values.kafka.tls.existingSecret }}
+    - name: kafka-tls
+      mountPath: /etc/misalignment-monitor/kafka-tls
+      readOnly: true
+    {{- end }}
+    {{- if .Values.monitor.artifactsVolume }}
+    - name: artifacts
+      mountPath: /artifacts
+      readOnly: true
+    {{- end }}
+{{- end }}
+
+{{/* Volumes the monitor needs (the pod's, or added to another chart's pod by the integrations). */}}
+{{- define "mm.monitorVolumes" -}}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shm.sizeLimit }}
+- name: monitor-config
+  configMap:
+    name: {{ include "mm.fullname" . }}-monitor
+- name: monitor-detectors
+  configMap:
+    name: {{ include "mm.fullname" . }}-detectors
+- name: tmp
+  emptyDir: {}
+{{- if .Values.kafka.enabled }}
+- name: spool
+  emptyDir:
+    sizeLimit: {{ .Values.kafka.spool.sizeLimit }}
+{{- end }}
+{{- if and .Values.kafka.enabled (hasPrefix "SASL" .Values.kafka.securityProtocol) }}
+- name: kafka-sasl
+  secret:
+    secretName: {{ required "kafka.sasl.existingSecret is required with SASL" .Values.kafka.sasl.existingSecret }}
+    items:
+      - key: {{ .Values.kafka.sasl.passwordKey }}
+        path: password
+{{- end }}
+{{- if and .Values.kafka.enabled .Values.kafka.tls.existingSecret }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.tls.existingSecret }}
+{{- end }}
+{{- with .Values.monitor.artifactsVolume }}
+- name: artifacts
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
