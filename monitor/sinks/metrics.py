@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from monitor.detectors.runtime import probe_head, sae_head
 from monitor.sidecar.loop import RETIRED_COUNTERS
 
 if TYPE_CHECKING:
@@ -237,9 +238,9 @@ class SidecarMetrics:
         m = self.model_name
         heads: dict[str, tuple[bool, list[str]]] = {}
         for sae, cols in ds.feature_columns.items():
-            heads[f"sae:{sae}"] = (False, [f"{sae}/{c}" for c in cols])
+            heads[sae_head(sae)] = (False, [f"{sae}/{c}" for c in cols])
         for probe, outputs in ds.probe_outputs.items():
-            heads[f"probe:{probe}"] = (True, [f"{probe}/{o}" for o in outputs])
+            heads[probe_head(probe)] = (True, [f"{probe}/{o}" for o in outputs])
         self._heads = heads
         for is_probe, names in heads.values():
             for name in names:
