@@ -37,6 +37,18 @@ def chat_token_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -
     return list(ids)
 
 
+def tokenize_conversation(tokenizer, messages: Messages, add_generation_prompt: bool = False,
+                          max_tokens: int = 1024) -> tuple[list[int], int]:
+    """Token ids of a chat, and how many belong to the prompt (through the last assistant header):
+    a conversation ending in an assistant turn is a prompt plus that response."""
+    ids = chat_token_ids(tokenizer, messages, add_generation_prompt)[:max_tokens]
+    if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
+        n_prompt = min(len(chat_token_ids(tokenizer, messages[:-1], True)), len(ids))
+    else:
+        n_prompt = len(ids)
+    return ids, n_prompt
+
+
 def _fingerprint(model_dir: Path) -> str:
     manifest = model_dir / "prepared.json"
     if manifest.is_file():
@@ -80,12 +92,7 @@ class ActivationExtractor:
 
     def tokenize(self, messages: Messages, add_generation_prompt: bool = False) -> tuple[list[int], int]:
         """Chat-template token ids, and how many belong to the prompt (through the last assistant header)."""
-        ids = chat_token_ids(self.tokenizer, messages, add_generation_prompt)[: self.max_tokens]
-        if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
-            n_prompt = min(len(chat_token_ids(self.tokenizer, messages[:-1], True)), len(ids))
-        else:
-            n_prompt = len(ids)
-        return ids, n_prompt
+        return tokenize_conversation(self.tokenizer, messages, add_generation_prompt, self.max_tokens)
 
     def _cache_path(self, ids: list[int]) -> Path | None:
         if self.cache_root is None:
@@ -141,6 +148,17 @@ class ActivationExtractor:
             if progress and ((i + 1) % 50 == 0 or i + 1 == len(convs)):
                 print(f"[{progress}] activations {i + 1}/{len(convs)}", flush=True)
         return out
+
+
+def extractor(model_dir: str | Path, layers: Sequence[int], backend: str = "transformers"):
+    """Rows for offline work: `transformers` (float32, cached on disk) or `vllm` (the tap itself, offline)."""
+    if backend == "vllm":
+        from monitor.activations_vllm import VLLMActivationExtractor
+
+        return VLLMActivationExtractor(model_dir, layers)
+    if backend != "transformers":
+        raise ValueError(f"unknown activations backend {backend!r}: transformers or vllm")
+    return ActivationExtractor(model_dir, layers)
 
 
 def read_jsonl_messages(path: str | Path) -> list[tuple[Messages, dict]]:

@@ -37,8 +37,8 @@ class Calibrated:
 
 
 def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: float, model_dir: Path,
-              write: bool = True) -> list[Calibrated]:
-    from monitor.activations import ActivationExtractor
+              write: bool = True, backend: str = "transformers") -> list[Calibrated]:
+    from monitor.activations import extractor
     from monitor.detectors.offline import judge
     from monitor.detectors.runtime import build_detector_set
 
@@ -46,7 +46,7 @@ def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: floa
         raise EvalError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
     need = min_samples(target_fpr)
     detset = build_detector_set(loaded, "cpu")
-    convs = ActivationExtractor(model_dir, detset.layers).many([r.messages for r in records], progress="calibrate")
+    convs = extractor(model_dir, detset.layers, backend).many([r.messages for r in records], progress="calibrate")
     verdicts = [judge(detset, c) for c in convs]
     digest = sha256_file(benign_file)
     out = []

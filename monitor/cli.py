@@ -81,7 +81,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from monitor.evaluation import evaluate, plots, table
 
-    reports = _offline(args, evaluate, require_labels=True)
+    reports = _offline(args, lambda loaded, records, model: evaluate(loaded, records, model, args.backend),
+                       require_labels=True)
     if reports is None:
         return 2
     if args.json:
@@ -97,7 +98,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from monitor.calibration import calibrate
 
     results = _offline(args, lambda loaded, records, model: calibrate(
-        loaded, records, args.data, args.target_fpr, model, write=not args.dry_run), require_labels=False)
+        loaded, records, args.data, args.target_fpr, model, write=not args.dry_run, backend=args.backend),
+        require_labels=False)
     if results is None:
         return 2
     for c in results:
@@ -129,7 +131,7 @@ def _probe_train(args: argparse.Namespace) -> int:
                         severity=args.severity, description=args.description,
                         out_probe=args.probe_dir or Path("probes") / name,
                         out_detector=args.detector_file or Path("detectors") / f"{name}_probe.yaml",
-                        model_name=args.model_name)
+                        model_name=args.model_name, backend=args.backend)
     except (EvalError, ModelPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ev.add_argument("--report", type=Path, default=Path("eval-report"), help="folder for the plots (default eval-report/)")
+    ev.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                    help="rows from transformers (float32, cached) or from vLLM offline (the tap itself)")
     ev.set_defaults(func=_eval)
 
     probe = sub.add_parser("probe", help="linear probes").add_subparsers(dest="probe_command", required=True)
@@ -197,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--detector-file", type=Path, default=None, help="the detector YAML (default detectors/<name>_probe.yaml)")
     pt.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
     pt.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="recorded in the probe's metadata")
+    pt.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                    help="rows from transformers (float32, cached) or from vLLM offline (the tap itself)")
     pt.set_defaults(func=_probe_train)
 
     cal = sub.add_parser("calibrate", help="set detector thresholds at a target false-positive rate on benign data")
@@ -208,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="monitor config defining the SAEs and probes the detectors use (default: the demo's)")
     cal.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
     cal.add_argument("--dry-run", action="store_true", help="print the thresholds, change no file")
+    cal.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                    help="rows from transformers (float32, cached) or from vLLM offline (the tap itself)")
     cal.set_defaults(func=_calibrate)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the demo model, on loopback")

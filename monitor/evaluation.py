@@ -3,7 +3,8 @@
 Input: JSON lines `{"messages": [...], "labels": {"<concept>": 0 or 1}}` (or `"text"` for one user
 message). Every detector whose concept a record labels is judged on it through the sidecar's own
 scorer and `feed` (same scope, same aggregation, row 0 skipped), on the tapped layer's rows from
-transformers in float32 (the rows vLLM's tap produces, to cos >= 0.9999; `monitor.activations`).
+transformers in float32 (the rows vLLM's tap produces, to cos >= 0.999; `monitor.activations`), or
+with `--backend vllm` from vLLM offline, the tap itself (`monitor.activations_vllm`).
 A detector "fires" when its score >= its threshold, as in production; a conversation in which no
 token is in the detector's scope gets no score and never fires.
 
@@ -128,9 +129,9 @@ def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.n
         n_neg=len(neg), pos_scores=[float(x) for x in pos], neg_scores=[float(x) for x in neg])
 
 
-def score_records(loaded, records: list[Record], model_dir: Path, progress: bool = True) -> dict[str, tuple[list, list]]:
+def score_records(loaded, records: list[Record], model_dir: Path, backend: str = "transformers") -> dict[str, tuple[list, list]]:
     """detector -> (scores of positives, scores of negatives) on the records that label its concept."""
-    from monitor.activations import ActivationExtractor
+    from monitor.activations import extractor
     from monitor.detectors.offline import judge
     from monitor.detectors.runtime import build_detector_set
 
@@ -141,8 +142,7 @@ def score_records(loaded, records: list[Record], model_dir: Path, progress: bool
             raise EvalError(f"line {r.line}: label(s) {sorted(unknown)} match no detector's concept "
                             f"(the detectors watch {sorted(concepts)})")
     detset = build_detector_set(loaded, "cpu")
-    extractor = ActivationExtractor(model_dir, detset.layers)
-    convs = extractor.many([r.messages for r in records], progress="activations" if progress else None)
+    convs = extractor(model_dir, detset.layers, backend).many([r.messages for r in records], progress="activations")
     out: dict[str, tuple[list, list]] = {d.spec.name: ([], []) for d in loaded.detectors}
     for rec, conv in zip(records, convs):
         verdicts = judge(detset, conv)
@@ -153,8 +153,8 @@ def score_records(loaded, records: list[Record], model_dir: Path, progress: bool
     return out
 
 
-def evaluate(loaded, records: list[Record], model_dir: Path, progress: bool = True) -> list[DetectorReport]:
-    scored = score_records(loaded, records, model_dir, progress)
+def evaluate(loaded, records: list[Record], model_dir: Path, backend: str = "transformers") -> list[DetectorReport]:
+    scored = score_records(loaded, records, model_dir, backend)
     return [report(d.spec.name, d.spec.concept, d.spec.threshold, np.array(scored[d.spec.name][0], np.float64),
                    np.array(scored[d.spec.name][1], np.float64))
             for d in loaded.detectors if scored[d.spec.name] != ([], [])]

@@ -52,8 +52,8 @@ def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -
 def train_probe(records: list[Record], data_file: Path, concept: str, model_dir: Path, *, name: str,
                 detector_name: str, layer: int, scope: Scope, target_fpr: float, validation: float,
                 severity: str, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
-                seed: int = 0) -> Trained:
-    from monitor.activations import ActivationExtractor
+                seed: int = 0, backend: str = "transformers") -> Trained:
+    from monitor.activations import extractor
 
     missing = [r.line for r in records if concept not in r.labels]
     if missing:
@@ -68,7 +68,7 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
         raise EvalError(f"{int((1 - y).sum())} negatives cannot calibrate a threshold at FPR {target_fpr:g}; "
                         f"use at least {need} (or a larger --target-fpr)")
     train_idx, val_idx = _split(records, y, validation, seed)
-    convs = ActivationExtractor(model_dir, [layer]).many([r.messages for r in records], progress="probe train")
+    convs = extractor(model_dir, [layer], backend).many([r.messages for r in records], progress="probe train")
     x = pooled(convs, layer, scope)
     groups = np.array([(r.source or f"line{i}").split("#")[0] for i, r in enumerate(records)])
     fit = fit_logistic_probe(

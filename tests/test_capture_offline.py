@@ -68,3 +68,20 @@ def test_offline_eager_rows_equal_transformers(model_dir, tmp_path):
         assert rec.segments[0]["n_prompt"] == len(ids)
         cos = cosines(rec.rows, want)
         assert min(cos.values()) > 0.999, min(cos.items(), key=lambda kv: kv[1])
+
+
+def test_vllm_offline_extractor_matches_transformers(model_dir):
+    """`monitor eval --backend vllm`'s rows: the tap through vLLM offline, equal to the transformers path."""
+    from monitor.activations_vllm import VLLMActivationExtractor
+
+    convs = PROMPTS[:2] + [[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]]
+    got = VLLMActivationExtractor(model_dir, [LAYER]).many(convs)
+    ref = ActivationExtractor(model_dir, [LAYER], dtype=torch.float32, cache=False)
+    for conv, rows in zip(convs, got):
+        ids, n_prompt = ref.tokenize(conv)
+        assert rows.token_ids == ids and rows.n_prompt == n_prompt
+        want = ref.rows_for_ids(ids)[LAYER]
+        assert rows.rows[LAYER].shape == want.shape
+        cos = torch.nn.functional.cosine_similarity(rows.rows[LAYER], want, dim=1)
+        assert float(cos.min()) > 0.999, cos
+    assert got[2].n_prompt < len(got[2].token_ids)  # the assistant turn is the response part
