@@ -149,6 +149,18 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.once, args.summary_json, args.timeout, args.requests, args.eager)
 
 
+def _offline_options(p: argparse.ArgumentParser, config: bool) -> None:
+    """What eval, calibrate and probe train share: where SAEs/probes are defined, the model, the rows' source."""
+    from monitor.paths import REPO_ROOT
+
+    if config:
+        p.add_argument("--config", type=Path, default=REPO_ROOT / "deploy/local/monitor.yaml",
+                       help="monitor config defining the SAEs and probes the detectors use (default: the demo's)")
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="rows from transformers (float32, cached on disk) or from vLLM offline (the tap itself)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -175,13 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--detectors", type=Path, required=True, help="a detector file or a folder (searched recursively)")
     ev.add_argument("--data", type=Path, required=True,
                     help='JSON lines: {"messages": [...] or "text": ..., "labels": {"<concept>": 0|1}}')
-    ev.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "deploy/local/monitor.yaml",
-                    help="monitor config defining the SAEs and probes the detectors use (default: the demo's)")
-    ev.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ev.add_argument("--report", type=Path, default=Path("eval-report"), help="folder for the plots (default eval-report/)")
-    ev.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                    help="rows from transformers (float32, cached) or from vLLM offline (the tap itself)")
+    _offline_options(ev, config=True)
     ev.set_defaults(func=_eval)
 
     probe = sub.add_parser("probe", help="linear probes").add_subparsers(dest="probe_command", required=True)
@@ -199,10 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--description", default=None, help="the detector's description")
     pt.add_argument("--probe-dir", type=Path, default=None, help="where the probe goes (default probes/<name>/)")
     pt.add_argument("--detector-file", type=Path, default=None, help="the detector YAML (default detectors/<name>_probe.yaml)")
-    pt.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
     pt.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="recorded in the probe's metadata")
-    pt.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                    help="rows from transformers (float32, cached) or from vLLM offline (the tap itself)")
+    _offline_options(pt, config=False)
     pt.set_defaults(func=_probe_train)
 
     cal = sub.add_parser("calibrate", help="set detector thresholds at a target false-positive rate on benign data")
@@ -210,12 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--benign", dest="data", metavar="FILE", type=Path, required=True,
                      help="JSON lines of benign conversations (records labelled 1 for a detector's concept are skipped)")
     cal.add_argument("--target-fpr", type=float, required=True, help="e.g. 0.01")
-    cal.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "deploy/local/monitor.yaml",
-                     help="monitor config defining the SAEs and probes the detectors use (default: the demo's)")
-    cal.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
     cal.add_argument("--dry-run", action="store_true", help="print the thresholds, change no file")
-    cal.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                    help="rows from transformers (float32, cached) or from vLLM offline (the tap itself)")
+    _offline_options(cal, config=True)
     cal.set_defaults(func=_calibrate)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the demo model, on loopback")
