@@ -112,13 +112,21 @@ class _Process:
     def url(self) -> str:
         return f"http://{self.address}"
 
-    def _start(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    def argv(self, config_file: Path) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, config: dict):
+        """Write `config` into the work folder, start the binary on it, return once it is ready."""
+        path = self.workdir / f"{self.name}.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.proc = subprocess.Popen(self.argv(path), stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         try:
             _wait_ready(f"{self.url}/-/ready", self.proc, self.name, self.log)
         except BaseException:
             self.stop()  # the caller never gets an object to stop
             raise
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -135,15 +143,12 @@ class _Process:
 class Prometheus(_Process):
     name = "prometheus"
 
-    def start(self, config: dict) -> "Prometheus":
-        path = self.workdir / "prometheus.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self._start([find_binary(PROMETHEUS_BIN), f"--config.file={path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-                     f"--web.listen-address={self.address}", "--web.enable-lifecycle", "--log.level=warn",
-                     # Alerts that fire before Alertmanager is discovered (~5 s) would wait out the
-                     # default 1 min resend delay.
-                     "--rules.alert.resend-delay=1s"])
-        return self
+    def argv(self, config_file: Path) -> list[str]:
+        return [find_binary(PROMETHEUS_BIN), f"--config.file={config_file}", f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address={self.address}", "--web.enable-lifecycle", "--log.level=warn",
+                # Alerts that fire before Alertmanager is discovered (~5 s) would wait out the
+                # default 1 min resend delay.
+                "--rules.alert.resend-delay=1s"]
 
     def alerts(self) -> list[dict]:
         return _get_json(f"{self.url}/api/v1/alerts")["data"]["alerts"]
@@ -156,13 +161,10 @@ class Prometheus(_Process):
 class Alertmanager(_Process):
     name = "alertmanager"
 
-    def start(self, config: dict) -> "Alertmanager":
-        path = self.workdir / "alertmanager.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    def argv(self, config_file: Path) -> list[str]:
         # An empty cluster address turns gossip off: no second port, nothing beyond loopback.
-        self._start([find_binary(ALERTMANAGER_BIN), f"--config.file={path}", f"--storage.path={self.workdir / 'data'}",
-                     f"--web.listen-address={self.address}", "--cluster.listen-address=", "--log.level=warn"])
-        return self
+        return [find_binary(ALERTMANAGER_BIN), f"--config.file={config_file}", f"--storage.path={self.workdir / 'data'}",
+                f"--web.listen-address={self.address}", "--cluster.listen-address=", "--log.level=warn"]
 
     def alerts(self) -> list[dict]:
         return json.loads(urllib.request.urlopen(f"{self.url}/api/v2/alerts", timeout=5).read())
