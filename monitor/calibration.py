@@ -45,27 +45,29 @@ def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: floa
     if not 0 < target_fpr < 1:
         raise EvalError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
     need = min_samples(target_fpr)
+    # Refuse before the (slow) activations, and before any file is touched.
+    for det in loaded.detectors:
+        n = sum(1 for r in records if r.labels.get(det.spec.concept, 0) == 0)
+        if n < need:
+            raise EvalError(f"detector {det.spec.name}: {n} benign conversations cannot show an FPR of "
+                            f"{target_fpr:g} (with none firing, the 95% upper bound would still be about "
+                            f"{3 / max(n, 1):.3g}); use at least {need}")
     detset = build_detector_set(loaded, "cpu")
     convs = extractor(model_dir, detset.layers, backend).many([r.messages for r in records], progress="calibrate")
     verdicts = [judge(detset, c) for c in convs]
-    digest = sha256_file(benign_file)
     out = []
     for det in loaded.detectors:
         spec = det.spec
         benign = [v[spec.name].score for r, v in zip(records, verdicts) if r.labels.get(spec.concept, 0) == 0]
-        skipped = len(records) - len(benign)
-        if len(benign) < need:
-            raise EvalError(f"detector {spec.name}: {len(benign)} benign conversations cannot show an FPR of "
-                            f"{target_fpr:g} (with none firing, the 95% upper bound would still be about "
-                            f"{3 / max(len(benign), 1):.3g}); use at least {need}")
         scores = np.array([-np.inf if np.isnan(s) else s for s in benign])
         thr, achieved = threshold_at_fpr(scores, target_fpr)
         fp = int((scores >= thr).sum())
-        result = Calibrated(spec.name, det.file, spec.threshold, thr, achieved, fpr_upper_bound(fp, len(scores)),
-                            len(scores), skipped)
-        if write:
-            _write_back(det.file, result, target_fpr, benign_file, digest)
-        out.append(result)
+        out.append(Calibrated(spec.name, det.file, spec.threshold, thr, achieved, fpr_upper_bound(fp, len(scores)),
+                              len(scores), len(records) - len(benign)))
+    if write:
+        digest = sha256_file(benign_file)
+        for c in out:
+            _write_back(c.file, c, target_fpr, benign_file, digest)
     return out
 
 

@@ -12,7 +12,6 @@ threshold on a larger benign set, and `monitor eval` measures it on a test split
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -21,8 +20,8 @@ import numpy as np
 import yaml
 
 from monitor.evaluation import EvalError, Record, auroc
-from monitor.probe_training import (Scope, calibrate_probe, fit_logistic_probe, pooled, probe_mean_scores,
-                                    sha256_file)
+from monitor.probe_training import (Scope, calibrate_probe, fit_logistic_probe, min_samples, pooled,
+                                    probe_mean_scores, sha256_file)
 from monitor.scoring.probe import TrainingData
 
 
@@ -36,11 +35,16 @@ class Trained:
     metrics: dict
 
 
+def _groups(records: list[Record]) -> np.ndarray:
+    """A record's template family (`source` up to '#'), kept on one side of every split; else itself."""
+    return np.array([r.source.split("#")[0] if r.source else f"line{i}" for i, r in enumerate(records)])
+
+
 def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     k = max(2, round(1 / validation))
-    groups = np.array([r.source.split("#")[0] if r.source else f"line{i}" for i, r in enumerate(records)])
+    groups = _groups(records)
     splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if any(r.source for r in records) \
         else StratifiedKFold(k, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(np.zeros(len(y)), y, groups))
@@ -63,14 +67,14 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
     if y.sum() < 10 or (1 - y).sum() < 10:
         raise EvalError(f"{data_file}: {int(y.sum())} positive and {int((1 - y).sum())} negative records for "
                         f"{concept!r}; a probe needs at least 10 of each")
-    need = math.ceil(3.0 / target_fpr)
+    need = min_samples(target_fpr)
     if (1 - y).sum() < need:
         raise EvalError(f"{int((1 - y).sum())} negatives cannot calibrate a threshold at FPR {target_fpr:g}; "
                         f"use at least {need} (or a larger --target-fpr)")
     train_idx, val_idx = _split(records, y, validation, seed)
     convs = extractor(model_dir, [layer], backend).many([r.messages for r in records], progress="probe train")
     x = pooled(convs, layer, scope)
-    groups = np.array([(r.source or f"line{i}").split("#")[0] for i, r in enumerate(records)])
+    groups = _groups(records)
     fit = fit_logistic_probe(
         x[train_idx], y[train_idx], name=name, concept=concept, model=model_name, layer=layer,
         training=TrainingData(path=str(data_file), sha256=sha256_file(data_file), n_pos=int(y[train_idx].sum()),
