@@ -100,10 +100,8 @@ def latency(concurrency: int, duration: float, work: Path) -> dict:
     model = prepare_model().path
     with TansuBroker(log_path=work / "kafka.log") as broker:
         broker.create_topic(TOPIC)
-        cfg = runtime_config(DEMO_CONFIG, work, broker.bootstrap, free_port())
-        import yaml
-
-        metrics_port = yaml.safe_load(cfg.read_text())["sinks"]["prometheus"]["port"]
+        metrics_port = free_port()
+        cfg = runtime_config(DEMO_CONFIG, work, broker.bootstrap, metrics_port)
         with SidecarProcess(cfg, metrics_port, work / "sidecar.log"), \
                 VLLMServer(model, monitor_config=cfg, log_path=work / "vllm.log") as server:
             reader = Reader(broker.bootstrap)
@@ -140,7 +138,9 @@ def sink(n: int, work: Path) -> dict:
     from monitor.sinks.kafka import KafkaSink
     from monitor.stack.kafka_broker import TansuBroker
 
-    event = json.loads(json.dumps({"specversion": "1.0", "id": "x", "subject": "r", "data": {"tokens": [{"position": i, "score": 0.5, "inputs": []} for i in range(5)]}}))
+    # An alert-sized event: the sink only needs `subject` (the Kafka key) and serialises the rest.
+    event = {"specversion": "1.0", "id": "x", "subject": "r",
+             "data": {"tokens": [{"position": i, "score": 0.5, "inputs": []} for i in range(5)]}}
     with TansuBroker(log_path=work / "kafka-sink.log") as broker:
         broker.create_topic(TOPIC)
         s = KafkaSink(Kafka(enabled=True, bootstrap_servers=[broker.bootstrap], topic=TOPIC, queue_size=n + 1,

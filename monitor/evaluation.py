@@ -75,7 +75,11 @@ def read_labeled(path: Path, require_labels: bool = True) -> list[Record]:
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counted half (= the ROC curve's area)."""
+    """P(score of a positive > score of a negative), ties counted half (= the ROC curve's area).
+
+    Rank-based rather than scikit-learn's roc_auc_score, which rejects the -inf that stands for
+    "no token in scope" (ranked below every scored record); the tests check it against sklearn.
+    """
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     allv = np.concatenate([pos, neg])
     _, inverse, counts = np.unique(allv, return_inverse=True, return_counts=True)

@@ -118,9 +118,10 @@ class SidecarStats:
     requests_expired: int = 0
     duplicate_rows: int = 0
     uncovered_positions: int = 0
-    scoring_seconds: float = 0.0
     reloads_ok: int = 0
     reloads_failed: int = 0
+    last_reload_ok: bool = True  # False while a rejected edit waits to be fixed (the old config runs)
+    config_loaded_at: float = field(default_factory=time.time)
 
 
 class Sidecar:
@@ -202,7 +203,6 @@ class Sidecar:
             t0 = time.perf_counter()
             scores = {k: v.cpu().numpy() for k, v in self.detectors.scorer.score(by_layer).items()}
             took = time.perf_counter() - t0
-            self.stats.scoring_seconds += took
             self.stats.tokens_scored += n_rows
             self.bus.emit_slot(SlotScored(n_rows, took, slot.meta.get("t")))
             for seg in segments:
@@ -288,6 +288,14 @@ class Sidecar:
                 st.detectors = kept
             self.detectors = new
             self.loaded = loaded
+            self.stats.reloads_ok += 1
+            self.stats.last_reload_ok = True
+            self.stats.config_loaded_at = time.time()
+
+    def reload_failed(self) -> None:
+        """A new config was rejected: the running one stays, and the failure is counted."""
+        self.stats.reloads_failed += 1
+        self.stats.last_reload_ok = False
 
     def close(self) -> None:
         for r in self.readers.values():

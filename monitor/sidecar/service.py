@@ -57,7 +57,7 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     if decisions is not None:
         sidecar.bus.on_detector(DecisionLog(decisions))
     kafka = _attach_kafka(sidecar)
-    metrics, server = _attach_metrics(sidecar, kafka)
+    server = _attach_metrics(sidecar, kafka)
     stop = stop or threading.Event()
     reload_requested = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -78,15 +78,10 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
             mtimes = current
             try:
                 sidecar.reload(load_config(config))
-                sidecar.stats.reloads_ok += 1
-                if metrics is not None:
-                    metrics.reloaded(ok=True)
                 mtimes = _watched_files(sidecar)
                 log.info("config reloaded: %d detector(s)", len(sidecar.detectors.detectors))
             except Exception as e:  # noqa: BLE001 - a bad edit must never stop the running monitor
-                sidecar.stats.reloads_failed += 1
-                if metrics is not None:
-                    metrics.reloaded(ok=False)
+                sidecar.reload_failed()
                 if isinstance(e, ConfigError):
                     log.error("config reload failed, keeping the running config: %s", e)
                 else:
@@ -103,11 +98,10 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
 def _attach_metrics(sidecar: Sidecar, kafka):
     cfg = sidecar.loaded.config.sinks.prometheus
     if not cfg.enabled:
-        return None, None
+        return None
     from monitor.sinks.metrics import MetricsServer, SidecarMetrics
 
-    metrics = SidecarMetrics(sidecar, kafka)
-    return metrics, MetricsServer(metrics, cfg.host, cfg.port)
+    return MetricsServer(SidecarMetrics(sidecar, kafka), cfg.host, cfg.port)
 
 
 def _attach_kafka(sidecar: Sidecar):

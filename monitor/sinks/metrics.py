@@ -99,6 +99,7 @@ class MonitorCollector(Collector):
 
     def collect(self) -> Iterable:
         m = self.m
+        m.follow_reload()  # a reload's new detectors are exported at 0 before their first token
         sc, model = m.sidecar, m.model_name
         st = sc.stats
 
@@ -132,7 +133,6 @@ class MonitorCollector(Collector):
         yield counter("duplicate_rows", "Rows for positions already scored (preempted requests recomputed); ignored.",
                       st.duplicate_rows)
         yield counter("slots_read", "Ring slots read by the sidecar.", st.slots)
-        yield counter("scoring_seconds", "Time spent in batched scoring.", st.scoring_seconds)
 
         # The producers' counters live in the rings' shared-memory headers.
         rings, retired = sc.producer_counters()
@@ -156,9 +156,9 @@ class MonitorCollector(Collector):
         yield by_label("config_reloads", "Config reloads, by outcome.", "outcome",
                        {"success": st.reloads_ok, "failure": st.reloads_failed})
         yield gauge("config_last_reload_successful", "1 if the last config reload succeeded (or none was tried).",
-                    0.0 if m.last_reload_failed else 1.0)
+                    1.0 if st.last_reload_ok else 0.0)
         yield gauge("config_last_reload_success_timestamp_seconds", "When the running config was loaded.",
-                    m.loaded_at)
+                    st.config_loaded_at)
         thr = GaugeMetricFamily(f"{PREFIX}_detector_threshold", "Each detector's firing threshold.",
                                 labels=["model_name", "detector", "severity"])
         for det in sc.detectors.detectors:
@@ -189,8 +189,6 @@ class SidecarMetrics:
         self.kafka = kafka
         self.model_name = sidecar.loaded.config.model.name
         self.version = package_version()
-        self.loaded_at = time.time()
-        self.last_reload_failed = False
         disable_created_metrics()  # `_created` series double the exposition and no rule or panel reads them
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -224,6 +222,7 @@ class SidecarMetrics:
                                     ("model_name", "detector"), RATIO_BUCKETS)
         self.bulk = [self.features, self.probes, self.ratios]
         self._heads: dict[str, tuple[bool, list[str]]] = {}
+        self._prepared_for = None
         self.prepare()
         r.register(MonitorCollector(self))
         sidecar.bus.on_tokens(self._on_tokens)
@@ -233,8 +232,10 @@ class SidecarMetrics:
             kafka.on_delivered = lambda seconds: self.delivery_latency.labels(self.model_name).observe(seconds)
 
     def prepare(self) -> None:
-        """Create every labelled series at 0, so a first fire is an increase Prometheus can see."""
-        ds = self.sidecar.detectors
+        """Create every labelled series at 0, so a first fire is an increase Prometheus can see.
+
+        Runs again whenever the sidecar swaps in a new detector set (a config reload)."""
+        ds = self._prepared_for = self.sidecar.detectors
         m = self.model_name
         heads: dict[str, tuple[bool, list[str]]] = {}
         for sae, cols in ds.feature_columns.items():
@@ -255,10 +256,8 @@ class SidecarMetrics:
             if h is not None:
                 h.labels(m)
 
-    def reloaded(self, ok: bool) -> None:
-        self.last_reload_failed = not ok
-        if ok:
-            self.loaded_at = time.time()
+    def follow_reload(self) -> None:
+        if self.sidecar.detectors is not self._prepared_for:
             self.prepare()
 
     # ---- bus callbacks (the loop's thread) ----
@@ -268,6 +267,7 @@ class SidecarMetrics:
             self.step_lag.labels(self.model_name).observe(max(0.0, time.time() - s.step_time))
 
     def _on_tokens(self, t: "TokenScores") -> None:
+        self.follow_reload()
         for head, values in t.scores.items():
             is_probe, names = self._heads.get(head, (False, []))
             if is_probe:
@@ -277,6 +277,7 @@ class SidecarMetrics:
                 hist.observe_many((self.model_name, name), values[:, j])
 
     def _on_detector(self, u: "DetectorUpdate") -> None:
+        self.follow_reload()
         spec = u.detector
         if u.fired_now:
             self.fires.labels(self.model_name, spec.name, spec.severity).inc()

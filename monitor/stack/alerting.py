@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from monitor.paths import REPO_ROOT
-from monitor.stack.process import stop_process_group
+from monitor.stack.process import http_ok, stop_process_group, wait_ready
 from monitor.stack.vllm_server import free_port
 
 RULES = REPO_ROOT / "deploy/prometheus/rules.yml"
@@ -73,20 +72,6 @@ def local_prometheus_config(sidecar: str, vllm: str | None, alertmanager: str, r
     }
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise StackError(f"{what} exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
-        try:
-            if urllib.request.urlopen(url, timeout=1).status == 200:
-                return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise StackError(f"{what} not ready after {timeout:.0f}s; log:\n{log.read_text()[-3000:]}")
-
-
 def _get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
@@ -121,11 +106,7 @@ class _Process:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.proc = subprocess.Popen(self.argv(path), stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        try:
-            _wait_ready(f"{self.url}/-/ready", self.proc, self.name, self.log)
-        except BaseException:
-            self.stop()  # the caller never gets an object to stop
-            raise
+        wait_ready(self.proc, http_ok(f"{self.url}/-/ready"), self.name, self.log, timeout=30)
         return self
 
     def stop(self) -> None:

@@ -6,13 +6,11 @@ service; nothing in the product depends on tansu.
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitor.stack.process import stop_process_group
+from monitor.stack.process import stop_process_group, tcp_open, wait_ready
 from monitor.stack.vllm_server import free_port
 
 
@@ -43,16 +41,8 @@ class TansuBroker:
         self.proc = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
                                       "--storage-engine", "memory://tansu/"], stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tansu exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise TimeoutError("tansu did not start listening")
+        wait_ready(self.proc, tcp_open(self.port), "the tansu broker", self.log_path, timeout, interval=0.1)
+        return self
 
     def stop(self) -> None:
         stop_process_group(self.proc, timeout=10)

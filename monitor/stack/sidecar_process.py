@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from monitor.stack.process import stop_process_group
+from monitor.stack.process import http_ok, stop_process_group, wait_ready
 
 
 class SidecarProcess:
@@ -26,19 +24,8 @@ class SidecarProcess:
             argv += ["--decisions", str(self.decisions)]
         self.proc = subprocess.Popen(argv, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the sidecar exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if urllib.request.urlopen(f"{self.url}/readyz", timeout=1).status == 200:
-                    return self
-            except OSError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"the sidecar was not ready in {timeout:.0f} s; see {self.log_path}")
-            time.sleep(0.5)
+        wait_ready(self.proc, http_ok(f"{self.url}/readyz"), "the sidecar", self.log_path, timeout, interval=0.5)
+        return self
 
     def stop(self) -> None:
         stop_process_group(self.proc, timeout=15)

@@ -7,14 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.plugin import CONFIG_ENV, DISABLE_ENV
-from monitor.stack.process import stop_process_group
+from monitor.stack.process import http_ok, stop_process_group, wait_ready
 
 
 def free_port() -> int:
@@ -68,20 +66,9 @@ class VLLMServer:
               f"({'eager' if self.eager else 'compiled'}; a cold compile takes ~2 min on CPU)", flush=True)
         self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode} while starting; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        print(f"[vllm] healthy at {self.url}", flush=True)
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"vLLM did not become healthy in {timeout:.0f}s; see {self.log_path}")
+        wait_ready(self.proc, http_ok(f"{self.url}/health", timeout=2), "vLLM", self.log_path, timeout, interval=1)
+        print(f"[vllm] healthy at {self.url}", flush=True)
+        return self
 
     def stop(self) -> None:
         stop_process_group(self.proc, timeout=30)

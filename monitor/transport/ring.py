@@ -119,6 +119,13 @@ class _Mapped:
         self.mm.close()
 
 
+def _header_counters(b) -> dict[str, int]:
+    """What the producer counts in the shared header (both sides report it)."""
+    return {"published_slots": _u64(b, WRITE_SEQ), "dropped_slots": _u64(b, DROPPED_SLOTS),
+            "dropped_rows": _u64(b, DROPPED_ROWS), "published_rows": _u64(b, PUBLISHED_ROWS),
+            "errors": _u64(b, ERRORS), "reader_seq": _u64(b, READ_SEQ)}
+
+
 class RingWriter:
     """The producer side, inside the vLLM worker. `publish` never waits."""
 
@@ -151,10 +158,7 @@ class RingWriter:
         return HEADER_BYTES + i * self.spec.slot_bytes
 
     def counters(self) -> dict[str, int]:
-        b = self._m.mm
-        return {"published_slots": _u64(b, WRITE_SEQ), "dropped_slots": _u64(b, DROPPED_SLOTS),
-                "dropped_rows": _u64(b, DROPPED_ROWS), "published_rows": _u64(b, PUBLISHED_ROWS),
-                "errors": _u64(b, ERRORS), "reader_seq": _u64(b, READ_SEQ)}
+        return _header_counters(self._m.mm)
 
     def has_room(self) -> bool:
         if self.spec.overwrite:
@@ -264,11 +268,9 @@ class RingReader:
 
     def counters(self) -> dict[str, int]:
         b = self._m.mm
-        return {"published_slots": _u64(b, WRITE_SEQ), "dropped_slots": _u64(b, DROPPED_SLOTS),
-                "dropped_rows": _u64(b, DROPPED_ROWS), "published_rows": _u64(b, PUBLISHED_ROWS),
-                "errors": _u64(b, ERRORS), "heartbeat_ns": _u64(b, HEARTBEAT), "closed": _u64(b, CLOSED),
-                "reader_seq": _u64(b, READ_SEQ), "reader_heartbeat_ns": _u64(b, READER_HEARTBEAT),
-                "lost_slots": self.lost_slots, "lag_slots": _u64(b, WRITE_SEQ) - self.next_seq}
+        return {**_header_counters(b), "heartbeat_ns": _u64(b, HEARTBEAT), "closed": _u64(b, CLOSED),
+                "reader_heartbeat_ns": _u64(b, READER_HEARTBEAT), "lost_slots": self.lost_slots,
+                "lag_slots": _u64(b, WRITE_SEQ) - self.next_seq}
 
     @property
     def closed(self) -> bool:
