@@ -46,7 +46,7 @@ def test_too_small_a_benign_set_is_refused(tmp_path):
     res = run("calibrate", "--detectors", str(ROOT / "detectors/pii_probe.yaml"), "--benign", str(data),
               "--target-fpr", "0.01", "--dry-run")
     assert res.returncode == 2
-    assert f"40 benign conversations cannot show an FPR of 0.01" in res.stderr and f"at least {min_samples(0.01)}" in res.stderr
+    assert "40 benign conversations cannot show an FPR of 0.01" in res.stderr and f"at least {min_samples(0.01)}" in res.stderr
 
 
 def test_probe_train_refuses_what_it_cannot_do(tmp_path):

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import typing
-from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
