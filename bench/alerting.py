@@ -89,7 +89,7 @@ class Reader:
 
 
 def latency(concurrency: int, duration: float, work: Path) -> dict:
-    from monitor.demo import DEMO_CONFIG, runtime_config
+    from monitor.demo import demo_config, runtime_config
     from monitor.model_prep import prepare_model
     from monitor.stack.kafka_broker import TansuBroker
     from monitor.stack.sidecar_process import SidecarProcess
@@ -101,7 +101,7 @@ def latency(concurrency: int, duration: float, work: Path) -> dict:
     with TansuBroker(log_path=work / "kafka.log") as broker:
         broker.create_topic(TOPIC)
         metrics_port = free_port()
-        cfg = runtime_config(DEMO_CONFIG, work, broker.bootstrap, metrics_port)
+        cfg = runtime_config(demo_config(), work, broker.bootstrap, metrics_port)
         with SidecarProcess(cfg, metrics_port, work / "sidecar.log"), \
                 VLLMServer(model, monitor_config=cfg, log_path=work / "vllm.log") as server:
             reader = Reader(broker.bootstrap)

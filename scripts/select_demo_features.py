@@ -23,9 +23,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitor.activations import ActivationExtractor, read_jsonl_messages  # noqa: E402
-from monitor.probe_training import threshold_at_fpr, token_slice  # noqa: E402
+from monitor.offline.records import read_labeled  # noqa: E402
+from monitor.offline.rows_transformers import TransformersRows  # noqa: E402
+from monitor.offline.probes import token_slice  # noqa: E402
+from monitor.offline.thresholds import threshold_at_fpr  # noqa: E402
 from monitor.scoring import WatchedEncoder  # noqa: E402
+
+
+def messages_and_labels(path):
+    return [(r.messages, r.labels) for r in read_labeled(path, require_labels=False)]
 
 LAYER = 15
 CONCEPTS = {
@@ -64,20 +70,20 @@ def main() -> None:
     from sae_lens import SAE
 
     today = date.today().isoformat()
-    ex = ActivationExtractor(args.model, [LAYER], dtype=torch.bfloat16)  # as the committed feature detector was chosen
+    ex = TransformersRows(args.model, [LAYER], dtype=torch.bfloat16)  # as the committed feature detector was chosen
     sae = SAE.load_from_disk(args.sae)
     all_feats = WatchedEncoder.from_sae(sae, list(range(sae.cfg.d_sae)))
     labels = json.loads((Path(args.sae) / "feature_labels.json").read_text())["features"]
-    benign_train = read_jsonl_messages(ROOT / "data/benign/train.jsonl")
-    benign_test = read_jsonl_messages(ROOT / "data/benign/test.jsonl")
+    benign_train = messages_and_labels(ROOT / "data/benign/train.jsonl")
+    benign_test = messages_and_labels(ROOT / "data/benign/test.jsonl")
     summary: dict = {"layer": LAYER, "target_fpr": TARGET_FPR, "concepts": {}}
     (ROOT / "detectors").mkdir(exist_ok=True)
 
     for concept, (severity, description) in CONCEPTS.items():
         train_file = ROOT / f"data/concepts/{concept}/train.jsonl"
         test_file = ROOT / f"data/concepts/{concept}/test.jsonl"
-        train = read_jsonl_messages(train_file) + benign_train
-        test = read_jsonl_messages(test_file) + benign_test
+        train = messages_and_labels(train_file) + benign_train
+        test = messages_and_labels(test_file) + benign_test
         y_tr = np.array([lab.get(concept, 0) for _, lab in train])
         y_te = np.array([lab.get(concept, 0) for _, lab in test])
         c_tr = ex.many([m for m, _ in train], progress=f"{concept} train")

@@ -29,7 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitor.activations import ActivationExtractor, read_jsonl_messages  # noqa: E402
+from monitor.offline.records import read_labeled  # noqa: E402
+from monitor.offline.rows_transformers import TransformersRows  # noqa: E402
+
+
+def messages_and_labels(path):
+    return [(r.messages, r.labels) for r in read_labeled(path, require_labels=False)]
+
 
 LAYER = 15
 
@@ -66,12 +72,12 @@ def corpus(max_local: int) -> tuple[list[list[dict]], dict]:
     intros = ["Summarize this:", "What is this text about?", "Explain the following in simple terms:", "Read this:"]
     convs = [[{"role": "user", "content": f"{intros[i % len(intros)]}\n\n{c}"}] for i, c in enumerate(local)]
     gen_file = ROOT / "data/sae_corpus/generations.jsonl"
-    gens = [m for m, _ in read_jsonl_messages(gen_file)] if gen_file.is_file() else []
+    gens = [m for m, _ in messages_and_labels(gen_file)] if gen_file.is_file() else []
     convs += gens
     train_splits = sorted((ROOT / "data/concepts").glob("*/train.jsonl"))
     n_concept = 0
     for f in train_splits:
-        recs = read_jsonl_messages(f)
+        recs = messages_and_labels(f)
         convs += [m for m, _ in recs]
         n_concept += len(recs)
     info = {
@@ -117,8 +123,8 @@ def main() -> None:
     print(f"[sae] corpus: {len(convs)} conversations ({info['local_text_chunks']} local text chunks, "
           f"{info['generations']} generations, {info['concept_train_records']} concept train records)", flush=True)
     # The committed artifacts were made from bf16 activations (2.6x faster to extract than float32,
-    # which reproduces vLLM's rows more closely; see ActivationExtractor).
-    ex = ActivationExtractor(args.model, [LAYER], dtype=torch.bfloat16, max_tokens=384)
+    # which reproduces vLLM's rows more closely; see TransformersRows).
+    ex = TransformersRows(args.model, [LAYER], dtype=torch.bfloat16, max_tokens=384)
     rows, contexts = [], []  # contexts: (conversation index, token index) per row, for labels
     t0 = time.time()
     for i, m in enumerate(convs):

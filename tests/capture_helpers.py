@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import time
 from dataclasses import dataclass, field
@@ -63,15 +64,15 @@ class Collector:
         for r in self.readers.values():
             for slot in r.poll(100000):
                 n += 1
-                for seg in slot.meta["segments"]:
-                    rec = self.reqs.setdefault(seg["req"], Received())
-                    rec.segments.append(seg)
-                    for k in range(seg["n"]):
-                        pos = seg["start"] + k
+                for seg in slot.meta.segments:
+                    rec = self.reqs.setdefault(seg.req, Received())
+                    rec.segments.append(dataclasses.asdict(seg))
+                    for k in range(seg.n):
+                        pos = seg.start + k
                         if pos in rec.rows:
                             self.duplicates += 1
-                        rec.rows[pos] = slot.rows[0][seg["row"] + k]
-                for req in slot.meta["finished"]:
+                        rec.rows[pos] = slot.rows[0][seg.row + k]
+                for req in slot.meta.finished:
                     self.reqs.setdefault(req, Received()).finished = True
         return n
 

@@ -10,6 +10,7 @@ import torch
 import yaml
 from sae_lens import SAE, StandardSAEConfig
 
+from monitor.transport.meta import Segment, SlotMeta
 from monitor.transport.ring import RingSpec, RingWriter
 
 D = 16
@@ -51,7 +52,7 @@ def start_service(cfg: Path, ring: RingWriter) -> tuple[threading.Thread, thread
     deadline = time.time() + 30
     while ring.counters()["reader_seq"] == 0:
         assert time.time() < deadline, "the sidecar never attached to the ring"
-        ring.publish(0, {"segments": [], "finished": []}, None)
+        ring.publish(0, SlotMeta(), None)
         time.sleep(0.2)
     return service, stop
 
@@ -61,6 +62,5 @@ def publish_request(ring: RingWriter, x0: list[float], req: str = "abc", n_promp
     x = torch.zeros(len(x0), D)
     x[:, 0] = torch.tensor(x0)
     internal = f"chatcmpl-{req}-12345678"
-    seg = {"req": internal, "external_id": f"chatcmpl-{req}", "request_id": req, "sample": 0,
-           "start": 0, "n": len(x0), "n_prompt": n_prompt, "row": 0}
-    ring.publish(1, {"segments": [seg], "finished": [internal], "t": time.time()}, [x])
+    seg = Segment(internal, f"chatcmpl-{req}", req, 0, 0, len(x0), n_prompt, 0)
+    ring.publish(1, SlotMeta((seg,), (internal,), time.time()), [x])

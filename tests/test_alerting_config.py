@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from binaries import binary
-from monitor.stack.alerting import (ALERTMANAGER_EXAMPLE, RULES, Alertmanager, Prometheus, WebhookReceiver,
+from monitor.stack.alerting import (alertmanager_example, rules_file, Alertmanager, Prometheus, WebhookReceiver,
                                     local_alertmanager_config, local_prometheus_config)
 from monitor.stack.vllm_server import free_port
 from sidecar_helpers import open_ring, publish_request, start_service, tiny_monitor
@@ -20,7 +20,7 @@ RUNBOOK_SECTIONS = ["Meaning", "Impact", "Diagnosis", "Mitigation", "Escalation"
 
 
 def alert_rules() -> list[dict]:
-    groups = yaml.safe_load(RULES.read_text())["groups"]
+    groups = yaml.safe_load(rules_file().read_text())["groups"]
     return [r for g in groups for r in g["rules"] if "alert" in r]
 
 
@@ -31,8 +31,8 @@ def run(*argv: str, cwd: Path | None = None) -> str:
 
 
 def test_rules_pass_promtool_check_and_unit_tests():
-    run(binary("promtool"), "check", "rules", str(RULES))
-    out = run(binary("promtool"), "test", "rules", "rules.test.yml", cwd=RULES.parent)
+    run(binary("promtool"), "check", "rules", str(rules_file()))
+    out = run(binary("promtool"), "test", "rules", "rules.test.yml", cwd=rules_file().parent)
     assert "SUCCESS" in out
 
 
@@ -61,19 +61,19 @@ def test_every_alert_follows_the_conventions_and_has_a_runbook():
 
 def test_alertmanager_configs_check_and_route():
     amtool = binary("amtool")
-    run(amtool, "check-config", str(ALERTMANAGER_EXAMPLE))
+    run(amtool, "check-config", str(alertmanager_example()))
     cases = {"pager": ["severity=critical", "alertname=MisalignmentDetectorFired", "detector=pii-probe"],
              "safety-queue": ["severity=warning", "alertname=MisalignmentMonitorRingDrops"],
              "blackhole": ["severity=info", "alertname=MisalignmentDetectorFired"],
              "deadmansswitch": ["severity=none", "alertname=MisalignmentMonitorWatchdog"]}
     for receiver, labels in cases.items():
-        run(amtool, "config", "routes", "test", "--config.file", str(ALERTMANAGER_EXAMPLE),
+        run(amtool, "config", "routes", "test", "--config.file", str(alertmanager_example()),
             f"--verify.receivers={receiver}", *labels)
 
 
 def test_local_alertmanager_config_is_the_shipped_routing_on_loopback(tmp_path):
     cfg = local_alertmanager_config("http://127.0.0.1:9")
-    shipped = yaml.safe_load(ALERTMANAGER_EXAMPLE.read_text())
+    shipped = yaml.safe_load(alertmanager_example().read_text())
     assert [r["receiver"] for r in cfg["route"]["routes"]] == [r["receiver"] for r in shipped["route"]["routes"]]
     assert cfg["inhibit_rules"] == shipped["inhibit_rules"]
     urls = re.findall(r"https?://[^'\"\s]+", yaml.safe_dump(cfg))

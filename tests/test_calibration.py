@@ -11,8 +11,8 @@ import pytest
 import yaml
 from scipy.stats import beta
 
-from monitor.probe_training import fpr_upper_bound, min_samples
-from monitor.probe_training import threshold_at_fpr
+from monitor.offline.thresholds import fpr_upper_bound, min_samples
+from monitor.offline.thresholds import threshold_at_fpr
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,8 +50,9 @@ def test_too_small_a_benign_set_is_refused(tmp_path):
 
 
 def test_probe_train_refuses_what_it_cannot_do(tmp_path):
-    from monitor.evaluation import EvalError, Record
-    from monitor.probe_train import train_probe
+    from monitor.offline import OfflineError
+    from monitor.offline.records import Record
+    from monitor.offline.train import train_probe
 
     def records(n_pos, n_neg, concept="pii"):
         return [Record([{"role": "user", "content": f"x{i}"}], {concept: int(i < n_pos)}, i + 1)
@@ -59,11 +60,11 @@ def test_probe_train_refuses_what_it_cannot_do(tmp_path):
 
     kw = dict(name="p", detector_name="p-probe", layer=15, scope="prompt", validation=0.2, severity="warning",
               out_probe=tmp_path / "p", out_detector=tmp_path / "p.yaml", model_name="m")
-    with pytest.raises(EvalError, match=r"line\(s\) \[1, 2, 3, 4, 5\]... carry no label for 'pii'"):
+    with pytest.raises(OfflineError, match=r"line\(s\) \[1, 2, 3, 4, 5\]... carry no label for 'pii'"):
         train_probe(records(20, 400, "other"), Path("d.jsonl"), "pii", tmp_path, target_fpr=0.01, **kw)
-    with pytest.raises(EvalError, match="3 positive and 400 negative records for 'pii'; a probe needs at least 10"):
+    with pytest.raises(OfflineError, match="3 positive and 400 negative records for 'pii'; a probe needs at least 10"):
         train_probe(records(3, 400), Path("d.jsonl"), "pii", tmp_path, target_fpr=0.01, **kw)
-    with pytest.raises(EvalError, match="100 negatives cannot calibrate a threshold at FPR 0.01; use at least 300"):
+    with pytest.raises(OfflineError, match="100 negatives cannot calibrate a threshold at FPR 0.01; use at least 300"):
         train_probe(records(50, 100), Path("d.jsonl"), "pii", tmp_path, target_fpr=0.01, **kw)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from capture_helpers import LAYER, Collector, capture_config, cosines
-from monitor.activations import ActivationExtractor
+from monitor.offline.rows_transformers import TransformersRows
 from monitor.plugin import CONFIG_ENV
 
 pytestmark = pytest.mark.vllm
@@ -28,7 +28,7 @@ PROMPTS = [
 def test_offline_eager_rows_equal_transformers(model_dir, tmp_path):
     rings = tmp_path / "rings"
     cfg = capture_config(rings)
-    ref = ActivationExtractor(model_dir, [LAYER], dtype=torch.float32, cache=False)
+    ref = TransformersRows(model_dir, [LAYER], dtype=torch.float32, cache=False)
     prompt_ids = [ref.tokenize(m, add_generation_prompt=True)[0] for m in PROMPTS]
     script = textwrap.dedent(f"""
         import json, os
@@ -72,11 +72,11 @@ def test_offline_eager_rows_equal_transformers(model_dir, tmp_path):
 
 def test_vllm_offline_extractor_matches_transformers(model_dir):
     """`monitor eval --backend vllm`'s rows: the tap through vLLM offline, equal to the transformers path."""
-    from monitor.activations_vllm import VLLMActivationExtractor
+    from monitor.offline.rows_vllm import VLLMRows
 
     convs = PROMPTS[:2] + [[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]]
-    got = VLLMActivationExtractor(model_dir, [LAYER]).many(convs)
-    ref = ActivationExtractor(model_dir, [LAYER], dtype=torch.float32, cache=False)
+    got = VLLMRows(model_dir, [LAYER]).many(convs)
+    ref = TransformersRows(model_dir, [LAYER], dtype=torch.float32, cache=False)
     for conv, rows in zip(convs, got):
         ids, n_prompt = ref.tokenize(conv)
         assert rows.token_ids == ids and rows.n_prompt == n_prompt

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from monitor.evaluation import EvalError, auroc, read_labeled, report, tpr_at_fpr
+from monitor.offline import OfflineError
+from monitor.offline.evaluate import auroc, report, tpr_at_fpr
+from monitor.offline.records import read_labeled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +36,7 @@ def test_report_at_the_detectors_threshold():
     r = report("d", "c", 0.5, np.array([0.9, 0.6, 0.4, np.nan]), np.array([0.1, 0.55, 0.2, 0.3, 0.0]))
     assert (r.n_pos, r.n_neg) == (4, 5)
     assert r.recall == 0.5 and r.precision == pytest.approx(2 / 3) and r.fpr_at_threshold == pytest.approx(0.2)
-    with pytest.raises(EvalError, match="detector d: concept 'c' has 2 positive and 0 negative"):
+    with pytest.raises(OfflineError, match="detector d: concept 'c' has 2 positive and 0 negative"):
         report("d", "c", 0.5, np.array([0.9, 0.6]), np.array([]))
 
 
@@ -49,7 +51,7 @@ def test_report_at_the_detectors_threshold():
 def test_bad_lines_are_named(tmp_path, line, message):
     f = tmp_path / "d.jsonl"
     f.write_text(line)
-    with pytest.raises(EvalError, match=message):
+    with pytest.raises(OfflineError, match=message):
         read_labeled(f)
 
 

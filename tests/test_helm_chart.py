@@ -178,7 +178,7 @@ def test_monitor_config_is_valid_and_secrets_come_from_secrets(tmp_path):
     assert k.enabled and k.security_protocol == "SASL_SSL" and k.sasl_mechanism == "SCRAM-SHA-512"
     assert k.sasl_password_file == "/etc/misalignment-monitor/kafka-sasl/password"
     assert k.ssl_cafile == "/etc/misalignment-monitor/kafka-tls/ca.crt"
-    assert parsed.sinks.prometheus.host == "0.0.0.0" and not parsed.privacy.include_text
+    assert parsed.sinks.prometheus.host == "0.0.0.0" and "privacy" not in cfg
     spec = pod(objs)
     sasl = next(v for v in spec["volumes"] if v["name"] == "kafka-sasl")
     assert sasl["secret"]["secretName"] == "misalignment-monitor-kafka"

@@ -12,8 +12,8 @@ import pytest
 
 from monitor.config.models import DetectorSpec, Kafka
 from monitor.detectors.runtime import CompiledDetector, InputRef
-from monitor.events import EventBuilder, FeatureExplanations, alert_schema
-from monitor.sidecar.loop import DetectorUpdate
+from monitor.sinks.events import EventBuilder, FeatureExplanations, alert_schema
+from monitor.detectors.updates import DetectorUpdate
 from monitor.sinks.kafka import KafkaSink
 from monitor.stack.kafka_broker import TansuBroker
 from sidecar_helpers import open_ring, publish_request, start_service, tiny_monitor
@@ -21,15 +21,20 @@ from sidecar_helpers import open_ring, publish_request, start_service, tiny_moni
 TOPIC = "misalignment-monitor.alerts"
 
 
+def fired_state(seq: int):
+    """A detector's state on a request, after it fired."""
+    spec = DetectorSpec.model_validate({
+        "name": "pii-feature", "concept": "pii", "inputs": [{"sae": "demo-l15", "feature": 21}],
+        "aggregation": {"kind": "max"}, "threshold": 1.0, "severity": "critical", "labels": {"seq": str(seq)}})
+    state = CompiledDetector(spec, [InputRef("sae:demo-l15", 0, 1.0, False, "demo-l15/21")]).new_state()
+    state.update(np.array([3, 4]), [np.array([0.5, 2.0 + seq])])
+    return state
+
+
 def fired_update(request_id: str, seq: int, final: bool = False, state=None) -> DetectorUpdate:
     """A detector that fired on a request (or, with `state` and `final`, that request's verdict)."""
-    if state is None:
-        spec = DetectorSpec.model_validate({
-            "name": "pii-feature", "concept": "pii", "inputs": [{"sae": "demo-l15", "feature": 21}],
-            "aggregation": {"kind": "max"}, "threshold": 1.0, "severity": "critical", "labels": {"seq": str(seq)}})
-        state = CompiledDetector(spec, [InputRef("sae:demo-l15", 0, 1.0, False, "demo-l15/21")]).new_state()
-        state.update(np.array([3, 4]), [np.array([0.5, 2.0 + seq])])
-    return DetectorUpdate(f"chatcmpl-{request_id}-00000000", request_id, f"chatcmpl-{request_id}", 0, state,
+    state = state or fired_state(seq)
+    return state.snapshot(f"chatcmpl-{request_id}-00000000", request_id, f"chatcmpl-{request_id}", 0,
                           fired_now=not final, final=final)
 
 
@@ -70,8 +75,8 @@ def test_events_arrive_valid_and_deduplicable(broker, tmp_path):
     sink = sink_for(broker, tmp_path)
     made = []
     for i in range(10):
-        fire = fired_update(f"req-{i}", i)
-        for update in (fire, fired_update(f"req-{i}", i, final=True, state=fire.state)):
+        state = fired_state(i)
+        for update in (fired_update(f"req-{i}", i, state=state), fired_update(f"req-{i}", i, final=True, state=state)):
             ev = builder.build(update)
             made.append(ev)
             assert sink.submit(ev)

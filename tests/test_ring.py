@@ -8,6 +8,7 @@ import struct
 import pytest
 import torch
 
+from monitor.transport.meta import MetaError, Segment, SlotMeta
 from monitor.transport.ring import HEADER_BYTES, RingError, RingReader, RingSpec, RingWriter
 
 SPEC = RingSpec(slots=4, slot_rows=8, d_model=16, layers=(3, 7), dtype=torch.bfloat16, meta_bytes=1024)
@@ -27,30 +28,31 @@ def ring(tmp_path):
 def test_roundtrip_rows_and_metadata(ring):
     r = RingReader(ring.path)
     assert r.spec == SPEC
-    assert ring.publish(1, {"segments": [{"req": "a", "n": 5}]}, rows(5, 0.0))
-    assert ring.publish(2, {"finished": ["a"]}, None)
+    seg = Segment("a", "chatcmpl-a", "a", 0, 0, 5, 3, 0)
+    assert ring.publish(1, SlotMeta((seg,), (), 12.5), rows(5, 0.0))
+    assert ring.publish(2, SlotMeta(finished=("a",)), None)
     got = r.poll()
     assert [s.step for s in got] == [1, 2]
-    assert got[0].meta == {"segments": [{"req": "a", "n": 5}]}
+    assert got[0].meta == SlotMeta((seg,), (), 12.5) and got[1].meta.finished == ("a",)
     assert torch.equal(got[0].rows[0], rows(5, 0.0)[0]) and torch.equal(got[0].rows[1], rows(5, 0.0)[1])
     assert got[1].rows == [] and r.poll() == []
 
 
 def test_full_ring_drops_newest_and_counts(ring):
     r = RingReader(ring.path)
-    results = [ring.publish(i, {}, rows(2, i)) for i in range(6)]
+    results = [ring.publish(i, SlotMeta(), rows(2, i)) for i in range(6)]
     assert results == [True] * 4 + [False] * 2  # never blocks: the 5th and 6th are dropped
     c = ring.counters()
     assert c["dropped_slots"] == 2 and c["dropped_rows"] == 4 and c["published_rows"] == 8
     assert [s.step for s in r.poll()] == [0, 1, 2, 3]
-    assert ring.publish(6, {}, rows(2, 6))  # room again once the reader caught up
+    assert ring.publish(6, SlotMeta(), rows(2, 6))  # room again once the reader caught up
     assert [s.step for s in r.poll()] == [6]
     assert r.counters()["dropped_slots"] == 2  # the producer's counters reach the reader
 
 
 def test_no_reader_never_blocks(ring):
     for i in range(100):
-        ring.publish(i, {}, rows(1, i))
+        ring.publish(i, SlotMeta(), rows(1, i))
     assert ring.counters()["dropped_slots"] == 96
 
 
@@ -58,17 +60,17 @@ def test_overwrite_oldest_detects_lost_slots(tmp_path):
     w = RingWriter(tmp_path / "o.ring", RingSpec(**{**SPEC.__dict__, "overwrite": True}))
     r = RingReader(w.path)
     for i in range(10):
-        assert w.publish(i, {"i": i}, rows(1, i))
+        assert w.publish(i, SlotMeta(), rows(1, i))
     got = r.poll()
-    assert [s.meta["i"] for s in got] == [6, 7, 8, 9]
+    assert [s.step for s in got] == [6, 7, 8, 9]
     assert r.lost_slots == 6
     w.close()
 
 
 def test_torn_slot_is_not_returned(ring):
     r = RingReader(ring.path)
-    ring.publish(0, {}, rows(1, 0))
-    ring.publish(1, {}, rows(1, 1))
+    ring.publish(0, SlotMeta(), rows(1, 0))
+    ring.publish(1, SlotMeta(), rows(1, 1))
     # Put sequence 1's slot back in the producer's "being written" state (odd).
     off = HEADER_BYTES + 1 * SPEC.slot_bytes
     struct.pack_into("<Q", ring._m.mm, off, 2 * 1 + 1)
@@ -80,20 +82,20 @@ def test_torn_slot_is_not_returned(ring):
 
 def test_restarted_reader_resumes(ring):
     r1 = RingReader(ring.path)
-    ring.publish(0, {}, rows(1, 0))
+    ring.publish(0, SlotMeta(), rows(1, 0))
     assert len(r1.poll()) == 1
     r1.close()  # the sidecar stops ...
     for i in range(1, 7):
-        ring.publish(i, {}, rows(1, i))  # ... vLLM keeps going; slots beyond the ring are dropped
+        ring.publish(i, SlotMeta(), rows(1, i))  # ... vLLM keeps going; slots beyond the ring are dropped
     r2 = RingReader(ring.path)  # ... and a new sidecar picks up where the old one left off
     assert [s.step for s in r2.poll()] == [1, 2, 3, 4]
-    ring.publish(7, {}, rows(1, 7))
+    ring.publish(7, SlotMeta(), rows(1, 7))
     assert [s.step for s in r2.poll()] == [7]
 
 
 def test_oversized_step_and_bad_file(ring, tmp_path):
     with pytest.raises(RingError, match="exceed the slot size"):
-        ring.publish(0, {}, rows(9, 0))
+        ring.publish(0, SlotMeta(), rows(9, 0))
     bad = tmp_path / "bad.ring"
     bad.write_bytes(b"x" * 8192)
     with pytest.raises(RingError, match="not a monitor ring"):
@@ -104,7 +106,7 @@ def _produce(path: str, n: int) -> None:
     w = RingWriter(path, RingSpec(slots=16, slot_rows=64, d_model=32, layers=(1,), dtype=torch.float32))
     for i in range(n):
         k = 1 + i % 64
-        w.publish(i, {"i": i, "k": k}, [torch.full((k, 32), float(i))])
+        w.publish(i, SlotMeta(), [torch.full((k, 32), float(i))])
     w.close(unlink=False)
 
 
@@ -123,8 +125,8 @@ def test_separate_process_producer(tmp_path):
     while True:
         done = not proc.is_alive()
         for s in r.poll(1000):
-            assert s.rows[0].shape == (s.meta["k"], 32)
-            assert bool((s.rows[0] == float(s.meta["i"])).all()), "torn slot"
+            assert s.rows[0].shape == (1 + s.step % 64, 32)
+            assert bool((s.rows[0] == float(s.step)).all()), "torn slot"
             seen += 1
         if done and r.poll() == []:
             break
@@ -133,3 +135,21 @@ def test_separate_process_producer(tmp_path):
     assert c["closed"] == 1
     assert seen + c["dropped_slots"] + r.lost_slots == 5000 - (c["published_slots"] - r.next_seq)
     assert seen > 0
+
+
+def test_metadata_roundtrip_and_version_mismatch():
+    meta = SlotMeta((Segment("0_chatcmpl-x-1a2b3c4d", "chatcmpl-x", "x", 0, 7, 2, 5, 3),), ("done",), 1.5)
+    assert SlotMeta.from_bytes(meta.to_bytes()) == meta
+    newer = meta.to_bytes().replace(b'"v":1', b'"v":99')
+    with pytest.raises(MetaError, match="version 99 is not understood .* same release"):
+        SlotMeta.from_bytes(newer)
+    with pytest.raises(MetaError, match="malformed"):
+        SlotMeta.from_bytes(b'{"v":1,"segments":[[1,2]],"finished":[]}')
+
+
+def test_ring_from_another_release_is_refused(ring):
+    with open(ring.path, "r+b") as f:  # a writer of format version 1 (metadata as untyped dicts)
+        f.seek(8)
+        f.write(struct.pack("<I", 1))
+    with pytest.raises(RingError, match="ring version 1 is not supported"):
+        RingReader(ring.path)

@@ -11,7 +11,8 @@ import yaml
 from sae_lens import SAE, StandardSAEConfig
 
 from monitor.config import load_config
-from monitor.plugin.attribution import Segment, parse_request_id, split_segments
+from monitor.plugin.attribution import parse_request_id, split_segments
+from monitor.transport.meta import Segment, SlotMeta
 from monitor.plugin.middleware import RequestIdMiddleware
 from monitor.scoring import LinearProbe, ProbeMetadata
 from monitor.sidecar.loop import Sidecar
@@ -100,7 +101,7 @@ def rows(values0, values1=None):
 
 
 def publish(ring, step, segs, x, finished=()):
-    ring.publish(step, {"segments": [s.as_meta() for s in segs], "finished": list(finished)}, x)
+    ring.publish(step, SlotMeta(tuple(segs), tuple(finished)), x)
 
 
 def test_detectors_fire_once_with_evidence(setup):
@@ -114,11 +115,11 @@ def test_detectors_fire_once_with_evidence(setup):
     publish(ring, 3, [seg("a", 5, 1, 0, n_prompt=4)], rows([7.0]), finished=["a"])
     side.poll_once()
     fired = [u for u in updates if u.fired_now]
-    assert [(u.detector.name, u.state.fired_at) for u in fired] == [("prb", 3), ("feat", 4)]
+    assert [(u.detector.name, u.fired_at) for u in fired] == [("prb", 3), ("feat", 4)]
     # Row 0 (attention sink) never counts: its 9.0 would have fired `feat` at position 0.
     final = {u.detector.name: u for u in updates if u.final}
-    assert final["feat"].state.score == 7.0 and final["feat"].state.evidence()[0].position == 5
-    assert final["prb"].state.score == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item())
+    assert final["feat"].score == 7.0 and final["feat"].evidence[0].position == 5
+    assert final["prb"].score == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item())
     assert sum(len(t.positions) for t in tokens) == 6
     assert side.requests == {} and side.stats.requests_finished == 1
 
@@ -163,7 +164,7 @@ def test_reload_changes_detectors_without_losing_requests(setup):
 
 
 def test_decision_log_carries_no_text(setup, tmp_path):
-    from monitor.sidecar.service import DecisionLog
+    from monitor.sinks.decisions import DecisionLog
 
     ring, side, _ = setup
     log = tmp_path / "d.jsonl"

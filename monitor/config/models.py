@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from monitor.scoring.probe import Calibration
+from monitor.provenance import Calibration
 
 NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
@@ -151,19 +151,11 @@ class Sinks(Strict):
     prometheus: Prometheus = Field(default_factory=Prometheus)
 
 
-class Privacy(Strict):
-    """What may leave the sidecar. The default sends no prompt or completion text anywhere."""
-
-    include_text: bool = Field(
-        False, description="Put the text of the tokens that drove an alert into events. Off: no prompt or completion text leaves the sidecar."
-    )
-
-
 class Deployment(Strict):
     """Names that identify this deployment in events."""
 
     name: str = Field("local", description="Deployment name; the `source` of alert events.")
-    namespace: str | None = Field(None, description="Kubernetes namespace, if any.")
+    namespace: str | None = Field(None, description="Kubernetes namespace, if any; carried in alert events (`data.namespace`).")
 
 
 class MonitorConfig(Strict):
@@ -179,8 +171,15 @@ class MonitorConfig(Strict):
     scoring: Scoring = Field(default_factory=Scoring)
     transport: Transport = Field(default_factory=Transport)
     sinks: Sinks = Field(default_factory=Sinks)
-    privacy: Privacy = Field(default_factory=Privacy)
     deployment: Deployment = Field(default_factory=Deployment)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, data):
+        if isinstance(data, dict) and "privacy" in data:
+            raise ValueError("`privacy` was removed: `privacy.include_text` never had an effect (no prompt or "
+                             "completion text leaves the sidecar); delete the section")
+        return data
 
     @field_validator("taps")
     @classmethod
@@ -265,7 +264,9 @@ class CountAbove(Strict):
     """How many tokens reach `token_threshold` (0 until `min_tokens` do)."""
 
     kind: Literal["count_above"]
-    token_threshold: float = Field(description="A token supports the verdict when its score reaches this.")
+    token_threshold: float = Field(
+        description="A token supports the verdict when its score reaches this (a probability for probe inputs)."
+    )
     min_tokens: int = Field(1, ge=1, description="Supporting tokens needed before the score counts.")
 
 
@@ -293,7 +294,11 @@ class DetectorSpec(Strict):
         "any", description="any/all: each input aggregated and compared; weighted: inputs summed per token first."
     )
     aggregation: Aggregation
-    threshold: float = Field(description="The detector fires when the aggregated score reaches this.")
+    threshold: float = Field(
+        description="The detector fires when its score reaches this. Its space: a probability for detectors whose "
+        "inputs are all probes (the sigmoid of the aggregated logits); activation units for SAE features (and "
+        "weighted sums); a count or fraction for `count_above` / `fraction_above`."
+    )
     scope: Literal["prompt", "generation", "both"] = "both"
     severity: Literal["critical", "warning", "info"] = "warning"
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels carried into events.")

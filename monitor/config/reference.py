@@ -10,14 +10,19 @@ import argparse
 import json
 import sys
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from monitor.config import models as m
-from monitor.paths import REPO_ROOT
+from monitor.paths import project_dir
 
-PAGE = REPO_ROOT / "docs" / "configuration.md"
+
+
+def page() -> Path:
+    """docs/configuration.md in the project checkout."""
+    return project_dir() / "docs" / "configuration.md"
 
 INTRO = """# Configuration reference
 
@@ -70,7 +75,7 @@ def _table(model: type[BaseModel]) -> str:
 
 SECTIONS = [
     ("The monitor config", [m.MonitorConfig, m.ModelSection, m.Tap, m.SAESource, m.ProbeSource, m.Scoring,
-                            m.Transport, m.Sinks, m.Kafka, m.Prometheus, m.Privacy, m.Deployment]),
+                            m.Transport, m.Sinks, m.Kafka, m.Prometheus, m.Deployment]),
     ("Detector files", [m.DetectorSpec, m.FeatureInput, m.ProbeInput]),
     ("Aggregations (`aggregation.kind`)", [m.Max, m.Mean, m.EmaMax, m.RollingMeanMax, m.CountAbove, m.FractionAbove]),
 ]
@@ -90,13 +95,12 @@ def main() -> int:
     args = ap.parse_args()
     text = render()
     if args.check:
-        if not PAGE.is_file() or PAGE.read_text() != text:
-            print(f"{PAGE} is stale: run python -m monitor.config.reference", file=sys.stderr)
+        if not page().is_file() or page().read_text() != text:
+            print(f"{page()} is stale: run python -m monitor.config.reference", file=sys.stderr)
             return 1
         return 0
-    PAGE.parent.mkdir(exist_ok=True)
-    PAGE.write_text(text)
-    print(PAGE)
+    page().write_text(text)
+    print(page())
     return 0
 
 

@@ -1,9 +1,10 @@
 """Detectors at run time: compile specs into one scorer, then keep streaming state per request.
 
-Scores of a token, per input: an SAE feature's activation, or a probe output's *logit*. A detector
-whose inputs are all probes reports `sigmoid(aggregate of logits)` (so its threshold is a
-probability and a mean-pooled logistic probe is reproduced exactly); count/fraction aggregations
-report a count/fraction, and their `token_threshold` is a probability for probes.
+Scores of a token, per input, in its head's space (`monitor.scoring.space`): an SAE feature's
+activation, or a probe output's logit. A detector whose inputs are all probes reports
+`sigmoid(aggregate of logits)` (so its threshold is a probability and a mean-pooled logistic probe
+is reproduced exactly); count/fraction aggregations report a count/fraction, and their
+`token_threshold` is a probability for probes.
 
 `combine`: any = the highest per-input aggregate, all = the lowest, weighted = aggregate of the
 per-token weighted sum. A detector fires at most once per request, when its score first reaches
@@ -26,7 +27,9 @@ import torch
 from monitor.config.load import LoadedConfig
 from monitor.config.models import CountAbove, DetectorSpec, FeatureInput, FractionAbove, ProbeInput
 from monitor.detectors.aggregate import Aggregator, make_aggregator
+from monitor.detectors.updates import DetectorUpdate, TokenEvidence
 from monitor.scoring import BatchedScorer, LinearProbe, WatchedEncoder
+from monitor.scoring.space import HeadInfo, logit, sigmoid
 
 TOP_TOKENS = 5
 
@@ -48,17 +51,6 @@ class InputRef:
     label: str  # "demo-l15/1234" or "pii/score"
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-7), 1 - 1e-7)
-    return math.log(p / (1 - p))
-
-
-def _sigmoid(x: float) -> float:
-    if math.isnan(x):
-        return x
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
 @dataclass
 class CompiledDetector:
     spec: DetectorSpec
@@ -73,16 +65,9 @@ class CompiledDetector:
         return isinstance(self.spec.aggregation, (CountAbove, FractionAbove))
 
     def new_state(self) -> "DetectorState":
-        transform = _logit if self.probe_only and self.spec.combine != "weighted" else None
+        transform = logit if self.probe_only and self.spec.combine != "weighted" else None
         n_aggs = 1 if self.spec.combine == "weighted" else len(self.inputs)
         return DetectorState(self, [make_aggregator(self.spec.aggregation, transform) for _ in range(n_aggs)])
-
-
-@dataclass
-class TokenEvidence:
-    position: int
-    score: float  # the token's combined score (probability for probe detectors)
-    inputs: dict[str, float]
 
 
 @dataclass
@@ -103,7 +88,7 @@ class DetectorState:
         spec = self.detector.spec
         raw = min(vals) if spec.combine == "all" else max(vals)
         if self.detector.probe_only and not self.detector.counts and spec.combine != "weighted":
-            return _sigmoid(raw)
+            return sigmoid(raw)
         return raw
 
     @property
@@ -125,7 +110,7 @@ class DetectorState:
             stack = np.stack(columns)
             token_scores = stack.min(0) if det.spec.combine == "all" else stack.max(0)
         if det.probe_only and det.spec.combine != "weighted":
-            token_scores = 1.0 / (1.0 + np.exp(-token_scores))
+            token_scores = sigmoid(token_scores)
         for j in np.argsort(token_scores)[-TOP_TOKENS:]:
             item = (float(token_scores[j]), int(positions[j]),
                     {ref.label: float(col[j]) for ref, col in zip(det.inputs, columns)})
@@ -141,7 +126,13 @@ class DetectorState:
         return False
 
     def evidence(self) -> list[TokenEvidence]:
-        return [TokenEvidence(p, s, i) for s, p, i in sorted(self.top, reverse=True)]
+        return [TokenEvidence(p, s, dict(i)) for s, p, i in sorted(self.top, reverse=True)]
+
+    def snapshot(self, req: str, request_id: str, external_id: str, sample: int, *, fired_now: bool, final: bool,
+                 step_time: float | None = None) -> DetectorUpdate:
+        """The state as it is now, frozen: what sinks receive."""
+        return DetectorUpdate(req, request_id, external_id, sample, self.detector.spec, self.score, self.fired,
+                              self.alert_id, self.fired_at, tuple(self.evidence()), fired_now, final, step_time)
 
 
 @dataclass
@@ -151,8 +142,7 @@ class DetectorSet:
     scorer: BatchedScorer
     detectors: list[CompiledDetector]
     layers: list[int]
-    feature_columns: dict[str, list[int]]  # SAE name -> watched feature indices, in head column order
-    probe_outputs: dict[str, list[str]]
+    heads: dict[str, HeadInfo]  # every scored head: its kind, output space and column labels
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,6 +182,10 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
         probe = LinearProbe.load(loaded.resolve(probe_cfg[name].path))
         probe_outputs[name] = probe.meta.outputs
         heads.setdefault(probe.meta.layer, {})[probe_head(name)] = probe
+    infos = {sae_head(n): HeadInfo(sae_head(n), "sae", tuple(f"{n}/{c}" for c in cols))
+             for n, cols in feature_columns.items()}
+    infos |= {probe_head(n): HeadInfo(probe_head(n), "probe", tuple(f"{n}/{o}" for o in outs))
+              for n, outs in probe_outputs.items()}
     compiled = []
     for det in loaded.detectors:
         refs = []
@@ -204,7 +198,7 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
                 col = 0 if inp.output is None else outputs.index(inp.output)
                 refs.append(InputRef(probe_head(inp.probe), col, inp.weight, True, f"{inp.probe}/{outputs[col]}"))
         compiled.append(CompiledDetector(det.spec, refs))
-    return DetectorSet(BatchedScorer(heads, dev), compiled, sorted(heads), feature_columns, probe_outputs)
+    return DetectorSet(BatchedScorer(heads, dev, cfg.scoring.max_batch_rows), compiled, sorted(heads), infos)
 
 
 def feed(det: CompiledDetector, state: "DetectorState | None", positions: np.ndarray, n_prompt: int,

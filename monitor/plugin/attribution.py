@@ -14,25 +14,12 @@ which our middleware guarantees is set, so alerts name an id the caller can find
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import replace
+
+from monitor.transport.meta import Segment
 
 _INTERNAL = re.compile(r"^(?:(?P<sample>\d+)_)?(?P<external>.+)-(?P<suffix>[0-9a-f]{8})$")
 _OPENAI_PREFIXES = ("chatcmpl-", "cmpl-", "resp_", "resp-")
-
-
-@dataclass(frozen=True)
-class Segment:
-    req: str  # the engine's internal id (unique per sample)
-    external_id: str  # what the API returned as the response id
-    request_id: str  # the X-Request-Id the caller sent or received
-    sample: int  # index among n > 1 samples
-    start: int  # absolute token position of the first row
-    n: int  # rows in this step
-    n_prompt: int  # prompt length: positions below it are prompt, the rest generated
-    row: int  # offset of the first row within the step
-
-    def as_meta(self) -> dict:
-        return asdict(self)
 
 
 def parse_request_id(internal: str) -> tuple[str, str, int]:
@@ -77,7 +64,7 @@ def split_segments(segments: list[Segment], max_rows: int) -> list[tuple[int, in
         offset = 0
         while offset < seg.n:
             take = min(seg.n - offset, max_rows - used)
-            current.append(Segment(**{**asdict(seg), "start": seg.start + offset, "n": take, "row": used}))
+            current.append(replace(seg, start=seg.start + offset, n=take, row=used))
             used += take
             offset += take
             if used == max_rows:

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from monitor.config.models import MonitorConfig
-from monitor.plugin.attribution import Segment, split_segments, v1_segments, v2_segments
+from monitor.plugin.attribution import split_segments, v1_segments, v2_segments
 from monitor.plugin.tap import install_taps
+from monitor.transport.meta import Segment, SlotMeta
 from monitor.transport.ring import RingSpec, RingWriter
 
 log = logging.getLogger("monitor.plugin")
@@ -50,12 +51,12 @@ class _Publisher:
         with self.lock:
             chunks = split_segments(segments, self.ring.spec.slot_rows) if segments else []
             if not chunks and finished:
-                self.ring.publish(step, {"segments": [], "finished": finished, "t": t}, None)
+                self.ring.publish(step, SlotMeta((), tuple(finished), t), None)
             for k, (first, n, segs) in enumerate(chunks):
                 if not self.ring.has_room():  # full (no or slow reader): count it, build nothing
                     self.ring.drop(n)
                     continue
-                meta = {"segments": [s.as_meta() for s in segs], "finished": finished if k == len(chunks) - 1 else [], "t": t}
+                meta = SlotMeta(tuple(segs), tuple(finished) if k == len(chunks) - 1 else (), t)
                 self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None)
 
     def drop(self, n_rows: int) -> None:

@@ -149,18 +149,32 @@ def _activate(seg: _Segment, pre: torch.Tensor) -> torch.Tensor:
 
 
 class BatchedScorer:
-    """Heads grouped by layer: `score({layer: rows})` -> {head name: [n, k]}."""
+    """Heads grouped by layer: `score({layer: rows})` -> {head name: [n, k]}.
 
-    def __init__(self, heads_by_layer: Mapping[int, Mapping[str, Head]], device: torch.device | str = "cpu") -> None:
+    At most `max_rows` rows go through one pass: the float32 copy of the rows and the fused
+    pre-activations are the scorer's working memory, so this bounds it whatever a slot holds.
+    """
+
+    def __init__(self, heads_by_layer: Mapping[int, Mapping[str, Head]], device: torch.device | str = "cpu",
+                 max_rows: int = 4096) -> None:
         names = [n for heads in heads_by_layer.values() for n in heads]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ScoringError(f"head names must be unique across layers: {dupes}")
+        if max_rows < 1:
+            raise ScoringError(f"max_rows must be at least 1, got {max_rows}")
+        self.max_rows = max_rows
         self.layers = {layer: LayerScorer(heads, device) for layer, heads in heads_by_layer.items()}
 
     def score(self, rows_by_layer: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for layer, scorer in self.layers.items():
-            if layer in rows_by_layer:
-                out.update(scorer.score(rows_by_layer[layer]))
+            if layer not in rows_by_layer:
+                continue
+            rows = rows_by_layer[layer]
+            if rows.shape[0] <= self.max_rows:
+                out.update(scorer.score(rows))
+                continue
+            parts = [scorer.score(chunk) for chunk in rows.split(self.max_rows)]
+            out.update({name: torch.cat([p[name] for p in parts]) for name in parts[0]})
         return out

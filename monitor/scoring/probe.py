@@ -5,7 +5,9 @@ On disk a probe is a folder (see docs/probe-format.md):
     probe.safetensors   weight [k, d_in] float32, bias [k], optional mean [d_in] and std [d_in]
     probe.json          ProbeMetadata: what the probe reads, what it was trained on, its threshold
 
-The score of a row is `sigmoid(((x - mean) / std) @ weight.T + bias)`, one column per output.
+A probe's output space is the logit `((x - mean) / std) @ weight.T + bias`, one column per output
+(`logits`); `encode` gives the probability `sigmoid(logit)`. The sidecar scores logits and applies
+the sigmoid after aggregating over tokens (`monitor.scoring.space`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from monitor.provenance import Calibration, TrainingData
+
 WEIGHTS_FILE = "probe.safetensors"
 META_FILE = "probe.json"
 FORMAT_VERSION = 1
@@ -25,29 +29,6 @@ FORMAT_VERSION = 1
 
 class ProbeError(ValueError):
     """A probe folder that cannot be read or used; the message names the file and the problem."""
-
-
-class TrainingData(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="data file the probe was fit on, relative to the repo or absolute")
-    sha256: str | None = None
-    n_pos: int = Field(ge=0)
-    n_neg: int = Field(ge=0)
-    notes: str = ""
-
-
-class Calibration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    threshold: float
-    target_fpr: float = Field(gt=0, lt=1)
-    achieved_fpr: float | None = Field(default=None, ge=0, le=1)
-    n_benign: int | None = Field(default=None, ge=0)
-    fpr_upper_95: float | None = Field(default=None, ge=0, le=1, description="One-sided 95% upper bound on the FPR (Clopper-Pearson).")
-    data: str | None = None
-    data_sha256: str | None = None
-    date: str | None = None
 
 
 class ProbeMetadata(BaseModel):

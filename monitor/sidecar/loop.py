@@ -12,6 +12,7 @@ Consumers subscribe to the `ScoreBus`: per-token scores as they arrive, and dete
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import threading
@@ -24,38 +25,13 @@ import numpy as np
 
 from monitor.config.load import LoadedConfig
 from monitor.detectors.runtime import DetectorSet, DetectorState, build_detector_set, feed
-from monitor.transport.ring import RingError, RingReader, Slot
+from monitor.detectors.updates import DetectorUpdate
+from monitor.scoring.tokens import SlotScored, TokenScores
+from monitor.sinks.sources import LoopSnapshot, LoopStats
+from monitor.transport.meta import Segment
+from monitor.transport.ring import RingError, RingReader, RingTotals, Slot
 
 log = logging.getLogger("monitor.sidecar")
-
-RETIRED_COUNTERS = ("published_slots", "published_rows", "dropped_slots", "dropped_rows", "errors", "lost_slots")
-
-
-@dataclass
-class TokenScores:
-    req: str
-    request_id: str
-    external_id: str
-    sample: int
-    positions: np.ndarray
-    is_prompt: np.ndarray
-    scores: dict[str, np.ndarray]  # head -> [n, k]: SAE activations, probe logits
-
-
-@dataclass
-class DetectorUpdate:
-    req: str
-    request_id: str
-    external_id: str
-    sample: int
-    state: DetectorState
-    fired_now: bool
-    final: bool  # the request finished: this is the verdict
-    step_time: float | None = None  # wall-clock end of the forward pass whose rows caused this update
-
-    @property
-    def detector(self):
-        return self.state.detector.spec
 
 
 @dataclass
@@ -71,12 +47,9 @@ class RequestState:
     last_seen: float = field(default_factory=time.monotonic)
     detectors: dict[str, DetectorState] = field(default_factory=dict)
 
-
-@dataclass
-class SlotScored:
-    rows: int
-    seconds: float  # scoring time of the slot's rows (one batched pass)
-    step_time: float | None
+    def update(self, ds: DetectorState, *, fired_now: bool, final: bool, step_time: float | None = None) -> DetectorUpdate:
+        return ds.snapshot(self.req, self.request_id, self.external_id, self.sample, fired_now=fired_now, final=final,
+                           step_time=step_time)
 
 
 class ScoreBus:
@@ -109,28 +82,13 @@ class ScoreBus:
             fn(u)
 
 
-@dataclass
-class SidecarStats:
-    slots: int = 0
-    tokens_scored: int = 0
-    requests_seen: int = 0
-    requests_finished: int = 0
-    requests_expired: int = 0
-    duplicate_rows: int = 0
-    uncovered_positions: int = 0
-    reloads_ok: int = 0
-    reloads_failed: int = 0
-    last_reload_ok: bool = True  # False while a rejected edit waits to be fixed (the old config runs)
-    config_loaded_at: float = field(default_factory=time.time)
-
-
 class Sidecar:
     def __init__(self, loaded: LoadedConfig, device: str | None = None) -> None:
         self.loaded = loaded
         self.device = device
         self.detectors: DetectorSet = build_detector_set(loaded, device)
         self.bus = ScoreBus()
-        self.stats = SidecarStats()
+        self.stats = LoopStats()
         self.readers: dict[str, RingReader] = {}
         self.requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()  # reload vs. the loop
@@ -138,7 +96,7 @@ class Sidecar:
         self.pattern = str(Path(t.directory) / f"{t.name}-*.ring")
         self.timeout = t.request_timeout_s
         # Counters of rings already detached (a restarted vLLM makes a new ring): totals never go back.
-        self.retired: dict[str, int] = {}
+        self.retired = RingTotals()
         self.heartbeat = time.monotonic()  # the loop's last iteration: liveness
 
     # ---- rings -----------------------------------------------------------------------------
@@ -162,16 +120,21 @@ class Sidecar:
             counters = reader.counters()
             if gone and counters["lag_slots"] == 0:
                 with self._lock:  # a scrape sees the ring's totals live or retired, never both or neither
-                    for k in RETIRED_COUNTERS:
-                        self.retired[k] = self.retired.get(k, 0) + counters[k]
+                    self.retired = self.retired + RingTotals.of(counters)
                     del self.readers[path]
                     reader.close()
                 log.info("detached from ring %s", path)
 
-    def producer_counters(self) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-        """Each attached ring's counters, and the totals of rings already detached (one consistent view)."""
+    def snapshot(self) -> LoopSnapshot:
+        """Everything sinks may read about the loop, in one consistent view."""
         with self._lock:
-            return {path: r.counters() for path, r in self.readers.items()}, dict(self.retired)
+            counters = [r.counters() for r in self.readers.values()]
+            rings = sum((RingTotals.of(c) for c in counters), self.retired)
+            return LoopSnapshot(
+                stats=dataclasses.replace(self.stats), requests_in_flight=len(self.requests), rings=rings,
+                rings_attached=len(counters), ring_lag_slots=sum(c["lag_slots"] for c in counters),
+                ring_capacity_slots=sum(r.spec.slots for r in self.readers.values()),
+                heartbeat_age_s=max(0.0, time.monotonic() - self.heartbeat), detectors=self.detectors)
 
     # ---- the loop ----------------------------------------------------------------------------
     def poll_once(self) -> int:
@@ -196,32 +159,32 @@ class Sidecar:
 
     def _process(self, reader: RingReader, slot: Slot) -> None:
         self.stats.slots += 1
-        segments = slot.meta.get("segments", [])
-        if slot.rows and segments:
+        meta = slot.meta
+        if slot.rows and meta.segments:
             n_rows = slot.rows[0].shape[0]
             by_layer = {layer: slot.rows[i] for i, layer in enumerate(reader.spec.layers) if layer in self.detectors.layers}
             t0 = time.perf_counter()
             scores = {k: v.cpu().numpy() for k, v in self.detectors.scorer.score(by_layer).items()}
             took = time.perf_counter() - t0
             self.stats.tokens_scored += n_rows
-            self.bus.emit_slot(SlotScored(n_rows, took, slot.meta.get("t")))
-            for seg in segments:
-                self._segment(seg, scores, slot.meta.get("t"))
-        for req in slot.meta.get("finished", []):
+            self.bus.emit_slot(SlotScored(n_rows, took, meta.t))
+            for seg in meta.segments:
+                self._segment(seg, scores, meta.t)
+        for req in meta.finished:
             self._finish(req)
 
-    def _state(self, seg: dict) -> RequestState:
-        st = self.requests.get(seg["req"])
+    def _state(self, seg: Segment) -> RequestState:
+        st = self.requests.get(seg.req)
         if st is None:
-            st = RequestState(seg["req"], seg["request_id"], seg["external_id"], seg["sample"], seg["n_prompt"])
-            self.requests[seg["req"]] = st
+            st = RequestState(seg.req, seg.request_id, seg.external_id, seg.sample, seg.n_prompt)
+            self.requests[seg.req] = st
             self.stats.requests_seen += 1
         return st
 
-    def _segment(self, seg: dict, scores: dict[str, np.ndarray], step_time: float | None = None) -> None:
+    def _segment(self, seg: Segment, scores: dict[str, np.ndarray], step_time: float | None = None) -> None:
         st = self._state(seg)
         st.last_seen = time.monotonic()
-        start, n, row = seg["start"], seg["n"], seg["row"]
+        start, n, row = seg.start, seg.n, seg.row
         positions = np.arange(start, start + n)
         keep = positions >= st.next_pos  # preemption re-sends positions already scored
         self.stats.duplicate_rows += int((~keep).sum())
@@ -242,8 +205,7 @@ class Sidecar:
             if ds is None:
                 continue
             st.detectors[det.spec.name] = ds
-            self.bus.emit_detector(DetectorUpdate(st.req, st.request_id, st.external_id, st.sample, ds, fired, False,
-                                                  step_time))
+            self.bus.emit_detector(st.update(ds, fired_now=fired, final=False, step_time=step_time))
 
     def _finish(self, req: str, expired: bool = False) -> None:
         st = self.requests.pop(req, None)
@@ -254,7 +216,7 @@ class Sidecar:
         else:
             self.stats.requests_finished += 1
         for ds in st.detectors.values():
-            self.bus.emit_detector(DetectorUpdate(st.req, st.request_id, st.external_id, st.sample, ds, False, True))
+            self.bus.emit_detector(st.update(ds, fired_now=False, final=True))
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import torch
 
 from monitor.config import ConfigError, load_config
 from monitor.config.load import detector_files
-from monitor.sidecar.loop import DetectorUpdate, Sidecar
+from monitor.sidecar.loop import Sidecar
+from monitor.sinks.decisions import DecisionLog
 
 log = logging.getLogger("monitor.sidecar")
 
@@ -27,25 +26,6 @@ def _watched_files(sidecar: Sidecar) -> dict[Path, float]:
     return {f: f.stat().st_mtime for f in files if f.exists()}
 
 
-class DecisionLog:
-    """One JSON line per detector firing and per final verdict. Ids and scores only, never text."""
-
-    def __init__(self, path: Path) -> None:
-        self.f = path.open("a", buffering=1)
-
-    def __call__(self, u: DetectorUpdate) -> None:
-        if not (u.fired_now or u.final):
-            return
-        self.f.write(json.dumps({
-            "event": "fired" if u.fired_now else "final", "time": time.time(), "request_id": u.request_id,
-            "external_id": u.external_id, "sample": u.sample, "detector": u.detector.name,
-            "concept": u.detector.concept, "severity": u.detector.severity, "score": u.state.score,
-            "threshold": u.detector.threshold, "fired": u.state.fired, "alert_id": u.state.alert_id,
-            "fired_at_position": u.state.fired_at,
-            "top_tokens": [{"position": e.position, "score": e.score, "inputs": e.inputs} for e in u.state.evidence()],
-        }) + "\n")
-
-
 def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Event | None = None,
                 watch_every: float = 2.0) -> int:
     loaded = load_config(config)
@@ -54,8 +34,9 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
         # scoring thread avoids fighting them and is plenty (bench: ~1.9M rows/s of scoring).
         torch.set_num_threads(1)
     sidecar = Sidecar(loaded)
-    if decisions is not None:
-        sidecar.bus.on_detector(DecisionLog(decisions))
+    decision_log = DecisionLog(decisions) if decisions is not None else None
+    if decision_log is not None:
+        sidecar.bus.on_detector(decision_log)
     kafka = _attach_kafka(sidecar)
     server = _attach_metrics(sidecar, kafka)
     stop = stop or threading.Event()
@@ -92,6 +73,8 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     sidecar.close()
     if kafka is not None:
         kafka.close()
+    if decision_log is not None:
+        decision_log.close()
     return 0
 
 
@@ -101,7 +84,16 @@ def _attach_metrics(sidecar: Sidecar, kafka):
         return None
     from monitor.sinks.metrics import MetricsServer, SidecarMetrics
 
-    return MetricsServer(SidecarMetrics(sidecar, kafka), cfg.host, cfg.port)
+    metrics = SidecarMetrics(sidecar.loaded.config.model.name, sidecar.snapshot,
+                             kafka.stats if kafka is not None else None)
+    # Token scores name their heads; the detector set in force says what each head is. Both are read on the
+    # loop's thread, under its lock, so a reload cannot come between them.
+    sidecar.bus.on_tokens(lambda t: metrics.on_tokens(t, sidecar.detectors))
+    sidecar.bus.on_detector(metrics.on_detector)
+    sidecar.bus.on_slot(metrics.on_slot)
+    if kafka is not None:
+        kafka.on_delivered = metrics.on_delivered
+    return MetricsServer(metrics, cfg.host, cfg.port)
 
 
 def _attach_kafka(sidecar: Sidecar):
@@ -110,12 +102,12 @@ def _attach_kafka(sidecar: Sidecar):
     cfg = lc.config
     if not cfg.sinks.kafka.enabled:
         return None
-    from monitor.events import EventBuilder, FeatureExplanations
+    from monitor.sinks.events import EventBuilder, FeatureExplanations
     from monitor.sinks.kafka import KafkaSink
 
     labels = {s.name: lc.resolve(s.labels) for s in cfg.saes if s.labels}
     builder = EventBuilder(model=cfg.model.name, deployment=cfg.deployment.name, pod=os.environ.get("POD_NAME"),
-                           explanations=FeatureExplanations.load(labels))
+                           namespace=cfg.deployment.namespace, explanations=FeatureExplanations.load(labels))
     sink = KafkaSink(cfg.sinks.kafka, base_dir=lc.path.parent)
 
     def on_update(u) -> None:

@@ -37,6 +37,20 @@ class KafkaCounters:
     send_errors: int = 0
 
 
+@dataclass(frozen=True)
+class KafkaStats:
+    """The sink's counters and backlog at one moment (what the metrics sink exports)."""
+
+    sent: int
+    spooled: int
+    dropped_queue_full: int
+    dropped_spool_full: int
+    send_errors: int
+    spool_events: int
+    spool_bytes: int
+    queue_events: int
+
+
 class Spool:
     """FIFO of events on disk: `<seq>.json` files, bounded by total bytes."""
 
@@ -188,6 +202,11 @@ class KafkaSink:
     @property
     def spool_len(self) -> int:
         return len(self.spool)
+
+    def stats(self) -> KafkaStats:
+        c = self.counters
+        return KafkaStats(c.sent, c.spooled, c.dropped_queue_full, c.dropped_spool_full, c.send_errors,
+                          len(self.spool), self.spool.bytes, self.queue.qsize())
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()

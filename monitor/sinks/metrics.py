@@ -19,7 +19,7 @@ import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Iterable
+from typing import Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
@@ -27,12 +27,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from monitor.detectors.runtime import probe_head, sae_head
-from monitor.sidecar.loop import RETIRED_COUNTERS
-
-if TYPE_CHECKING:
-    from monitor.sidecar.loop import DetectorUpdate, Sidecar, SlotScored, TokenScores
-    from monitor.sinks.kafka import KafkaSink
+from monitor.detectors.runtime import DetectorSet
+from monitor.detectors.updates import DetectorUpdate
+from monitor.scoring.space import sigmoid
+from monitor.scoring.tokens import SlotScored, TokenScores
+from monitor.sinks.kafka import KafkaStats
+from monitor.sinks.sources import LoopSnapshot
 
 log = logging.getLogger("monitor.metrics")
 
@@ -99,9 +99,10 @@ class MonitorCollector(Collector):
 
     def collect(self) -> Iterable:
         m = self.m
-        m.follow_reload()  # a reload's new detectors are exported at 0 before their first token
-        sc, model = m.sidecar, m.model_name
-        st = sc.stats
+        snap = m.snapshot()
+        m.follow(snap.detectors)  # a reload's new detectors are exported at 0 before their first token
+        model = m.model_name
+        st = snap.stats
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             fam = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model_name"])
@@ -127,7 +128,7 @@ class MonitorCollector(Collector):
         yield counter("requests_scored", "Requests whose rows reached the sidecar.", st.requests_seen)
         yield by_label("requests_completed", "Requests whose state was released, by reason.", "reason",
                        {"finished": st.requests_finished, "timed_out": st.requests_expired})
-        yield gauge("requests_in_flight", "Requests with detector state held by the sidecar.", len(sc.requests))
+        yield gauge("requests_in_flight", "Requests with detector state held by the sidecar.", snap.requests_in_flight)
         yield counter("positions_not_covered", "Token positions vLLM never computed (prefix-cache hits), so never scored.",
                       st.uncovered_positions)
         yield counter("duplicate_rows", "Rows for positions already scored (preempted requests recomputed); ignored.",
@@ -135,23 +136,19 @@ class MonitorCollector(Collector):
         yield counter("slots_read", "Ring slots read by the sidecar.", st.slots)
 
         # The producers' counters live in the rings' shared-memory headers.
-        rings, retired = sc.producer_counters()
-        totals = {k: retired.get(k, 0) + sum(c[k] for c in rings.values()) for k in RETIRED_COUNTERS}
-        yield counter("ring_slots_published", "Slots the vLLM plugin wrote into the rings.", totals["published_slots"])
-        yield counter("ring_rows_published", "Token rows the vLLM plugin wrote into the rings.", totals["published_rows"])
+        rings = snap.rings
+        yield counter("ring_slots_published", "Slots the vLLM plugin wrote into the rings.", rings.published_slots)
+        yield counter("ring_rows_published", "Token rows the vLLM plugin wrote into the rings.", rings.published_rows)
         yield counter("ring_rows_dropped", "Token rows the plugin dropped, never scored: no free ring slot "
-                      "(or GPU staging buffer) when the step ended.", totals["dropped_rows"])
+                      "(or GPU staging buffer) when the step ended.", rings.dropped_rows)
         yield by_label("ring_slots_dropped", "Ring slots never scored, by reason: ring_full (dropped by the plugin) or "
                        "overwritten (lapped before the sidecar read them, overwrite_oldest mode).", "reason",
-                       {"ring_full": totals["dropped_slots"], "overwritten": totals["lost_slots"]})
-        yield counter("ring_producer_errors", "Capture errors in the vLLM plugin (the tap disables itself).", totals["errors"])
-        yield gauge("ring_lag_slots", "Slots written but not yet read, summed over rings.",
-                    sum(c.get("lag_slots", 0) for c in rings.values()))
-        cap = sum(r.spec.slots for r in list(sc.readers.values()))  # specs outlive a close
-        yield gauge("ring_capacity_slots", "Slots in the attached rings.", cap)
-        yield gauge("rings_attached", "Rings (one per vLLM worker) the sidecar reads.", len(rings))
-        yield gauge("loop_heartbeat_age_seconds", "Seconds since the scoring loop last iterated.",
-                    max(0.0, time.monotonic() - sc.heartbeat))
+                       {"ring_full": rings.dropped_slots, "overwritten": rings.lost_slots})
+        yield counter("ring_producer_errors", "Capture errors in the vLLM plugin (the tap disables itself).", rings.errors)
+        yield gauge("ring_lag_slots", "Slots written but not yet read, summed over rings.", snap.ring_lag_slots)
+        yield gauge("ring_capacity_slots", "Slots in the attached rings.", snap.ring_capacity_slots)
+        yield gauge("rings_attached", "Rings (one per vLLM worker) the sidecar reads.", snap.rings_attached)
+        yield gauge("loop_heartbeat_age_seconds", "Seconds since the scoring loop last iterated.", snap.heartbeat_age_s)
 
         yield by_label("config_reloads", "Config reloads, by outcome.", "outcome",
                        {"success": st.reloads_ok, "failure": st.reloads_failed})
@@ -161,33 +158,37 @@ class MonitorCollector(Collector):
                     st.config_loaded_at)
         thr = GaugeMetricFamily(f"{PREFIX}_detector_threshold", "Each detector's firing threshold.",
                                 labels=["model_name", "detector", "severity"])
-        for det in sc.detectors.detectors:
+        for det in snap.detectors.detectors:
             thr.add_metric([model, det.spec.name, det.spec.severity], det.spec.threshold)
         yield thr
 
-        k = m.kafka
-        if k is not None:
-            c = k.counters
+        if m.kafka_stats is not None:
+            c = m.kafka_stats()
             yield counter("kafka_events_sent", "Alert events acknowledged by Kafka (acks=all).", c.sent)
             yield counter("kafka_events_spooled", "Alert events written to the disk spool (broker unreachable).", c.spooled)
             yield by_label("kafka_events_dropped", "Alert events lost, by reason.", "reason",
                            {"queue_full": c.dropped_queue_full, "spool_full": c.dropped_spool_full})
             yield counter("kafka_send_errors", "Failed send attempts (each retried from the spool).", c.send_errors)
-            yield gauge("kafka_spool_events", "Alert events waiting in the disk spool.", k.spool_len)
-            yield gauge("kafka_spool_bytes", "Bytes in the disk spool.", k.spool.bytes)
-            yield gauge("kafka_queue_events", "Alert events waiting in memory for the sender.", k.queue.qsize())
+            yield gauge("kafka_spool_events", "Alert events waiting in the disk spool.", c.spool_events)
+            yield gauge("kafka_spool_bytes", "Bytes in the disk spool.", c.spool_bytes)
+            yield gauge("kafka_queue_events", "Alert events waiting in memory for the sender.", c.queue_events)
         for h in m.bulk:
             yield h.collect()
 
 
 class SidecarMetrics:
-    """Subscribes to the sidecar's bus and exposes everything on a private registry."""
+    """Everything the sidecar exports, on a private registry.
 
-    def __init__(self, sidecar: "Sidecar", kafka: "KafkaSink | None" = None,
-                 registry: CollectorRegistry | None = None) -> None:
-        self.sidecar = sidecar
-        self.kafka = kafka
-        self.model_name = sidecar.loaded.config.model.name
+    The loop's counters are read at scrape time through `snapshot`; what only exists as an event
+    arrives through `on_tokens`, `on_detector`, `on_slot` and `on_delivered`, which whoever composes
+    the sidecar subscribes to its bus (and to the Kafka sink).
+    """
+
+    def __init__(self, model_name: str, snapshot: Callable[[], LoopSnapshot],
+                 kafka_stats: Callable[[], KafkaStats] | None = None, registry: CollectorRegistry | None = None) -> None:
+        self.snapshot = snapshot
+        self.kafka_stats = kafka_stats
+        self.model_name = model_name
         self.version = package_version()
         disable_created_metrics()  # `_created` series double the exposition and no rule or panel reads them
         self.registry = registry or CollectorRegistry()
@@ -208,7 +209,7 @@ class SidecarMetrics:
         self.step_lag = Histogram(f"{PREFIX}_scoring_lag_seconds",
                                   "From the end of a forward pass to its rows being scored.",
                                   ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
-        self.delivery_latency = None if kafka is None else Histogram(
+        self.delivery_latency = None if kafka_stats is None else Histogram(
             f"{PREFIX}_kafka_delivery_latency_seconds", "From an alert event being queued to Kafka acknowledging it.",
             ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
         self.features = BulkHistogram(f"{PREFIX}_feature_activation",
@@ -221,31 +222,20 @@ class SidecarMetrics:
                                     "Each request's final detector score divided by the threshold (1 = firing line).",
                                     ("model_name", "detector"), RATIO_BUCKETS)
         self.bulk = [self.features, self.probes, self.ratios]
-        self._heads: dict[str, tuple[bool, list[str]]] = {}
-        self._prepared_for = None
-        self.prepare()
+        self._prepared_for: DetectorSet | None = None
+        self.follow(snapshot().detectors)
         r.register(MonitorCollector(self))
-        sidecar.bus.on_tokens(self._on_tokens)
-        sidecar.bus.on_detector(self._on_detector)
-        sidecar.bus.on_slot(self._on_slot)
-        if kafka is not None:
-            kafka.on_delivered = lambda seconds: self.delivery_latency.labels(self.model_name).observe(seconds)
 
-    def prepare(self) -> None:
-        """Create every labelled series at 0, so a first fire is an increase Prometheus can see.
-
-        Runs again whenever the sidecar swaps in a new detector set (a config reload)."""
-        ds = self._prepared_for = self.sidecar.detectors
+    def follow(self, ds: DetectorSet) -> None:
+        """Create every labelled series of this detector set at 0, so a first fire is an increase
+        Prometheus can see. A no-op until the sidecar swaps in a new set (a config reload)."""
+        if ds is self._prepared_for:
+            return
+        self._prepared_for = ds
         m = self.model_name
-        heads: dict[str, tuple[bool, list[str]]] = {}
-        for sae, cols in ds.feature_columns.items():
-            heads[sae_head(sae)] = (False, [f"{sae}/{c}" for c in cols])
-        for probe, outputs in ds.probe_outputs.items():
-            heads[probe_head(probe)] = (True, [f"{probe}/{o}" for o in outputs])
-        self._heads = heads
-        for is_probe, names in heads.values():
-            for name in names:
-                (self.probes if is_probe else self.features).ensure((m, name))
+        for head in ds.heads.values():
+            for name in head.columns:
+                (self.probes if head.kind == "probe" else self.features).ensure((m, name))
         for det in ds.detectors:
             spec = det.spec
             self.fires.labels(m, spec.name, spec.severity)
@@ -256,38 +246,41 @@ class SidecarMetrics:
             if h is not None:
                 h.labels(m)
 
-    def follow_reload(self) -> None:
-        if self.sidecar.detectors is not self._prepared_for:
-            self.prepare()
-
-    # ---- bus callbacks (the loop's thread) ----
-    def _on_slot(self, s: "SlotScored") -> None:
+    # ---- event callbacks (the loop's thread, and the Kafka sender's for on_delivered) ----
+    def on_slot(self, s: SlotScored) -> None:
         self.scoring_latency.labels(self.model_name).observe(s.seconds)
         if s.step_time is not None:
             self.step_lag.labels(self.model_name).observe(max(0.0, time.time() - s.step_time))
 
-    def _on_tokens(self, t: "TokenScores") -> None:
-        self.follow_reload()
-        for head, values in t.scores.items():
-            is_probe, names = self._heads.get(head, (False, []))
+    def on_tokens(self, t: TokenScores, detectors: DetectorSet) -> None:
+        """`detectors`: the set that scored `t` (it names each head's kind and columns)."""
+        self.follow(detectors)
+        for name, values in t.scores.items():
+            head = detectors.heads.get(name)
+            if head is None:
+                continue
+            is_probe = head.kind == "probe"
             if is_probe:
-                values = 1.0 / (1.0 + np.exp(-values.astype(np.float64)))
+                values = sigmoid(values)  # the probability histogram: one scale for every probe
             hist = self.probes if is_probe else self.features
-            for j, name in enumerate(names):
-                hist.observe_many((self.model_name, name), values[:, j])
+            for j, label in enumerate(head.columns):
+                hist.observe_many((self.model_name, label), values[:, j])
 
-    def _on_detector(self, u: "DetectorUpdate") -> None:
-        self.follow_reload()
+    def on_delivered(self, seconds: float) -> None:
+        if self.delivery_latency is not None:
+            self.delivery_latency.labels(self.model_name).observe(seconds)
+
+    def on_detector(self, u: DetectorUpdate) -> None:
         spec = u.detector
         if u.fired_now:
             self.fires.labels(self.model_name, spec.name, spec.severity).inc()
             if u.step_time is not None:
                 self.detection_latency.labels(self.model_name).observe(max(0.0, time.time() - u.step_time))
         if u.final:
-            outcome = "fired" if u.state.fired else "not_fired"
+            outcome = "fired" if u.fired else "not_fired"
             self.verdicts.labels(self.model_name, spec.name, spec.severity, outcome).inc()
             if spec.threshold > 0:
-                self.ratios.observe_many((self.model_name, spec.name), np.array([u.state.score / spec.threshold]))
+                self.ratios.observe_many((self.model_name, spec.name), np.array([u.score / spec.threshold]))
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -314,10 +307,11 @@ class MetricsServer:
         def app(environ, start_response):
             path = environ.get("PATH_INFO", "/")
             if path in ("/healthz", "/readyz"):
-                age = time.monotonic() - metrics.sidecar.heartbeat
-                ok = age < self.stale_after
-                body = json.dumps({"status": "ok" if ok else "stalled", "loop_heartbeat_age_seconds": round(age, 3),
-                                   "detectors": len(metrics.sidecar.detectors.detectors)}).encode()
+                snap = metrics.snapshot()
+                ok = snap.heartbeat_age_s < self.stale_after
+                body = json.dumps({"status": "ok" if ok else "stalled",
+                                   "loop_heartbeat_age_seconds": round(snap.heartbeat_age_s, 3),
+                                   "detectors": len(snap.detectors.detectors)}).encode()
                 start_response("200 OK" if ok else "503 Service Unavailable",
                                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
                 return [body]

@@ -21,12 +21,18 @@ from pathlib import Path
 
 import yaml
 
-from monitor.paths import REPO_ROOT
+from monitor.paths import project_dir
 from monitor.stack.process import http_ok, stop_process_group, wait_ready
 from monitor.stack.vllm_server import free_port
 
-RULES = REPO_ROOT / "deploy/prometheus/rules.yml"
-ALERTMANAGER_EXAMPLE = REPO_ROOT / "deploy/alertmanager/alertmanager.yml"
+def rules_file() -> Path:
+    """The shipped Prometheus rules, in the project checkout."""
+    return project_dir() / "deploy/prometheus/rules.yml"
+
+
+def alertmanager_example() -> Path:
+    """The shipped Alertmanager routing, in the project checkout."""
+    return project_dir() / "deploy/alertmanager/alertmanager.yml"
 PROMETHEUS_BIN = "prometheus"
 ALERTMANAGER_BIN = "prometheus-alertmanager"  # Debian's name for the alertmanager binary
 INSTALL_HINT = "apt-get install prometheus prometheus-alertmanager (or `make system-deps`)"
@@ -43,9 +49,9 @@ def find_binary(name: str) -> str:
     return path
 
 
-def local_alertmanager_config(receiver_url: str, example: Path = ALERTMANAGER_EXAMPLE) -> dict:
+def local_alertmanager_config(receiver_url: str, example: Path | None = None) -> dict:
     """The shipped routing with every receiver pointed at `receiver_url/<receiver>` and short waits."""
-    cfg = copy.deepcopy(yaml.safe_load(example.read_text()))
+    cfg = copy.deepcopy(yaml.safe_load((example or alertmanager_example()).read_text()))
     cfg["route"].update(group_wait="1s", group_interval="5s")
     for receiver in cfg.get("receivers", []):
         name = receiver["name"]
@@ -59,14 +65,14 @@ def local_alertmanager_config(receiver_url: str, example: Path = ALERTMANAGER_EX
     return cfg
 
 
-def local_prometheus_config(sidecar: str, vllm: str | None, alertmanager: str, rules: Path = RULES,
+def local_prometheus_config(sidecar: str, vllm: str | None, alertmanager: str, rules: Path | None = None,
                             interval: str = "1s") -> dict:
     scrape = [{"job_name": "misalignment-monitor", "static_configs": [{"targets": [sidecar]}]}]
     if vllm:
         scrape.append({"job_name": "vllm", "static_configs": [{"targets": [vllm]}]})
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "rule_files": [str(rules)],
+        "rule_files": [str(rules or rules_file())],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
         "scrape_configs": scrape,
     }

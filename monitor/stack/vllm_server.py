@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from monitor.plugin import CONFIG_ENV, DISABLE_ENV
 from monitor.stack.process import http_ok, stop_process_group, wait_ready
+
+log = logging.getLogger("monitor.stack")
 
 
 def free_port() -> int:
@@ -62,12 +65,12 @@ class VLLMServer:
         if self.plugin_disabled:
             env[DISABLE_ENV] = "1"
         out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
-        print(f"[vllm] starting {' '.join(self.command()[2:6])} ... on {self.url} "
-              f"({'eager' if self.eager else 'compiled'}; a cold compile takes ~2 min on CPU)", flush=True)
+        log.info("starting vLLM %s ... on %s (%s; a cold compile takes ~2 min on CPU)", " ".join(self.command()[2:6]),
+                 self.url, "eager" if self.eager else "compiled", extra={"url": self.url, "eager": self.eager})
         self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_ready(self.proc, http_ok(f"{self.url}/health", timeout=2), "vLLM", self.log_path, timeout, interval=1)
-        print(f"[vllm] healthy at {self.url}", flush=True)
+        log.info("vLLM healthy at %s", self.url, extra={"url": self.url})
         return self
 
     def stop(self) -> None:

@@ -13,14 +13,14 @@ File layout (little-endian), one file per producer, e.g. /dev/shm/misalignment-m
       64  layers u32[32]
       ---- producer counters, each u64 on its own cache line ----
       256 write_seq (slots published)  320 dropped_slots   384 dropped_rows   448 published_rows
-      512 heartbeat_ns                 576 errors          640 closed (1 when the producer exits cleanly)
+      512 heartbeat_ns (last publish)  576 errors          640 closed (1 when the producer exits cleanly)
       ---- reader fields ----
-      1024 read_seq (next slot the reader wants)   1088 reader_heartbeat_ns
+      1024 read_seq (next slot the reader wants)
     slot i (slot_bytes each), holding sequence s where i = s % slots
       0   state u64: 2s+1 while being written, 2s+2 once complete (a seqlock)
       8   n_rows u32, meta_len u32
       16  step u64
-      64  meta (meta_bytes, UTF-8 JSON)
+      64  meta (meta_bytes): `monitor.transport.meta.SlotMeta`, versioned compact JSON
       ... rows: n_layers x slot_rows x d_model in `dtype`
 
 The reader copies a slot out and re-reads its state: if it changed, the slot was overwritten while
@@ -30,20 +30,22 @@ producer writes the state last, after the payload.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from monitor.transport.meta import SlotMeta
+
 MAGIC = b"MMRING01"
-VERSION = 1
+# 2: slot metadata became `SlotMeta` (versioned, segments as arrays).
+VERSION = 2
 HEADER_BYTES = 4096
 SLOT_HEADER = 64
 MAX_LAYERS = 32
@@ -52,11 +54,30 @@ DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 # Offsets of the u64 counters in the header (one cache line each: producer and reader never share one).
 WRITE_SEQ, DROPPED_SLOTS, DROPPED_ROWS, PUBLISHED_ROWS, HEARTBEAT, ERRORS, CLOSED = (256 + 64 * i for i in range(7))
-READ_SEQ, READER_HEARTBEAT = 1024, 1088
+READ_SEQ = 1024
 
 
 class RingError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class RingTotals:
+    """The producers' counters summed over rings, as a reader reports them (rings retired included)."""
+
+    published_slots: int = 0
+    published_rows: int = 0
+    dropped_slots: int = 0
+    dropped_rows: int = 0
+    errors: int = 0
+    lost_slots: int = 0  # lapped before the reader got to them (overwrite_oldest)
+
+    @classmethod
+    def of(cls, counters: dict[str, int]) -> "RingTotals":
+        return cls(**{f: counters[f] for f in cls.__dataclass_fields__})
+
+    def __add__(self, other: "RingTotals") -> "RingTotals":
+        return RingTotals(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
 
 
 @dataclass(frozen=True)
@@ -178,7 +199,7 @@ class RingWriter:
         b = self._m.mm
         _set_u64(b, ERRORS, _u64(b, ERRORS) + 1)
 
-    def publish(self, step: int, meta: dict[str, Any], rows: Sequence[torch.Tensor] | None) -> bool:
+    def publish(self, step: int, meta: SlotMeta, rows: Sequence[torch.Tensor] | None) -> bool:
         """Write one slot: `rows[i]` is layer i's [n, d_model] tensor (CPU), or None for metadata only.
 
         Returns False (and counts a drop) when the ring is full under drop_newest.
@@ -191,7 +212,7 @@ class RingWriter:
         if not self.has_room():
             self.drop(n)
             return False
-        payload = json.dumps(meta, separators=(",", ":")).encode()
+        payload = meta.to_bytes()
         if len(payload) > self.spec.meta_bytes:
             self.drop(n)
             self.count_error()
@@ -214,9 +235,6 @@ class RingWriter:
         _set_u64(b, HEARTBEAT, time.time_ns())
         return True
 
-    def heartbeat(self) -> None:
-        _set_u64(self._m.mm, HEARTBEAT, time.time_ns())
-
     def close(self, unlink: bool = True) -> None:
         if self.closed:
             return
@@ -232,7 +250,7 @@ class RingWriter:
 class Slot:
     seq: int
     step: int
-    meta: dict[str, Any]
+    meta: SlotMeta
     rows: list[torch.Tensor] = field(default_factory=list)  # per layer [n, d_model], copied out of the ring
 
 
@@ -269,7 +287,7 @@ class RingReader:
     def counters(self) -> dict[str, int]:
         b = self._m.mm
         return {**_header_counters(b), "heartbeat_ns": _u64(b, HEARTBEAT), "closed": _u64(b, CLOSED),
-                "reader_heartbeat_ns": _u64(b, READER_HEARTBEAT), "lost_slots": self.lost_slots,
+                "lost_slots": self.lost_slots,
                 "lag_slots": _u64(b, WRITE_SEQ) - self.next_seq}
 
     @property
@@ -303,10 +321,9 @@ class RingReader:
                 self.lost_slots += 1
                 self.next_seq += 1
                 continue
-            out.append(Slot(s, step, json.loads(meta_raw), rows))
+            out.append(Slot(s, step, SlotMeta.from_bytes(meta_raw), rows))
             self.next_seq += 1
         _set_u64(b, READ_SEQ, self.next_seq)
-        _set_u64(b, READER_HEARTBEAT, time.time_ns())
         return out
 
     def close(self) -> None:

@@ -58,7 +58,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 {{- $_ = set $c "sinks" (dict "kafka" $kafka "prometheus" (dict "enabled" true "host" "0.0.0.0" "port" (int .Values.monitor.port))) }}
-{{- $_ = set $c "privacy" (dict "include_text" .Values.monitor.privacy.includeText) }}
 {{- $_ = set $c "deployment" (dict "name" (include "mm.fullname" .) "namespace" .Release.Namespace) }}
 {{- toYaml $c }}
 {{- end }}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from monitor.activations import ConversationRows
 from monitor.detectors.runtime import DetectorSet, DetectorState, feed
+from monitor.offline.rows import ConversationRows
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Fit linear probes on a tapped layer's residual rows, and pick thresholds at a target FPR.
+"""Fit linear probes on a tapped layer's residual rows, and calibrate their thresholds.
 
 A probe is a logistic regression on the *mean* of a conversation's residual rows (positions >= 1:
 row 0 is the same token at the same position in every chat, an attention sink with a huge norm
@@ -9,17 +9,18 @@ the sigmoid last) reproduces the trained classifier exactly.
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from monitor.activations import ConversationRows
-from monitor.scoring.probe import Calibration, LinearProbe, ProbeMetadata, TrainingData
+from monitor.offline import require
+from monitor.offline.rows import ConversationRows
+from monitor.offline.thresholds import fpr_upper_bound, threshold_at_fpr
+from monitor.provenance import Calibration, TrainingData
+from monitor.scoring.probe import LinearProbe, ProbeMetadata
+from monitor.scoring.space import sigmoid
 
 Scope = Literal["prompt", "generation", "both"]
 
@@ -42,56 +43,6 @@ def scope_rows(conv: ConversationRows, layer: int, scope: Scope) -> torch.Tensor
 
 def pooled(convs: list[ConversationRows], layer: int, scope: Scope = "both") -> torch.Tensor:
     return torch.stack([scope_rows(c, layer, scope).float().mean(0) for c in convs])
-
-
-def sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def threshold_at_fpr(negative_scores: np.ndarray, target_fpr: float) -> tuple[float, float]:
-    """The lowest threshold whose FPR on these negatives is at most `target_fpr`.
-
-    A score fires when `score >= threshold`. Returns (threshold, achieved FPR).
-    """
-    s = np.sort(np.asarray(negative_scores, dtype=np.float64))[::-1]
-    n = len(s)
-    if n == 0:
-        raise ValueError("no negative samples to calibrate on")
-    allowed = math.floor(target_fpr * n)  # negatives allowed at or above the threshold
-    if allowed >= n:
-        return float(s[-1]), 1.0
-    # Just above the (allowed+1)-th highest negative: at most `allowed` negatives reach it.
-    thr = float(np.nextafter(s[allowed], np.inf))
-    return thr, float((s >= thr).sum() / n)
-
-
-def min_samples(target_fpr: float) -> int:
-    return math.ceil(3.0 / target_fpr)
-
-
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0:
-        return 1.0
-    if p >= 1:
-        return 0.0 if k < n else 1.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-            for i in range(k + 1)]
-    m = max(logs)
-    return min(1.0, math.exp(m) * sum(math.exp(x - m) for x in logs))
-
-
-def fpr_upper_bound(false_positives: int, n: int, confidence: float = 0.95) -> float:
-    """Clopper-Pearson one-sided upper bound: the p at which seeing <= k positives has prob 1 - confidence."""
-    if false_positives >= n:
-        return 1.0
-    lo, hi = false_positives / n, 1.0
-    for _ in range(60):  # bisection to ~1e-18
-        mid = (lo + hi) / 2
-        if _binom_cdf(false_positives, n, mid) > 1 - confidence:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 @dataclass
@@ -120,11 +71,12 @@ def fit_logistic_probe(
     scores, and a threshold calibrated on them, reflect phrasings the probe has not seen. Scores of
     the records a probe was fit on are overconfident: a threshold set on them fires too often.
     """
+    import warnings
+
+    require("sklearn")
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predict
-
-    import warnings
 
     # scikit-learn 1.8 announces changes to LogisticRegressionCV's defaults and attributes; we pass
     # and read nothing they affect (L2 penalty, C_), and the warnings would bury the command's output.
@@ -151,13 +103,13 @@ def fit_logistic_probe(
         torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32),
     )
     train_auroc = float(roc_auc_score(y, clf.decision_function(z)))
-    return FitResult(probe, train_auroc, 1.0 / (1.0 + np.exp(-oof)))
+    return FitResult(probe, train_auroc, sigmoid(oof))
 
 
 def probe_mean_scores(probe: LinearProbe, convs: list[ConversationRows], scope: Scope = "both") -> np.ndarray:
     """What the sidecar's `mean` detector reports: sigmoid of the mean per-token logit."""
     layer = probe.meta.layer
-    return np.array([float(torch.sigmoid(probe.logits(scope_rows(c, layer, scope)).mean(0))[0]) for c in convs])
+    return np.array([sigmoid(float(probe.logits(scope_rows(c, layer, scope)).mean(0)[0])) for c in convs])
 
 
 def calibrate_probe(probe: LinearProbe, negative_scores: np.ndarray, target_fpr: float, data: str, date: str) -> None:

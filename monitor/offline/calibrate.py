@@ -1,7 +1,7 @@
 """`monitor calibrate`: set each detector's threshold at a target false-positive rate on benign data.
 
 The threshold is the lowest one at which at most `floor(target x n)` benign conversations fire
-(`score >= threshold`), scored exactly as the sidecar would (`monitor.evaluation`). It is written
+(`score >= threshold`), scored exactly as the sidecar would (`monitor.offline.judge`). It is written
 back into the detector's YAML with its provenance: the data file and its sha256, the sample count,
 the target, the FPR achieved on the set and a one-sided 95% upper bound on the true FPR
 (Clopper-Pearson), and the date.
@@ -18,10 +18,16 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from monitor.evaluation import EvalError, Record
-from monitor.probe_training import fpr_upper_bound, min_samples, sha256_file, threshold_at_fpr
+from monitor.config.load import parse_detector
+from monitor.detectors.runtime import build_detector_set
+from monitor.offline import OfflineError
+from monitor.offline.extract import row_source
+from monitor.offline.judge import judge
+from monitor.offline.pack import write_detector
+from monitor.offline.records import Record, sha256_file
+from monitor.offline.thresholds import fpr_upper_bound, min_samples, threshold_at_fpr
+from monitor.provenance import Calibration
 
 
 @dataclass
@@ -38,22 +44,18 @@ class Calibrated:
 
 def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: float, model_dir: Path,
               write: bool = True, backend: str = "transformers") -> list[Calibrated]:
-    from monitor.activations import extractor
-    from monitor.detectors.offline import judge
-    from monitor.detectors.runtime import build_detector_set
-
     if not 0 < target_fpr < 1:
-        raise EvalError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+        raise OfflineError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
     need = min_samples(target_fpr)
     # Refuse before the (slow) activations, and before any file is touched.
     for det in loaded.detectors:
         n = sum(1 for r in records if r.labels.get(det.spec.concept, 0) == 0)
         if n < need:
-            raise EvalError(f"detector {det.spec.name}: {n} benign conversations cannot show an FPR of "
+            raise OfflineError(f"detector {det.spec.name}: {n} benign conversations cannot show an FPR of "
                             f"{target_fpr:g} (with none firing, the 95% upper bound would still be about "
                             f"{3 / max(n, 1):.3g}); use at least {need}")
     detset = build_detector_set(loaded, "cpu")
-    convs = extractor(model_dir, detset.layers, backend).many([r.messages for r in records], progress="calibrate")
+    convs = row_source(model_dir, detset.layers, backend).many([r.messages for r in records], progress="calibrate")
     verdicts = [judge(detset, c) for c in convs]
     out = []
     for det in loaded.detectors:
@@ -73,18 +75,13 @@ def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: floa
 
 def _write_back(path: Path, c: Calibrated, target_fpr: float, data: Path, digest: str) -> None:
     """Replace `threshold` and `calibration` in the detector file; its leading comment lines are kept."""
-    text = path.read_text()
     header = []
-    for line in text.splitlines():
+    for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
-        header.append(line)
-    doc = yaml.safe_load(text)
-    doc["threshold"] = c.threshold
-    doc["calibration"] = {
-        "threshold": c.threshold, "target_fpr": target_fpr, "achieved_fpr": c.achieved_fpr,
-        "fpr_upper_95": c.fpr_upper_95, "n_benign": c.n_benign, "data": str(data), "data_sha256": digest,
-        "date": date.today().isoformat(),
-    }
-    body = yaml.safe_dump(doc, sort_keys=False)
-    path.write_text(("\n".join(header) + "\n" if header else "") + body)
+        header.append(line[1:].strip())
+    calibration = Calibration(
+        threshold=c.threshold, target_fpr=target_fpr, achieved_fpr=c.achieved_fpr, fpr_upper_95=c.fpr_upper_95,
+        n_benign=c.n_benign, data=str(data), data_sha256=digest, date=date.today().isoformat())
+    spec = parse_detector(path).model_copy(update={"threshold": c.threshold, "calibration": calibration})
+    write_detector(spec, path, header)

@@ -1,7 +1,7 @@
 """Residual rows for conversations through vLLM offline: the production tap itself, no server.
 
 Where vLLM is installed this gives exactly the rows the sidecar sees (same kernels, same dtype),
-rather than transformers' float32 reproduction of them (`monitor.activations`, cosine >= 0.999 to
+rather than transformers' float32 reproduction of them (`rows_transformers`, cosine >= 0.999 to
 these; `tests/test_capture_offline.py`). vLLM runs `LLM.generate` in a child process with the
 plugin tapping into a private ring (prefix caching off, so every position is computed; one token
 generated); this process reads the ring as the sidecar would.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,7 +24,11 @@ from typing import Iterable, Sequence
 import torch
 import yaml
 
-from monitor.activations import ConversationRows, Messages, tokenize_conversation
+from monitor.offline.rows import ConversationRows, Messages, tokenize_conversation
+from monitor.plugin import CONFIG_ENV, DISABLE_ENV
+from monitor.transport.ring import RingReader
+
+log = logging.getLogger("monitor.offline")
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -41,7 +46,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-class VLLMActivationExtractor:
+class VLLMRows:
     def __init__(self, model_dir: str | Path, layers: Sequence[int], max_tokens: int = 1024, eager: bool = True) -> None:
         from transformers import AutoTokenizer
 
@@ -54,9 +59,6 @@ class VLLMActivationExtractor:
         self.num_layers, self.d_model = cfg["num_hidden_layers"], cfg["hidden_size"]
 
     def many(self, conversations: Iterable[Messages], progress: str | None = None) -> list[ConversationRows]:
-        from monitor.plugin import CONFIG_ENV, DISABLE_ENV
-        from monitor.transport.ring import RingReader
-
         tokenized = [tokenize_conversation(self.tokenizer, m, False, self.max_tokens) for m in conversations]
         with tempfile.TemporaryDirectory(prefix="monitor-vllm-rows-") as tmp:
             config = Path(tmp) / "monitor.yaml"
@@ -74,10 +76,10 @@ class VLLMActivationExtractor:
                         readers[path] = RingReader(path)
                 for reader in readers.values():
                     for slot in reader.poll(4096):
-                        for seg in slot.meta.get("segments", []):
-                            got = rows.setdefault(seg["req"], {})
-                            for k in range(seg["n"]):
-                                got[seg["start"] + k] = [r[seg["row"] + k].clone() for r in slot.rows]
+                        for seg in slot.meta.segments:
+                            got = rows.setdefault(seg.req, {})
+                            for k in range(seg.n):
+                                got[seg.start + k] = [r[seg.row + k].clone() for r in slot.rows]
 
             def loop() -> None:
                 while not stop.wait(0.05):
@@ -87,7 +89,8 @@ class VLLMActivationExtractor:
             reader.start()
             env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV} | {CONFIG_ENV: str(config)}
             if progress:
-                print(f"[{progress}] vLLM offline: {len(tokenized)} conversations", flush=True)
+                log.info("%s: rows of %d conversations through vLLM offline", progress, len(tokenized),
+                         extra={"task": progress, "total": len(tokenized)})
             proc = subprocess.run([sys.executable, "-c", SCRIPT, str(self.model_dir), str(self.max_tokens + 8),
                                    "1" if self.eager else "0"], input=json.dumps([ids for ids, _ in tokenized]),
                                   capture_output=True, text=True, env=env)

@@ -1,52 +1,25 @@
 """Residual rows for conversations without a running server, through transformers.
 
-The tap in vLLM exports `hidden + residual` after decoder block L, which is Hugging Face's
-`hidden_states[L + 1]`. Offline work (SAE training, probe training, calibration, evaluation) needs
-the same numbers for thousands of conversations, so they are computed here and cached on disk by
-content hash (model fingerprint, layers, token ids): a re-run reads them back.
+Offline work (SAE training, probe training, calibration, evaluation) needs the tap's numbers for
+thousands of conversations, so they are computed here and cached on disk by content hash (model
+fingerprint, layers, token ids): a re-run reads them back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from monitor.offline.rows import ConversationRows, Messages, tokenize_conversation
 from monitor.paths import cache_dir
 
-Messages = list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class ConversationRows:
-    token_ids: list[int]
-    n_prompt: int  # tokens up to and including the assistant header; the rest are the response
-    rows: dict[int, torch.Tensor]  # layer -> [n_tokens, d_model] float32
-
-
-def chat_token_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
-    """The chat template's token ids (vLLM's server applies the same template to chat requests)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def tokenize_conversation(tokenizer, messages: Messages, add_generation_prompt: bool = False,
-                          max_tokens: int = 1024) -> tuple[list[int], int]:
-    """Token ids of a chat, and how many belong to the prompt (through the last assistant header):
-    a conversation ending in an assistant turn is a prompt plus that response."""
-    ids = chat_token_ids(tokenizer, messages, add_generation_prompt)[:max_tokens]
-    if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
-        n_prompt = min(len(chat_token_ids(tokenizer, messages[:-1], True)), len(ids))
-    else:
-        n_prompt = len(ids)
-    return ids, n_prompt
+log = logging.getLogger("monitor.offline")
 
 
 def _fingerprint(model_dir: Path) -> str:
@@ -59,7 +32,7 @@ def _fingerprint(model_dir: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-class ActivationExtractor:
+class TransformersRows:
     """`rows(messages)` -> token ids and residual rows at the requested layers.
 
     `dtype` is the model's compute dtype. float32 (the default) reproduces vLLM's rows best: the
@@ -146,37 +119,6 @@ class ActivationExtractor:
         for i, m in enumerate(convs):
             out.append(self.rows(m))
             if progress and ((i + 1) % 50 == 0 or i + 1 == len(convs)):
-                print(f"[{progress}] activations {i + 1}/{len(convs)}", flush=True)
+                log.info("%s: rows of %d/%d conversations", progress, i + 1, len(convs),
+                         extra={"task": progress, "done": i + 1, "total": len(convs)})
         return out
-
-
-def extractor(model_dir: str | Path, layers: Sequence[int], backend: str = "transformers"):
-    """Rows for offline work: `transformers` (float32, cached on disk) or `vllm` (the tap itself, offline)."""
-    if backend == "vllm":
-        from monitor.activations_vllm import VLLMActivationExtractor
-
-        return VLLMActivationExtractor(model_dir, layers)
-    if backend != "transformers":
-        raise ValueError(f"unknown activations backend {backend!r}: transformers or vllm")
-    return ActivationExtractor(model_dir, layers)
-
-
-def read_jsonl_messages(path: str | Path) -> list[tuple[Messages, dict]]:
-    """Records of `{"messages": [...], "labels": {...}}` or `{"text": ..., "labels": {...}}`."""
-    path = Path(path)
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if "messages" in rec:
-            msgs = rec["messages"]
-        elif "text" in rec:
-            msgs = [{"role": "user", "content": rec["text"]}]
-        else:
-            raise ValueError(f"{path}:{n}: needs `messages` or `text`")
-        out.append((msgs, rec.get("labels", {})))
-    return out

@@ -1,7 +1,7 @@
 """`monitor probe train`: a linear probe and its detector from labeled conversations.
 
 Logistic regression on the mean of the tapped layer's rows over the detector's scope (the
-sidecar's `mean` aggregation reproduces it exactly: `monitor.probe_training`). A validation split is
+sidecar's `mean` aggregation reproduces it exactly: `monitor.offline.probes`). A validation split is
 held out first (stratified; records with a `source` keep their whole source on one side, so the
 validation figures measure phrasings the probe never saw). The threshold is set at the target FPR on
 scores no model saw during its own fit: out-of-fold scores of the training negatives (5 folds, by
@@ -17,12 +17,16 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from monitor.evaluation import EvalError, Record, auroc
-from monitor.probe_training import (Scope, calibrate_probe, fit_logistic_probe, min_samples, pooled,
-                                    probe_mean_scores, sha256_file)
-from monitor.scoring.probe import TrainingData
+from monitor.config.models import DetectorSpec
+from monitor.offline import OfflineError, require
+from monitor.offline.evaluate import auroc
+from monitor.offline.extract import row_source
+from monitor.offline.pack import write_detector
+from monitor.offline.probes import Scope, calibrate_probe, fit_logistic_probe, pooled, probe_mean_scores
+from monitor.offline.records import Record, sha256_file
+from monitor.offline.thresholds import min_samples
+from monitor.provenance import TrainingData
 
 
 @dataclass
@@ -41,6 +45,7 @@ def _groups(records: list[Record]) -> np.ndarray:
 
 
 def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    require("sklearn")
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     k = max(2, round(1 / validation))
@@ -49,7 +54,7 @@ def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -
         else StratifiedKFold(k, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(np.zeros(len(y)), y, groups))
     if len(set(y[val_idx])) < 2 or len(set(y[train_idx])) < 2:
-        raise EvalError("the validation split lacks a class; add data or change --validation")
+        raise OfflineError("the validation split lacks a class; add data or change --validation")
     return train_idx, val_idx
 
 
@@ -57,22 +62,20 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
                 detector_name: str, layer: int, scope: Scope, target_fpr: float, validation: float,
                 severity: str, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
                 seed: int = 0, backend: str = "transformers") -> Trained:
-    from monitor.activations import extractor
-
     missing = [r.line for r in records if concept not in r.labels]
     if missing:
-        raise EvalError(f"{data_file}: line(s) {missing[:5]}{'...' if len(missing) > 5 else ''} carry no label "
+        raise OfflineError(f"{data_file}: line(s) {missing[:5]}{'...' if len(missing) > 5 else ''} carry no label "
                         f"for {concept!r}")
     y = np.array([r.labels[concept] for r in records])
     if y.sum() < 10 or (1 - y).sum() < 10:
-        raise EvalError(f"{data_file}: {int(y.sum())} positive and {int((1 - y).sum())} negative records for "
+        raise OfflineError(f"{data_file}: {int(y.sum())} positive and {int((1 - y).sum())} negative records for "
                         f"{concept!r}; a probe needs at least 10 of each")
     need = min_samples(target_fpr)
     if (1 - y).sum() < need:
-        raise EvalError(f"{int((1 - y).sum())} negatives cannot calibrate a threshold at FPR {target_fpr:g}; "
+        raise OfflineError(f"{int((1 - y).sum())} negatives cannot calibrate a threshold at FPR {target_fpr:g}; "
                         f"use at least {need} (or a larger --target-fpr)")
     train_idx, val_idx = _split(records, y, validation, seed)
-    convs = extractor(model_dir, [layer], backend).many([r.messages for r in records], progress="probe train")
+    convs = row_source(model_dir, [layer], backend).many([r.messages for r in records], progress="probe train")
     x = pooled(convs, layer, scope)
     groups = _groups(records)
     fit = fit_logistic_probe(
@@ -95,15 +98,13 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
                "validation_fpr_at_threshold": round(float((s_val[y_val == 0] >= thr).mean()), 4)}
     probe.meta.metrics.update(metrics)
     probe.save(out_probe)
-    detector = {
+    detector = DetectorSpec.model_validate({
         "name": detector_name, "concept": concept, "description": description or f"Linear probe {name} for {concept}.",
         "inputs": [{"probe": name}], "aggregation": {"kind": "mean"}, "threshold": thr, "scope": scope,
         "severity": severity, "labels": {"source": "linear_probe"},
         "calibration": probe.meta.calibration.model_dump(exclude_none=True),
-    }
-    out_detector.parent.mkdir(parents=True, exist_ok=True)
-    out_detector.write_text((f"# {description}\n" if description else "")
-                            + f"# Trained by `monitor probe train` from {data_file}; probe at {out_probe}.\n"
-                            + yaml.safe_dump(detector, sort_keys=False))
+    })
+    write_detector(detector, out_detector, ([description] if description else [])
+                   + [f"Trained by `monitor probe train` from {data_file}; probe at {out_probe}."])
     return Trained(out_probe, out_detector, (int(y[train_idx].sum()), int((1 - y[train_idx]).sum())),
                    (int(y_val.sum()), int((1 - y_val).sum())), thr, metrics)

@@ -1,10 +1,9 @@
 """`monitor eval`: detectors measured on labeled conversations, scored exactly as the sidecar would.
 
-Input: JSON lines `{"messages": [...], "labels": {"<concept>": 0 or 1}}` (or `"text"` for one user
-message). Every detector whose concept a record labels is judged on it through the sidecar's own
+Input: labelled conversations (`monitor.offline.records`). Every detector whose concept a record labels is judged on it through the sidecar's own
 scorer and `feed` (same scope, same aggregation, row 0 skipped), on the tapped layer's rows from
-transformers in float32 (the rows vLLM's tap produces, to cos >= 0.999; `monitor.activations`), or
-with `--backend vllm` from vLLM offline, the tap itself (`monitor.activations_vllm`).
+transformers in float32 (the rows vLLM's tap produces, to cos >= 0.999; `rows_transformers`), or
+with `--backend vllm` from vLLM offline, the tap itself (`rows_vllm`).
 A detector "fires" when its score >= its threshold, as in production; a conversation in which no
 token is in the detector's scope gets no score and never fires.
 
@@ -15,64 +14,17 @@ detector's own threshold: precision, recall and the FPR achieved on the negative
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from monitor.probe_training import threshold_at_fpr
-
-
-class EvalError(ValueError):
-    """Bad input: the message names the file, line and what is wrong."""
-
-
-@dataclass
-class Record:
-    messages: list[dict]
-    labels: dict[str, int]
-    line: int
-    source: str | None = None  # the record's template/origin, if given: kept together in splits
-
-
-def read_labeled(path: Path, require_labels: bool = True) -> list[Record]:
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"{path}: no such file")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(rec, dict):
-            raise EvalError(f"{where}: each line must be a JSON object")
-        if "messages" in rec:
-            msgs = rec["messages"]
-            if not (isinstance(msgs, list) and msgs and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in msgs)):
-                raise EvalError(f"{where}: `messages` must be a non-empty list of {{\"role\": str, \"content\": str}}")
-        elif isinstance(rec.get("text"), str):
-            msgs = [{"role": "user", "content": rec["text"]}]
-        else:
-            raise EvalError(f"{where}: needs `messages` (a chat) or `text` (a string)")
-        labels = rec.get("labels", None if require_labels else {})
-        if not isinstance(labels, dict) or (require_labels and not labels):
-            raise EvalError(f"{where}: needs `labels`, e.g. {{\"pii\": 1}}")
-        for concept, v in labels.items():
-            if v not in (0, 1) or isinstance(v, bool):
-                raise EvalError(f"{where}: labels.{concept} must be 0 or 1, got {v!r}")
-        source = rec.get("source")
-        out.append(Record(msgs, {k: int(v) for k, v in labels.items()}, n, source if isinstance(source, str) else None))
-    if not out:
-        raise EvalError(f"{path}: no records")
-    return out
-
+from monitor.detectors.runtime import build_detector_set
+from monitor.offline import OfflineError, require
+from monitor.offline.extract import row_source
+from monitor.offline.judge import judge
+from monitor.offline.records import Record
+from monitor.offline.thresholds import threshold_at_fpr
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     """P(score of a positive > score of a negative), ties counted half (= the ROC curve's area).
@@ -120,7 +72,7 @@ class DetectorReport:
 
 def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.ndarray) -> DetectorReport:
     if len(pos) == 0 or len(neg) == 0:
-        raise EvalError(f"detector {name}: concept {concept!r} has {len(pos)} positive and {len(neg)} negative "
+        raise OfflineError(f"detector {name}: concept {concept!r} has {len(pos)} positive and {len(neg)} negative "
                         "records; both classes are needed")
     # No token in scope: no score, never fires; ranked below every scored record.
     pos = np.where(np.isnan(pos), -np.inf, pos)
@@ -135,18 +87,14 @@ def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.n
 
 def score_records(loaded, records: list[Record], model_dir: Path, backend: str = "transformers") -> dict[str, tuple[list, list]]:
     """detector -> (scores of positives, scores of negatives) on the records that label its concept."""
-    from monitor.activations import extractor
-    from monitor.detectors.offline import judge
-    from monitor.detectors.runtime import build_detector_set
-
     concepts = {d.spec.concept for d in loaded.detectors}
     for r in records:
         unknown = set(r.labels) - concepts
         if unknown:
-            raise EvalError(f"line {r.line}: label(s) {sorted(unknown)} match no detector's concept "
+            raise OfflineError(f"line {r.line}: label(s) {sorted(unknown)} match no detector's concept "
                             f"(the detectors watch {sorted(concepts)})")
     detset = build_detector_set(loaded, "cpu")
-    convs = extractor(model_dir, detset.layers, backend).many([r.messages for r in records], progress="activations")
+    convs = row_source(model_dir, detset.layers, backend).many([r.messages for r in records], progress="activations")
     out: dict[str, tuple[list, list]] = {d.spec.name: ([], []) for d in loaded.detectors}
     for rec, conv in zip(records, convs):
         verdicts = judge(detset, conv)
@@ -177,8 +125,7 @@ def table(reports: list[DetectorReport]) -> str:
 
 def plots(reports: list[DetectorReport], folder: Path) -> list[Path]:
     """Per detector: ROC curve, and score histograms of positives vs negatives with the threshold."""
-    import matplotlib
-
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

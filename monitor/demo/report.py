@@ -1,0 +1,90 @@
+"""What the demo shows a person (and writes as summary JSON): which detectors fired on which requests
+and why, the Kafka events, the Prometheus alerts and the pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from monitor.demo.checks import CONSUMER_GROUP, Expectations
+from monitor.demo.traffic import DemoRequest
+
+
+def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consumer, prom, receiver, topic: str,
+            degraded: list[str], run: Path, urls: dict[str, str]) -> dict:
+    """What happened, as the summary JSON `--once` writes."""
+    events = consumer.received() if consumer else []
+    token_text = token_texts(model, requests)
+    reqs = []
+    for r in requests:
+        fired = {}
+        for e in events:
+            if e["subject"] != r.request_id:
+                continue
+            d = e["data"]
+            if d["detector"] not in fired or d["revision"] >= fired[d["detector"]]["revision"]:
+                fired[d["detector"]] = {
+                    "revision": d["revision"], "severity": d["severity"], "score": d["score"],
+                    "threshold": d["threshold"], "aggregation": d["aggregation"]["kind"], "final": d["final"],
+                    "top_tokens": [{"position": t["position"], "score": t["score"],
+                                    "token": token_text.get(r.request_id, {}).get(t["position"]),
+                                    "inputs": t["inputs"]} for t in d["tokens"][:3]]}
+        reqs.append({"name": r.name, "request_id": r.request_id, "expected": r.expect, "fired": fired,
+                     "answer": r.answer, "error": r.error})
+    alerts = [{"alertname": a["labels"]["alertname"], "state": a["state"], "labels": a["labels"]}
+              for a in (prom.alerts() if prom else []) if a["labels"]["alertname"] != "MisalignmentMonitorWatchdog"]
+    pages = [{"receiver": p.receiver, "path": p.path,
+              "alerts": [{"alertname": a["labels"].get("alertname"), "detector": a["labels"].get("detector"),
+                          "severity": a["labels"].get("severity"), "status": a.get("status")}
+                         for a in p.body.get("alerts", [])],
+              "pagerduty_event": p.body.get("event_action")}
+             for p in (receiver.received() if receiver else []) if p.receiver != "deadmansswitch"]
+    missing = exp.missing()
+    return {"ok": not missing and not any(r.error for r in requests), "missing": missing,
+            "degraded": degraded, "run_folder": str(run), "urls": urls,
+            "requests": reqs, "kafka": {"topic": topic, "consumer_group": CONSUMER_GROUP, "events": len(events)},
+            "kafka_events": events, "prometheus_alerts": alerts, "pages": pages}
+
+
+def show(s: dict) -> None:
+    """The summary for a person: requests and detectors, events, alerts, pages."""
+    print("\n=== requests and detectors " + "=" * 50)
+    for r in s["requests"]:
+        status = "ERROR " + r["error"] if r["error"] else (", ".join(
+            f"{d} {v['score']:.3g}>={v['threshold']:.3g} ({v['severity']})" for d, v in r["fired"].items())
+            or "no detector fired")
+        print(f"{r['request_id']:<34} {status}")
+        for d, v in r["fired"].items():
+            for t in v["top_tokens"]:
+                feats = ", ".join(f"{i['input']}={i['value']:.2f}" + (f" ({i['explanation'][:50]})" if i.get("explanation") else "")
+                                  for i in t["inputs"])
+                tok = f" {t['token']!r}" if t["token"] is not None else ""
+                print(f"    {d}: position {t['position']}{tok} score {t['score']:.3f} <- {feats}")
+    print(f"\n=== Kafka: {s['kafka']['events']} alert event(s) on {s['kafka']['topic']}, "
+          f"consumed by group {s['kafka']['consumer_group']} " + "=" * 10)
+    for e in s["kafka_events"]:
+        d = e["data"]
+        print(f"  {e['time']} {e['subject']:<34} {d['detector']:<24} rev {d['revision']}"
+              f"{' final' if d['final'] else ''} score {d['score']:.3g} id {e['id'][:8]}")
+    print("\n=== Prometheus alerts " + "=" * 55)
+    for a in s["prometheus_alerts"]:
+        labels = ", ".join(f"{k}={v}" for k, v in a["labels"].items() if k not in ("alertname",))
+        print(f"  {a['state']:<8} {a['alertname']} {{{labels}}}")
+    print("\n=== pages received (Alertmanager -> webhook / PagerDuty Events API) " + "=" * 9)
+    for p in s["pages"]:
+        what = ", ".join(f"{a['alertname']}({a['detector']}, {a['severity']}, {a['status']})" for a in p["alerts"])
+        print(f"  {p['receiver']:<13} {p['path']:<34} {what or 'PagerDuty ' + str(p['pagerduty_event'])}")
+    print("\n(token text is shown from the demo client's own copy of its prompts: events carry no text)")
+    for m in s["degraded"]:
+        print(f"DEGRADED: {m}")
+    print("RESULT: all expected signals arrived" if s["ok"] else "RESULT: missing:\n  " + "\n  ".join(s["missing"]))
+
+
+def token_texts(model: Path, requests: list[DemoRequest]) -> dict[str, dict[int, str]]:
+    """Position -> token text of each prompt, from the client's own copy (nothing comes from the sidecar)."""
+    from transformers import AutoTokenizer
+
+    from monitor.offline.rows import chat_token_ids
+
+    tok = AutoTokenizer.from_pretrained(model)
+    return {r.request_id: {i: tok.decode([t]) for i, t in enumerate(chat_token_ids(tok, r.messages, True))}
+            for r in requests}

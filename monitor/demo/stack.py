@@ -1,0 +1,142 @@
+"""The demo's local stack: the test broker, the sidecar, vLLM with the plugin, Prometheus and Alertmanager.
+
+Each component runs in its own process (as in production), on loopback; every one that starts is
+stopped when the `ExitStack` closes. A component that cannot start here (no Prometheus installed,
+no broker) is reported and the demo goes on without it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from monitor.paths import project_dir
+from monitor.stack.alerting import (ALERTMANAGER_BIN, INSTALL_HINT, PROMETHEUS_BIN, Alertmanager, Prometheus,
+                                    StackError, WebhookReceiver, find_binary, local_alertmanager_config,
+                                    local_prometheus_config)
+from monitor.stack.kafka_broker import TansuBroker
+from monitor.stack.sidecar_process import SidecarProcess
+from monitor.stack.vllm_server import VLLMServer, free_port
+
+ALERTS_TOPIC = "misalignment-monitor.alerts"
+
+
+def demo_config() -> Path:
+    """The demo's monitor config, in the project checkout."""
+    return project_dir() / "deploy/local/monitor.yaml"
+
+
+def port(preferred: int) -> int:
+    """The well-known port when it is free (nicer URLs to visit), any free one otherwise."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()
+
+
+# ---- the monitor config, relocated into the run folder ----------------------------------------
+
+def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: int) -> Path:
+    """The demo config with its paths made absolute and the run's addresses filled in."""
+    cfg = yaml.safe_load(src.read_text())
+    base = src.parent
+
+    def absolute(p: str) -> str:
+        return str((base / p).resolve()) if not Path(p).is_absolute() else p
+
+    for sae in cfg.get("saes", []):
+        for key in ("path", "labels"):
+            if sae.get(key):
+                sae[key] = absolute(sae[key])
+    for probe in cfg.get("probes", []):
+        probe["path"] = absolute(probe["path"])
+    cfg["detectors"] = [absolute(d) for d in cfg.get("detectors", [])]
+    cfg.setdefault("transport", {})["name"] = f"demo{os.getpid()}"  # never mixes with another run's rings
+    sinks = cfg.setdefault("sinks", {})
+    kafka = sinks.setdefault("kafka", {})
+    if bootstrap:
+        kafka.update(enabled=True, bootstrap_servers=[bootstrap], spool_dir=str(run / "spool"))
+    else:
+        kafka["enabled"] = False
+    sinks.setdefault("prometheus", {}).update(enabled=True, host="127.0.0.1", port=metrics_port)
+    out = run / "monitor.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+@dataclass
+class LocalStack:
+    """What the demo started, and where to reach it."""
+
+    run: Path
+    degraded: list[str] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)
+    broker: TansuBroker | None = None
+    server: VLLMServer | None = None
+    prometheus: Prometheus | None = None
+    alertmanager: Alertmanager | None = None
+    receiver: WebhookReceiver | None = None
+    metrics_port: int = 0
+
+    def _degrade(self, msg: str, say) -> None:
+        say(f"WARNING: {msg}")
+        self.degraded.append(msg)
+
+    def have_alerting(self, say) -> bool:
+        for binary, what in ((PROMETHEUS_BIN, "Prometheus"), (ALERTMANAGER_BIN, "Alertmanager")):
+            try:
+                find_binary(binary)
+            except StackError:
+                self._degrade(f"{what} is not installed ({INSTALL_HINT}): running without Prometheus, Alertmanager "
+                              "and pages", say)
+                return False
+        return True
+
+    def start_kafka(self, stack: ExitStack, say) -> None:
+        try:
+            self.broker = stack.enter_context(TansuBroker(port=port(9092), log_path=self.run / "kafka.log"))
+        except (RuntimeError, TimeoutError, OSError) as e:
+            self._degrade(f"the test Kafka broker could not start ({e}): running without Kafka events", say)
+            return
+        self.broker.create_topic(ALERTS_TOPIC)
+        self.urls["kafka_bootstrap"] = self.broker.bootstrap
+        say(f"Kafka-protocol broker (tansu) at {self.broker.bootstrap}")
+
+    def start_sidecar(self, stack: ExitStack, cfg: Path, say) -> None:
+        side = SidecarProcess(cfg, self.metrics_port, self.run / "sidecar.log", decisions=self.run / "decisions.jsonl")
+        try:
+            stack.enter_context(side)
+        except RuntimeError as e:
+            raise SystemExit(str(e))
+        self.urls["sidecar_metrics"] = f"{side.url}/metrics"
+        say(f"sidecar ready: {side.url}/metrics (log: {self.run / 'sidecar.log'})")
+
+    def start_vllm(self, stack: ExitStack, model: Path, served_name: str, cfg: Path, eager: bool, say) -> VLLMServer:
+        self.server = VLLMServer(model, served_name=served_name, monitor_config=cfg, port=port(8000), eager=eager,
+                                 log_path=self.run / "vllm.log")
+        say(f"starting vLLM with the plugin (log: {self.run / 'vllm.log'})")
+        stack.enter_context(self.server)
+        self.urls["openai"] = f"{self.server.url}/v1"
+        self.urls["vllm_metrics"] = f"{self.server.url}/metrics"
+        return self.server
+
+    def start_alerting(self, stack: ExitStack, say) -> None:
+        self.receiver = WebhookReceiver(port=port(9097))
+        stack.callback(self.receiver.close)
+        self.alertmanager = stack.enter_context(Alertmanager(self.run / "alertmanager", port(9093)).start(
+            local_alertmanager_config(self.receiver.url)))
+        self.prometheus = stack.enter_context(Prometheus(self.run / "prometheus", port(9090)).start(
+            local_prometheus_config(f"127.0.0.1:{self.metrics_port}", f"127.0.0.1:{self.server.port}",
+                                    self.alertmanager.address)))
+        self.urls.update(prometheus=self.prometheus.url, prometheus_alerts=f"{self.prometheus.url}/alerts",
+                         alertmanager=self.alertmanager.url, pager_receiver=self.receiver.url)
+        say(f"Prometheus {self.prometheus.url} (rules: deploy/prometheus/rules.yml), Alertmanager "
+            f"{self.alertmanager.url}, pager receiver {self.receiver.url}")

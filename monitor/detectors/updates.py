@@ -1,0 +1,35 @@
+"""What detectors hand down to the sinks: frozen snapshots, never the live per-request state.
+
+A sink may keep an update as long as it likes (a spool, a queue, a test) without seeing it change
+under it as later tokens arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from monitor.config.models import DetectorSpec
+
+
+@dataclass(frozen=True)
+class TokenEvidence:
+    position: int
+    score: float  # the token's combined score (a probability for probe-only detectors)
+    inputs: dict[str, float]  # input label ("<sae>/<feature>", "<probe>/<output>") -> its value at this token
+
+
+@dataclass(frozen=True)
+class DetectorUpdate:
+    req: str  # the engine's internal id
+    request_id: str
+    external_id: str
+    sample: int
+    detector: DetectorSpec
+    score: float  # NaN while no token was in scope
+    fired: bool
+    alert_id: str | None  # set once the detector has fired on this request, stable afterwards
+    fired_at: int | None  # position of the token that pushed it over
+    evidence: tuple[TokenEvidence, ...]  # the top tokens so far, highest first
+    fired_now: bool  # this update is the one that fired it
+    final: bool  # the request finished: this is the verdict
+    step_time: float | None = None  # wall-clock end of the forward pass whose rows caused this update

@@ -1,0 +1,32 @@
+"""`monitor sidecar --decisions FILE`: one JSON line per detector firing and per final verdict.
+
+Ids and scores only, never text: the file is safe to keep beside the sidecar's logs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from monitor.detectors.updates import DetectorUpdate
+
+
+class DecisionLog:
+    def __init__(self, path: Path) -> None:
+        self.f = path.open("a", buffering=1)
+
+    def __call__(self, u: DetectorUpdate) -> None:
+        if not (u.fired_now or u.final):
+            return
+        d = u.detector
+        self.f.write(json.dumps({
+            "event": "fired" if u.fired_now else "final", "time": time.time(), "request_id": u.request_id,
+            "external_id": u.external_id, "sample": u.sample, "detector": d.name, "concept": d.concept,
+            "severity": d.severity, "score": u.score, "threshold": d.threshold, "fired": u.fired,
+            "alert_id": u.alert_id, "fired_at_position": u.fired_at,
+            "top_tokens": [{"position": e.position, "score": e.score, "inputs": e.inputs} for e in u.evidence],
+        }) + "\n")
+
+    def close(self) -> None:
+        self.f.close()

@@ -1,0 +1,182 @@
+"""Alert events: CloudEvents 1.0 in structured JSON mode, defined by the `AlertEvent` model.
+
+One event when a detector fires on a request (revision 0), and one when the request finishes (same
+`alert_id`, revision 1, `final: true`) carrying the score and evidence as they ended up. Event ids
+are unique per event: delivery is at least once, consumers dedupe on `id`. The Kafka key is the
+request id, so one request's events stay in order. No prompt or completion text is included: the
+rows carry none.
+
+The JSON schema shipped in the package (`monitor/schemas/alert.v1.json`) is generated from the
+model: `python -m monitor.sinks.events` writes it, `--check` fails when it is stale (a test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from monitor.config.models import Aggregation
+from monitor.detectors.updates import DetectorUpdate
+
+EVENT_TYPE = "io.misalignment-monitor.alert.v1"
+# The schema's own $id; the file ships in the package (monitor/schemas/alert.v1.json).
+SCHEMA_REF = "misalignment-monitor/alert.v1.json"
+SCHEMA_FILE = "schemas/alert.v1.json"
+DATE_TIME = {"format": "date-time"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvidenceInput(_Strict):
+    input: str = Field(description="<sae>/<feature> or <probe>/<output>")
+    value: float = Field(description="The input's score at this token, in its own space (activation or logit).")
+    explanation: str | None = Field(None, exclude_if=lambda v: v is None,
+                                    description="The feature's explanation from its SAE's label file.")
+
+
+class EvidenceToken(_Strict):
+    position: int = Field(ge=0)
+    score: float
+    inputs: list[EvidenceInput]
+
+
+class AlertData(_Strict):
+    alert_id: str = Field(description="Stable for one detector on one request; later evidence updates it.")
+    revision: int = Field(ge=0, description="0 when the detector fires, then 1, 2, ... for updates.")
+    request_id: str
+    response_id: str = Field(description="The API's response id, e.g. chatcmpl-<request_id>.")
+    sample: int = Field(ge=0)
+    model: str
+    deployment: str
+    namespace: str | None = Field(None, description="The deployment's Kubernetes namespace (`deployment.namespace`).")
+    pod: str | None = None
+    detector: str
+    concept: str
+    severity: Literal["critical", "warning", "info"]
+    score: float = Field(description="The detector's score: a probability for probe-only detectors, else in its "
+                                     "inputs' units (see docs/configuration.md, `threshold`).")
+    threshold: float
+    aggregation: Aggregation
+    scope: Literal["prompt", "generation", "both"]
+    fired_at_position: int = Field(ge=0)
+    forward_pass_time: str | None = Field(
+        None, json_schema_extra=DATE_TIME,
+        description="End of the forward pass whose rows caused this event (detection latency = time - this).")
+    final: bool = Field(description="True when the request has finished: this is the verdict.")
+    labels: dict[str, str]
+    tokens: list[EvidenceToken] = Field(description="The tokens that drove the score, highest first. Never text.")
+
+
+class AlertEvent(_Strict):
+    """misalignment-monitor alert event (CloudEvents 1.0, structured JSON mode)"""
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(min_length=1, description="Unique per event; consumers dedupe on it (delivery is at least once).")
+    source: str = Field(min_length=1, description="/misalignment-monitor/<deployment>/<pod>")
+    type: Literal["io.misalignment-monitor.alert.v1"] = EVENT_TYPE
+    time: str = Field(json_schema_extra=DATE_TIME)
+    datacontenttype: Literal["application/json"] = "application/json"
+    dataschema: str = SCHEMA_REF
+    subject: str = Field(description="The request id the caller sees (X-Request-Id).")
+    data: AlertData
+
+
+def generated_schema() -> dict:
+    schema = AlertEvent.model_json_schema()
+    # Every envelope field is always written: a consumer may rely on each being present.
+    schema["required"] = list(AlertEvent.model_fields)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_REF, **schema}
+
+
+def alert_schema() -> dict:
+    return json.loads(resources.files("monitor").joinpath(SCHEMA_FILE).read_text())
+
+
+def _rfc3339(t: datetime) -> str:
+    # Microseconds: detection latency on loopback is a few milliseconds.
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class FeatureExplanations:
+    """`{"<sae>/<feature>": explanation}` from the SAEs' label files, read once (never at alert time)."""
+
+    by_input: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, label_files: dict[str, Path]) -> "FeatureExplanations":
+        out: dict[str, str] = {}
+        for sae, path in label_files.items():
+            features = json.loads(Path(path).read_text()).get("features", {})
+            out.update({f"{sae}/{k}": v.get("explanation", "") for k, v in features.items() if v.get("explanation")})
+        return cls(out)
+
+
+@dataclass
+class EventBuilder:
+    model: str
+    deployment: str
+    pod: str | None = None
+    namespace: str | None = None
+    explanations: FeatureExplanations = field(default_factory=FeatureExplanations)
+    _revisions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return f"/misalignment-monitor/{self.deployment}/{self.pod or 'local'}"
+
+    def build(self, u: DetectorUpdate) -> dict | None:
+        """The event (as JSON-ready data) for a detector update, or None when there is nothing to say."""
+        if not u.fired or u.alert_id is None or not (u.fired_now or u.final):
+            return None
+        revision = self._revisions.get(u.alert_id, -1) + 1
+        if u.final:
+            self._revisions.pop(u.alert_id, None)
+        else:
+            self._revisions[u.alert_id] = revision
+        spec = u.detector
+        tokens = [EvidenceToken(position=e.position, score=e.score, inputs=[
+            EvidenceInput(input=name, value=value, explanation=self.explanations.by_input.get(name))
+            for name, value in e.inputs.items()]) for e in u.evidence]
+        event = AlertEvent(
+            id=str(uuid.uuid4()), source=self.source, time=_rfc3339(datetime.now(timezone.utc)), subject=u.request_id,
+            data=AlertData(
+                alert_id=u.alert_id, revision=revision, request_id=u.request_id, response_id=u.external_id,
+                sample=u.sample, model=self.model, deployment=self.deployment, namespace=self.namespace, pod=self.pod,
+                detector=spec.name, concept=spec.concept, severity=spec.severity, score=u.score,
+                threshold=spec.threshold, aggregation=spec.aggregation, scope=spec.scope, fired_at_position=u.fired_at,
+                forward_pass_time=(_rfc3339(datetime.fromtimestamp(u.step_time, timezone.utc))
+                                   if u.step_time is not None else None),
+                final=u.final, labels=dict(spec.labels), tokens=tokens))
+        return event.model_dump(mode="json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write monitor/schemas/alert.v1.json from the AlertEvent model.")
+    parser.add_argument("--check", action="store_true", help="fail if the shipped schema is stale; write nothing")
+    args = parser.parse_args(argv)
+    path = Path(str(resources.files("monitor").joinpath(SCHEMA_FILE)))
+    text = json.dumps(generated_schema(), indent=2) + "\n"
+    if args.check:
+        if path.read_text() != text:
+            print(f"{path} is stale: run python -m monitor.sinks.events", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""What sinks read from the loop that feeds them: plain snapshots, taken by the loop under its lock.
+
+Sinks never hold the loop itself: the sidecar hands the metrics sink a callable returning a
+`LoopSnapshot`, so a scrape sees one consistent view and nothing the loop mutates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import time
+
+from monitor.detectors.runtime import DetectorSet
+from monitor.transport.ring import RingTotals
+
+
+@dataclass
+class LoopStats:
+    """Counters the scoring loop keeps (it owns and mutates them; sinks get copies)."""
+
+    slots: int = 0
+    tokens_scored: int = 0
+    requests_seen: int = 0
+    requests_finished: int = 0
+    requests_expired: int = 0
+    duplicate_rows: int = 0
+    uncovered_positions: int = 0
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    last_reload_ok: bool = True  # False while a rejected edit waits to be fixed (the old config runs)
+    config_loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class LoopSnapshot:
+    stats: LoopStats  # a copy
+    requests_in_flight: int
+    rings: RingTotals  # attached rings plus those already detached: totals never go back
+    rings_attached: int
+    ring_lag_slots: int
+    ring_capacity_slots: int
+    heartbeat_age_s: float  # seconds since the loop last iterated
+    detectors: DetectorSet  # the set in force (replaced whole on reload, never mutated)
