@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -169,3 +171,21 @@ def test_sidecar_service_publishes_alerts(broker, tmp_path):
     assert got[0]["data"]["forward_pass_time"] is not None  # detection latency is measurable from the event
     for e in got:
         jsonschema.validate(e, alert_schema())
+
+
+def test_alert_schema_is_generated_from_the_event_model(tmp_path):
+    """monitor/schemas/alert.v1.json is what the AlertEvent model says; a stale copy fails here."""
+    res = subprocess.run([sys.executable, "-m", "monitor.sinks.events", "--check"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    schema = alert_schema()
+    assert schema["$id"] == "misalignment-monitor/alert.v1.json" and schema["additionalProperties"] is False
+    event = EventBuilder(model="m", deployment="test", namespace="llm-prod").build(fired_update("req-s", 0))
+    jsonschema.validate(event, schema)
+    assert event["data"]["namespace"] == "llm-prod"  # deployment.namespace reaches the event
+    bad = {**fired_event(), "extra": 1}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def fired_event() -> dict:
+    return EventBuilder(model="m", deployment="test").build(fired_update("req-s", 0))

@@ -201,3 +201,17 @@ def test_exact_on_cuda(arch, tmp_path):
     thr = enc.threshold if arch == "jumprelu" else 0.0
     # TF32 off by default for matmul in torch; allow float32 rounding of a different kernel.
     assert_matches(got, want, pre, thr, rtol=1e-4, atol=1e-4)
+
+
+def test_max_batch_rows_bounds_a_pass_without_changing_scores():
+    """`scoring.max_batch_rows`: a slot larger than it is scored in chunks, with the same result."""
+    torch.manual_seed(0)
+    d = 24
+    meta = ProbeMetadata(name="p", concept="c", model="m", layer=1, d_in=d)
+    heads = {1: {"probe:p": LinearProbe(torch.randn(1, d), torch.randn(1), meta)}}
+    x = torch.randn(10, d)
+    whole = BatchedScorer(heads, "cpu", max_rows=4096).score({1: x})["probe:p"]
+    chunked = BatchedScorer(heads, "cpu", max_rows=3).score({1: x})["probe:p"]
+    assert chunked.shape == (10, 1) and torch.allclose(whole, chunked)
+    with pytest.raises(ScoringError, match="max_rows must be at least 1"):
+        BatchedScorer(heads, "cpu", max_rows=0)

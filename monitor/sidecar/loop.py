@@ -107,13 +107,15 @@ class Sidecar:
             try:
                 reader = RingReader(path)
             except (RingError, OSError, ValueError) as e:
-                log.warning("skipping ring %s: %s", path, e)
+                log.warning("skipping ring %s: %s", path, e, extra={"ring": path, "error": str(e)})
                 continue
             missing = set(self.detectors.layers) - set(reader.spec.layers)
             if missing:
-                log.warning("ring %s carries layers %s; detectors need %s too", path, reader.spec.layers, sorted(missing))
+                log.warning("ring %s carries layers %s; detectors need %s too", path, reader.spec.layers, sorted(missing),
+                            extra={"ring": path, "layers": list(reader.spec.layers), "missing_layers": sorted(missing)})
             self.readers[path] = reader
-            log.info("attached to ring %s (layers %s)", path, list(reader.spec.layers))
+            log.info("attached to ring %s (layers %s)", path, list(reader.spec.layers),
+                     extra={"ring": path, "layers": list(reader.spec.layers), "producer_pid": reader.producer_pid})
         for path, reader in list(self.readers.items()):
             # A producer that exits unlinks its ring; our mapping stays valid, so drain it first.
             gone = reader.closed or not Path(path).exists()
@@ -123,7 +125,7 @@ class Sidecar:
                     self.retired = self.retired + RingTotals.of(counters)
                     del self.readers[path]
                     reader.close()
-                log.info("detached from ring %s", path)
+                log.info("detached from ring %s", path, extra={"ring": path})
 
     def snapshot(self) -> LoopSnapshot:
         """Everything sinks may read about the loop, in one consistent view."""

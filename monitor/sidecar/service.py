@@ -50,7 +50,9 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     worker = threading.Thread(target=sidecar.run, args=(stop,), name="sidecar-loop", daemon=True)
     worker.start()
     log.info("sidecar running: %d detector(s) on layers %s, rings %s", len(sidecar.detectors.detectors),
-             sidecar.detectors.layers, sidecar.pattern)
+             sidecar.detectors.layers, sidecar.pattern,
+             extra={"detectors": [d.spec.name for d in sidecar.detectors.detectors], "layers": sidecar.detectors.layers,
+                    "rings": sidecar.pattern})
     mtimes = _watched_files(sidecar)
     while not stop.wait(watch_every):
         current = _watched_files(sidecar)
@@ -60,11 +62,13 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
             try:
                 sidecar.reload(load_config(config))
                 mtimes = _watched_files(sidecar)
-                log.info("config reloaded: %d detector(s)", len(sidecar.detectors.detectors))
+                log.info("config reloaded: %d detector(s)", len(sidecar.detectors.detectors),
+                         extra={"detectors": [d.spec.name for d in sidecar.detectors.detectors]})
             except Exception as e:  # noqa: BLE001 - a bad edit must never stop the running monitor
                 sidecar.reload_failed()
                 if isinstance(e, ConfigError):
-                    log.error("config reload failed, keeping the running config: %s", e)
+                    log.error("config reload failed, keeping the running config: %s", e,
+                              extra={"config": str(config), "issues": [str(i) for i in e.issues]})
                 else:
                     log.exception("config reload failed, keeping the running config")
     worker.join(timeout=5)
