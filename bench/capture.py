@@ -120,6 +120,7 @@ def sidecar_rate(slots: int = 400) -> dict[str, float]:
     from capture_helpers import capture_config
     from monitor.config import load_config
     from monitor.sidecar.loop import Sidecar
+    from monitor.transport.meta import Segment, SlotMeta
     from monitor.transport.ring import RingSpec, RingWriter
 
     torch.set_num_threads(1)
@@ -133,10 +134,9 @@ def sidecar_rate(slots: int = 400) -> dict[str, float]:
             side.discover()
             x = torch.randn(n_req * rows_per, 576, dtype=torch.bfloat16) * 3
             for step in range(slots):
-                segs = [{"req": f"r{i}", "external_id": f"chatcmpl-r{i}", "request_id": f"r{i}", "sample": 0,
-                         "start": 1 + step * rows_per, "n": rows_per, "n_prompt": 10**6, "row": i * rows_per}
-                        for i in range(n_req)]
-                ring.publish(step, {"segments": segs, "finished": []}, [x])
+                segs = tuple(Segment(f"r{i}", f"chatcmpl-r{i}", f"r{i}", 0, 1 + step * rows_per, rows_per, 10**6,
+                                     i * rows_per) for i in range(n_req))
+                ring.publish(step, SlotMeta(segs), [x])
             t = time.perf_counter()
             while side.poll_once():
                 pass

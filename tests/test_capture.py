@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from capture_helpers import LAYER, Collector, capture_config, cosines, token_ids_from_response
-from monitor.activations import ActivationExtractor
+from monitor.offline.rows_transformers import TransformersRows
 from monitor.stack.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
@@ -50,7 +50,7 @@ def collector(server, rings):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    return ActivationExtractor(model_dir, [LAYER], dtype=torch.float32, cache=False)
+    return TransformersRows(model_dir, [LAYER], dtype=torch.float32, cache=False)
 
 
 def chat(server, text, request_id=None, max_tokens=12, n=1, **extra):

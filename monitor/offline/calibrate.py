@@ -52,8 +52,8 @@ def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: floa
         n = sum(1 for r in records if r.labels.get(det.spec.concept, 0) == 0)
         if n < need:
             raise OfflineError(f"detector {det.spec.name}: {n} benign conversations cannot show an FPR of "
-                            f"{target_fpr:g} (with none firing, the 95% upper bound would still be about "
-                            f"{3 / max(n, 1):.3g}); use at least {need}")
+                               f"{target_fpr:g} (with none firing, the 95% upper bound would still be about "
+                               f"{3 / max(n, 1):.3g}); use at least {need}")
     detset = build_detector_set(loaded, "cpu")
     convs = row_source(model_dir, detset.layers, backend).many([r.messages for r in records], progress="calibrate")
     verdicts = [judge(detset, c) for c in convs]

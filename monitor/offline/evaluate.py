@@ -73,7 +73,7 @@ class DetectorReport:
 def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.ndarray) -> DetectorReport:
     if len(pos) == 0 or len(neg) == 0:
         raise OfflineError(f"detector {name}: concept {concept!r} has {len(pos)} positive and {len(neg)} negative "
-                        "records; both classes are needed")
+                           "records; both classes are needed")
     # No token in scope: no score, never fires; ranked below every scored record.
     pos = np.where(np.isnan(pos), -np.inf, pos)
     neg = np.where(np.isnan(neg), -np.inf, neg)
@@ -92,7 +92,7 @@ def score_records(loaded, records: list[Record], model_dir: Path, backend: str =
         unknown = set(r.labels) - concepts
         if unknown:
             raise OfflineError(f"line {r.line}: label(s) {sorted(unknown)} match no detector's concept "
-                            f"(the detectors watch {sorted(concepts)})")
+                               f"(the detectors watch {sorted(concepts)})")
     detset = build_detector_set(loaded, "cpu")
     convs = row_source(model_dir, detset.layers, backend).many([r.messages for r in records], progress="activations")
     out: dict[str, tuple[list, list]] = {d.spec.name: ([], []) for d in loaded.detectors}

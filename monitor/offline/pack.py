@@ -16,7 +16,7 @@ def write_detector(spec: DetectorSpec, path: Path, header: list[str] = ()) -> No
     body = yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(f"# {line}\n" for line in header) + body)
+    tmp.write_text("".join(f"# {line}".rstrip() + "\n" for line in header) + body)
     if parse_detector(tmp) != spec:  # a writer bug must never leave a detector that reads differently
         tmp.unlink()
         raise RuntimeError(f"{path}: the written detector does not read back as the same spec")

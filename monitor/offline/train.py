@@ -65,15 +65,15 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
     missing = [r.line for r in records if concept not in r.labels]
     if missing:
         raise OfflineError(f"{data_file}: line(s) {missing[:5]}{'...' if len(missing) > 5 else ''} carry no label "
-                        f"for {concept!r}")
+                           f"for {concept!r}")
     y = np.array([r.labels[concept] for r in records])
     if y.sum() < 10 or (1 - y).sum() < 10:
         raise OfflineError(f"{data_file}: {int(y.sum())} positive and {int((1 - y).sum())} negative records for "
-                        f"{concept!r}; a probe needs at least 10 of each")
+                           f"{concept!r}; a probe needs at least 10 of each")
     need = min_samples(target_fpr)
     if (1 - y).sum() < need:
         raise OfflineError(f"{int((1 - y).sum())} negatives cannot calibrate a threshold at FPR {target_fpr:g}; "
-                        f"use at least {need} (or a larger --target-fpr)")
+                           f"use at least {need} (or a larger --target-fpr)")
     train_idx, val_idx = _split(records, y, validation, seed)
     convs = row_source(model_dir, [layer], backend).many([r.messages for r in records], progress="probe train")
     x = pooled(convs, layer, scope)

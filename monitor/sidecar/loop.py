@@ -27,7 +27,7 @@ from monitor.config.load import LoadedConfig
 from monitor.detectors.runtime import DetectorSet, DetectorState, build_detector_set, feed
 from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring.tokens import SlotScored, TokenScores
-from monitor.sinks.sources import LoopSnapshot, LoopStats
+from monitor.sinks.sources import LoopHealth, LoopSnapshot, LoopStats
 from monitor.transport.meta import Segment
 from monitor.transport.ring import RingError, RingReader, RingTotals, Slot
 
@@ -126,6 +126,10 @@ class Sidecar:
                     del self.readers[path]
                     reader.close()
                 log.info("detached from ring %s", path, extra={"ring": path})
+
+    def health(self) -> LoopHealth:
+        """Liveness without the lock: a loop stuck while holding it is still reported as stalled."""
+        return LoopHealth(max(0.0, time.monotonic() - self.heartbeat), len(self.detectors.detectors))
 
     def snapshot(self) -> LoopSnapshot:
         """Everything sinks may read about the loop, in one consistent view."""

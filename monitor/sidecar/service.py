@@ -97,7 +97,7 @@ def _attach_metrics(sidecar: Sidecar, kafka):
     sidecar.bus.on_slot(metrics.on_slot)
     if kafka is not None:
         kafka.on_delivered = metrics.on_delivered
-    return MetricsServer(metrics, cfg.host, cfg.port)
+    return MetricsServer(metrics, sidecar.health, cfg.host, cfg.port)
 
 
 def _attach_kafka(sidecar: Sidecar):

@@ -32,7 +32,7 @@ from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring.space import sigmoid
 from monitor.scoring.tokens import SlotScored, TokenScores
 from monitor.sinks.kafka import KafkaStats
-from monitor.sinks.sources import LoopSnapshot
+from monitor.sinks.sources import LoopHealth, LoopSnapshot
 
 log = logging.getLogger("monitor.metrics")
 
@@ -299,7 +299,8 @@ class MetricsServer:
     restart the sidecar or take the pod out of service.
     """
 
-    def __init__(self, metrics: SidecarMetrics, host: str, port: int, stale_after: float = 30.0) -> None:
+    def __init__(self, metrics: SidecarMetrics, health: Callable[[], LoopHealth], host: str, port: int,
+                 stale_after: float = 30.0) -> None:
         self.metrics = metrics
         self.stale_after = stale_after
         metrics_app = make_wsgi_app(metrics.registry)
@@ -307,11 +308,11 @@ class MetricsServer:
         def app(environ, start_response):
             path = environ.get("PATH_INFO", "/")
             if path in ("/healthz", "/readyz"):
-                snap = metrics.snapshot()
-                ok = snap.heartbeat_age_s < self.stale_after
+                h = health()
+                ok = h.heartbeat_age_s < self.stale_after
                 body = json.dumps({"status": "ok" if ok else "stalled",
-                                   "loop_heartbeat_age_seconds": round(snap.heartbeat_age_s, 3),
-                                   "detectors": len(snap.detectors.detectors)}).encode()
+                                   "loop_heartbeat_age_seconds": round(h.heartbeat_age_s, 3),
+                                   "detectors": h.detectors}).encode()
                 start_response("200 OK" if ok else "503 Service Unavailable",
                                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
                 return [body]

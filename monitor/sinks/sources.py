@@ -1,7 +1,8 @@
 """What sinks read from the loop that feeds them: plain snapshots, taken by the loop under its lock.
 
 Sinks never hold the loop itself: the sidecar hands the metrics sink a callable returning a
-`LoopSnapshot`, so a scrape sees one consistent view and nothing the loop mutates.
+`LoopSnapshot`, so a scrape sees one consistent view and nothing the loop mutates, and one returning
+`LoopHealth`, read without the loop's lock so that a wedged loop is reported, not waited for.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class LoopStats:
     reloads_failed: int = 0
     last_reload_ok: bool = True  # False while a rejected edit waits to be fixed (the old config runs)
     config_loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class LoopHealth:
+    heartbeat_age_s: float  # seconds since the loop last iterated
+    detectors: int  # detectors in force
 
 
 @dataclass(frozen=True)
