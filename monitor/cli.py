@@ -44,7 +44,7 @@ def _sidecar(args: argparse.Namespace) -> int:
     from monitor.sidecar.service import run_sidecar
 
     try:
-        return run_sidecar(args.config, decisions=args.decisions)
+        return run_sidecar(args.config, decisions=args.decisions, incidents=args.incidents)
     except ConfigError as e:
         for issue in e.issues:
             print(f"error: {issue}", file=sys.stderr)
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     side = sub.add_parser("sidecar", help="read the vLLM taps, score rows, run detectors")
     side.add_argument("--config", type=Path, required=True)
+    side.add_argument("--incidents", type=Path, default=None,
+                      help="append incident events as JSON lines (text only under evidence.text: flagged)")
     side.add_argument("--decisions", type=Path, default=None,
                       help="append detector firings and verdicts as JSON lines (ids and scores, no text)")
     side.set_defaults(func=_sidecar)

@@ -43,6 +43,7 @@ detectors: [{root}/detectors]
 @dataclass
 class Received:
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> row
+    token_ids: dict[int, int] = field(default_factory=dict)  # position -> the row's input token id
     segments: list[dict] = field(default_factory=list)
     finished: bool = False
 
@@ -72,6 +73,8 @@ class Collector:
                         if pos in rec.rows:
                             self.duplicates += 1
                         rec.rows[pos] = slot.rows[0][seg.row + k]
+                        if slot.token_ids is not None:
+                            rec.token_ids[pos] = int(slot.token_ids[seg.row + k])
                 for req in slot.meta.finished:
                     self.reqs.setdefault(req, Received()).finished = True
         return n

@@ -76,6 +76,8 @@ def check_rows(collector, reference, body, messages, min_rows=1):
         cos = cosines(rec.rows, ref)
         worst = min(cos, key=cos.get)
         assert cos[worst] > MIN_COSINE, f"{req}: position {worst} has cosine {cos[worst]:.5f}"
+        # Each row carries its own input token: the prompt's, then each generated token fed back.
+        assert {p: rec.token_ids.get(p) for p in rec.rows} == {p: ids[p] for p in rec.rows}
     return samples
 
 

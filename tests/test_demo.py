@@ -60,3 +60,19 @@ def test_events_pages_and_alerts_line_up(summary):
     assert ("safety-queue", "harmful-request-probe") in paged  # warning: the queue, not the pager
     assert not any(d == "pii-sae-feature" for _, d in paged)  # info: recorded, not routed
     assert any("pagerduty" in p["path"] for p in summary["pages"])
+
+
+def test_every_flagged_request_leaves_one_incident_with_its_words(summary):
+    flagged = {r["request_id"] for r in summary["requests"] if r["expected"]}
+    incidents = summary["incidents"]
+    assert sorted(i["request_id"] for i in incidents) == sorted(flagged)  # exactly one each, none for benign
+    for i in incidents:
+        assert i["tokens_traced"] > i["prompt_tokens"] and i["context_tokens"] > 0 and i["text_policy"] == "flagged"
+        assert set(i["words_around_the_top_token"]) == set(i["detectors"])
+        assert all(w.strip() for w in i["words_around_the_top_token"].values())
+    by_id = {i["request_id"]: i for i in incidents}
+    pii = next(r for r in summary["requests"] if r["name"] == "pii-email")
+    assert set(by_id[pii["request_id"]]["alert_ids"]) == {
+        e["data"]["alert_id"] for e in summary["kafka_events"] if e["subject"] == pii["request_id"]}
+    table = next(r for r in summary["requests"] if r["name"] == "pii-table")
+    assert by_id[table["request_id"]]["redacted_by"] == ["us-ssn"]  # the SSN never left the sidecar

@@ -111,3 +111,29 @@ def test_scope_and_attention_sink():
     assert in_scope(s, pos, n_prompt=5).tolist() == [False, True, True, True, True, False, False, False]
     g = detector(scope="generation").spec
     assert in_scope(g, pos, n_prompt=5).tolist() == [False] * 5 + [True] * 3
+
+
+AGGS = [{"kind": "max"}, {"kind": "mean"}, {"kind": "ema_max", "alpha": 0.3}, {"kind": "rolling_mean_max", "window": 3},
+        {"kind": "count_above", "token_threshold": 0.5, "min_tokens": 2},
+        {"kind": "fraction_above", "token_threshold": 0.5, "min_tokens": 2}]
+
+
+@pytest.mark.parametrize("agg", AGGS, ids=[a["kind"] for a in AGGS])
+@pytest.mark.parametrize("combine,probes", [("any", False), ("all", False), ("weighted", False), ("any", True)])
+def test_running_score_is_the_score_after_each_token(agg, combine, probes):
+    """What an incident's trajectory shows: the score the detector had after each token, in any chunking."""
+    rng = np.random.default_rng(7)
+    inputs = [{"probe": "p", "output": "a"}, {"probe": "p", "output": "b"}] if probes else \
+        [{"sae": "s", "feature": 1}, {"sae": "s", "feature": 2, "weight": 0.5}]
+    det = detector(combine=combine, inputs=inputs, agg=agg)
+    cols = [rng.normal(size=20), rng.normal(size=20)]
+    chunked, one_by_one = det.new_state(), det.new_state()
+    running = []
+    for a, b in ((0, 7), (7, 8), (8, 20)):
+        chunked.update(np.arange(a, b) + 1, [c[a:b] for c in cols], running=True)
+        running.extend(chunked.running.tolist())
+    reference = []
+    for j in range(20):
+        one_by_one.update(np.array([j + 1]), [c[j : j + 1] for c in cols])
+        reference.append(one_by_one.score)
+    assert np.allclose(running, reference) and chunked.score == pytest.approx(one_by_one.score)

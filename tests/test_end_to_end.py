@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
-from capture_helpers import capture_config
+from capture_helpers import capture_config, token_ids_from_response
 from monitor.stack.vllm_server import VLLMServer
 from monitor.transport.ring import RingReader
 
@@ -78,7 +80,8 @@ def server(model_dir, config, reference, tmp_path_factory):
 def start_sidecar(config: Path, folder: Path) -> tuple[subprocess.Popen, Path]:
     decisions = folder / "decisions.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "sidecar", "--config", str(config),
-                             "--decisions", str(decisions)], stdout=subprocess.DEVNULL,
+                             "--decisions", str(decisions), "--incidents", str(folder / "incidents.jsonl")],
+                            stdout=subprocess.DEVNULL,
                             stderr=(folder / "sidecar.log").open("wb"))
     return proc, decisions
 
@@ -92,15 +95,18 @@ def wait_until_reading(server: VLLMServer, rings: Path, proc: subprocess.Popen, 
         time.sleep(0.5)
 
 
-def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings, tmp_path):
+def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings, tmp_path, model_dir):
     side, decisions = start_sidecar(config, tmp_path)
     stalled = False
     final: list[dict] = []
+    generated: dict[str, list[int]] = {}
     try:
         wait_until_reading(server, rings, side, tmp_path / "sidecar.log")
         for rid, text in (("e2e-pii", PII), ("e2e-injection", INJECTION), ("e2e-benign", BENIGN)):
-            body, headers = server.chat([{"role": "user", "content": text}], max_tokens=16, request_id=rid)
+            body, headers = server.chat([{"role": "user", "content": text}], max_tokens=16, request_id=rid,
+                                        logprobs=True, return_tokens_as_token_ids=True)
             assert headers["x-request-id"] == rid
+            generated[rid] = token_ids_from_response(body["choices"][0])
         deadline = time.time() + 60
         while time.time() < deadline:
             final = [json.loads(x) for x in decisions.read_text().splitlines()] if decisions.exists() else []
@@ -109,6 +115,8 @@ def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings
             time.sleep(0.5)
         stalled = side.poll() is None and not {"e2e-pii", "e2e-injection", "e2e-benign"} <= {
             d["request_id"] for d in final if d["event"] == "final"}
+        port = yaml.safe_load(config.read_text())["sinks"]["prometheus"]["port"]
+        (tmp_path / "metrics.txt").write_bytes(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
         if stalled:  # dump the sidecar's threads into its log before stopping it
             os.kill(side.pid, signal.SIGUSR1)
             time.sleep(1)
@@ -125,6 +133,58 @@ def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings
     assert not any(rid == "e2e-benign" for rid, _ in fired), [v for k, v in verdicts.items() if k[0] == "e2e-benign"]
     pii = verdicts[("e2e-pii", "pii-probe")]
     assert pii["score"] >= pii["threshold"] and pii["top_tokens"], pii
+    check_incidents(tmp_path, config, model_dir, generated, pii)
+
+
+def check_incidents(folder: Path, config: Path, model_dir: Path, generated: dict[str, list[int]], pii: dict) -> None:
+    """One incident per flagged request, none for the benign one; the trace is what offline scoring says;
+    and under the default text policy nothing of the conversation leaves: no text, no token id."""
+    import jsonschema
+    import numpy as np
+
+    from monitor.config import load_config
+    from monitor.detectors.runtime import build_detector_set
+    from monitor.offline.rows_transformers import TransformersRows
+    from monitor.sinks.incidents import incident_schema
+
+    deadline = time.time() + 30
+    path = folder / "incidents.jsonl"
+    while not (path.exists() and len(path.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.5)
+    incidents = [json.loads(x) for x in path.read_text().splitlines()]
+    by_request = {}
+    for e in incidents:
+        jsonschema.validate(e, incident_schema())
+        assert e["subject"] not in by_request, f"two incidents for {e['subject']}"
+        by_request[e["subject"]] = e["data"]
+    assert set(by_request) == {"e2e-pii", "e2e-injection"}  # the benign request left nothing
+    d = by_request["e2e-pii"]
+    assert pii["alert_id"] in d["alert_ids"]
+    (det,) = [x for x in d["detectors"] if x["name"] == "pii-probe"]
+    assert det["fired"] and det["definition"]["calibration"]["target_fpr"] > 0
+    t = d["trace"]
+    assert t["token_ids"] is None and t["text"] is None and d["text_policy"] == "none"
+    # The trace covers the whole conversation: the prompt and every generated token fed back.
+    reference = TransformersRows(model_dir, [15], cache=False)
+    prompt_ids, _ = reference.tokenize([{"role": "user", "content": PII}], add_generation_prompt=True)
+    ids = prompt_ids + generated["e2e-pii"][:-1]
+    assert t["positions"] == list(range(len(ids))) and d["prompt_tokens"] == len(prompt_ids)
+    # ... and its per-token scores are the offline scorer's on the same tokens (transformers float32 rows).
+    detset = build_detector_set(load_config(config), "cpu")
+    offline = detset.scorer.score({15: reference.rows_for_ids(ids)[15]})["probe:pii"][:, 0].numpy()
+    online = np.array(t["inputs"]["pii/score"])
+    assert np.corrcoef(online, offline)[0, 1] > 0.999 and np.abs(online - offline).max() < 0.05 * np.abs(offline).max()
+    assert det["score"] == pytest.approx(pii["score"])
+    assert d["context"] and all(c["features"] for c in d["context"])  # what else the model represented there
+    # Nothing of the text, and no run of its token ids, in any event, log or metric.
+    outputs = [path.read_text(), (folder / "decisions.jsonl").read_text(), (folder / "sidecar.log").read_text(),
+               (folder / "metrics.txt").read_text()]
+    assert "misalignment_monitor_incidents_total" in outputs[-1]
+    for snippet in ("maria.garcia84", "555-0199", "Maria Garcia", "Ignore all previous"):
+        assert not any(snippet in o for o in outputs), snippet
+    for k in range(0, len(ids) - 4, 4):
+        run = json.dumps(ids[k : k + 4], separators=(",", ":"))[1:-1]
+        assert not any(run in o for o in outputs), f"token ids {run} left the sidecar"
 
 
 def test_plugin_never_changes_what_vllm_answers(server, config, rings, reference, tmp_path):

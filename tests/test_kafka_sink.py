@@ -15,12 +15,14 @@ import pytest
 from monitor.config.models import DetectorSpec, Kafka
 from monitor.detectors.runtime import CompiledDetector, InputRef
 from monitor.sinks.events import EventBuilder, FeatureExplanations, alert_schema
+from monitor.sinks.incidents import incident_schema
 from monitor.detectors.updates import DetectorUpdate
 from monitor.sinks.kafka import KafkaSink
 from monitor.stack.kafka_broker import TansuBroker
 from sidecar_helpers import open_ring, publish_request, start_service, tiny_monitor
 
 TOPIC = "misalignment-monitor.alerts"
+INCIDENTS = "misalignment-monitor.incidents"
 
 
 def fired_state(seq: int):
@@ -40,11 +42,11 @@ def fired_update(request_id: str, seq: int, final: bool = False, state=None) -> 
                           fired_now=not final, final=final)
 
 
-def consume_all(broker: TansuBroker, expect: int, timeout: float = 30.0) -> list[dict]:
+def consume_all(broker: TansuBroker, expect: int, timeout: float = 30.0, topic: str = TOPIC) -> list[dict]:
     from kafka import KafkaConsumer, TopicPartition
 
     c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
-    tp = TopicPartition(TOPIC, 0)
+    tp = TopicPartition(topic, 0)
     c.assign([tp])
     c.seek_to_beginning(tp)
     out: list[dict] = []
@@ -62,6 +64,7 @@ def consume_all(broker: TansuBroker, expect: int, timeout: float = 30.0) -> list
 def broker(tmp_path):
     b = TansuBroker(log_path=tmp_path / "tansu.log").start()
     b.create_topic(TOPIC)
+    b.create_topic(INCIDENTS)
     yield b
     b.stop()
 
@@ -162,6 +165,7 @@ def test_sidecar_service_publishes_alerts(broker, tmp_path):
     service, stop = start_service(cfg, ring)
     publish_request(ring, [0.0, 9.0, 1.0])
     got = consume_all(broker, 2, timeout=30)
+    incidents = consume_all(broker, 1, timeout=30, topic=INCIDENTS)
     stop.set()
     service.join(timeout=20)
     ring.close()
@@ -171,12 +175,17 @@ def test_sidecar_service_publishes_alerts(broker, tmp_path):
     assert got[0]["data"]["forward_pass_time"] is not None  # detection latency is measurable from the event
     for e in got:
         jsonschema.validate(e, alert_schema())
+    (inc,) = incidents  # one incident for the fired request, on its own topic, keyed by the request id
+    jsonschema.validate(inc, incident_schema())
+    assert inc["subject"] == "abc" and inc["data"]["alert_ids"] == [got[0]["data"]["alert_id"]]
+    assert np.allclose(inc["data"]["trace"]["inputs"]["s/3"], [0.0, 9.0, 1.0])
 
 
 def test_alert_schema_is_generated_from_the_event_model(tmp_path):
     """monitor/schemas/alert.v1.json is what the AlertEvent model says; a stale copy fails here."""
-    res = subprocess.run([sys.executable, "-m", "monitor.sinks.events", "--check"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    for module in ("monitor.sinks.events", "monitor.sinks.incidents"):
+        res = subprocess.run([sys.executable, "-m", module, "--check"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
     schema = alert_schema()
     assert schema["$id"] == "misalignment-monitor/alert.v1.json" and schema["additionalProperties"] is False
     event = EventBuilder(model="m", deployment="test", namespace="llm-prod").build(fired_update("req-s", 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,10 @@ def test_roundtrip_rows_and_metadata(ring):
     got = r.poll()
     assert [s.step for s in got] == [1, 2]
     assert got[0].meta == SlotMeta((seg,), (), 12.5) and got[1].meta.finished == ("a",)
+    assert got[0].token_ids is None and got[1].token_ids is None  # none sent, none invented
+    assert ring.publish(3, SlotMeta((seg,)), rows(5, 1.0), np.array([7, 8, 9, 10, 11], dtype=np.int32))
+    (with_ids,) = r.poll()
+    assert with_ids.token_ids.tolist() == [7, 8, 9, 10, 11] and with_ids.token_ids.dtype == np.int32
     assert torch.equal(got[0].rows[0], rows(5, 0.0)[0]) and torch.equal(got[0].rows[1], rows(5, 0.0)[1])
     assert got[1].rows == [] and r.poll() == []
 

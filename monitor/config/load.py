@@ -193,6 +193,7 @@ def load_config(path: str | Path, detectors: list[Path] | None = None) -> Loaded
     issues += _check_probes(loaded)
     issues += _check_detectors(loaded)
     issues += _check_sinks(loaded)
+    issues += _check_evidence(loaded)
     if issues:
         raise ConfigError(issues)
     return loaded
@@ -301,6 +302,25 @@ def _check_detectors(lc: LoadedConfig) -> list[ConfigIssue]:
                     issues.append(ConfigIssue(det.file, f"{where}.output",
                                               f"probe {inp.probe!r} has outputs {meta.outputs}, not {inp.output!r}"))
     return issues
+
+
+def tokenizer_dir(lc: LoadedConfig) -> Path | None:
+    """Where `evidence.text: flagged` reads the tokenizer from."""
+    ev, m = lc.config.evidence, lc.config.model
+    folder = ev.tokenizer or m.path
+    return lc.resolve(folder) if folder else None
+
+
+def _check_evidence(lc: LoadedConfig) -> list[ConfigIssue]:
+    if lc.config.evidence.text != "flagged":
+        return []
+    folder = tokenizer_dir(lc)
+    if folder is None:
+        return [ConfigIssue(lc.path, "evidence.tokenizer", "`text: flagged` needs a tokenizer: set `evidence.tokenizer` "
+                            "or `model.path`")]
+    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        return [ConfigIssue(lc.path, "evidence.tokenizer", f"{folder} holds no tokenizer (tokenizer.json)")]
+    return []
 
 
 def _check_sinks(lc: LoadedConfig) -> list[ConfigIssue]:

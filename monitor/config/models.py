@@ -101,6 +101,8 @@ class Kafka(Strict):
     enabled: bool = Field(False, description="Publish alert events to Kafka.")
     bootstrap_servers: list[str] = Field(["127.0.0.1:9092"], min_length=1, description="Brokers, host:port.")
     topic: str = Field("misalignment-monitor.alerts", description="Topic for alert events (CloudEvents JSON).")
+    incident_topic: str = Field("misalignment-monitor.incidents",
+                                description="Topic for incident events (one per fired request, when it finishes).")
     client_id: str = Field("misalignment-monitor", description="Kafka client id.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
@@ -151,6 +153,50 @@ class Sinks(Strict):
     prometheus: Prometheus = Field(default_factory=Prometheus)
 
 
+class Redaction(Strict):
+    """A pattern removed from a flagged conversation's text before anything leaves the sidecar."""
+
+    name: str = Field(pattern=NAME_RE, description="Names the rule in events (`redacted_by`).")
+    pattern: str = Field(description="Python regular expression, matched on the detokenized conversation.")
+    replacement: str = Field("[REDACTED]", description="What the matched text becomes.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression ({e})") from e
+        return pattern
+
+
+class Evidence(Strict):
+    """What of a flagged conversation may leave the sidecar, in incident events. Alert events never carry text."""
+
+    text: Literal["none", "flagged"] = Field(
+        "none", description="`none`: neither text nor token ids leave the sidecar, only positions and scores. "
+        "`flagged`: requests a detector fired on are detokenized in the sidecar and their text (after `redact`) "
+        "and token ids go into the incident event.")
+    redact: list[Redaction] = Field(default_factory=list, description="Applied, in order, before text leaves.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder for `flagged`; default: `model.path`.")
+
+
+class Incidents(Strict):
+    """The trace the sidecar keeps per request, and the incident event sent when a fired request finishes."""
+
+    enabled: bool = Field(True, description="Keep per-request traces and send incident events (to Kafka when "
+                          "`sinks.kafka.enabled`).")
+    max_trace_tokens: int = Field(4096, gt=0, description="Tokens traced per request; later ones are counted, not kept.")
+    max_trace_tokens_total: int = Field(
+        2_000_000, gt=0, description="Tokens traced across every request in flight (about 100 bytes each with four "
+        "watched inputs and four detectors); beyond it, tokens are counted, not kept.")
+    context_window: int = Field(1, ge=0, le=8, description="Tokens either side of an evidence token that also get "
+                                "feature context.")
+    top_features: int = Field(5, ge=1, le=64, description="Strongest SAE features reported per context token.")
+    max_event_bytes: int = Field(900_000, ge=20_000, description="An incident event larger than this has its trace "
+                                 "trimmed around the evidence (and says so). Keep it under the topic's max.message.bytes.")
+
+
 class Deployment(Strict):
     """Names that identify this deployment in events."""
 
@@ -171,6 +217,8 @@ class MonitorConfig(Strict):
     scoring: Scoring = Field(default_factory=Scoring)
     transport: Transport = Field(default_factory=Transport)
     sinks: Sinks = Field(default_factory=Sinks)
+    incidents: Incidents = Field(default_factory=Incidents)
+    evidence: Evidence = Field(default_factory=Evidence)
     deployment: Deployment = Field(default_factory=Deployment)
 
     @model_validator(mode="before")

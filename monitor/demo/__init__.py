@@ -55,13 +55,14 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
     with ExitStack() as stack:
         local.start_kafka(stack, say)
         local.metrics_port = port(9464)
-        cfg_path = runtime_config(config, run, local.broker.bootstrap if local.broker else None, local.metrics_port)
+        cfg_path = runtime_config(config, run, local.broker.bootstrap if local.broker else None, local.metrics_port,
+                                  tokenizer=model)
         loaded = load_config(cfg_path)
         detectors = {d.spec.name: d.spec for d in loaded.detectors}
         topic = loaded.config.sinks.kafka.topic
         consumer = None
         if local.broker is not None:
-            consumer = checks.EventConsumer(local.broker.bootstrap, topic)
+            consumer = checks.EventConsumer(local.broker.bootstrap, [topic, loaded.config.sinks.kafka.incident_topic])
             stack.callback(consumer.close)
         local.start_sidecar(stack, cfg_path, say)
         server = local.start_vllm(stack, model, loaded.config.model.name, cfg_path, eager, say)

@@ -13,25 +13,27 @@ from monitor.demo.traffic import DemoRequest
 from monitor.stack.alerting import Prometheus, WebhookReceiver
 
 CONSUMER_GROUP = "monitor-demo"
+ALERT = "io.misalignment-monitor.alert.v1"
+INCIDENT = "io.misalignment-monitor.incident.v1"
 
 
 class EventConsumer:
-    """A Kafka consumer *group* reading alert events, as a SIEM or case tool would."""
+    """A Kafka consumer *group* reading alert and incident events, as a SIEM or case tool would."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
         self.events: list[dict] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.error: str | None = None
-        self.thread = threading.Thread(target=self._run, args=(bootstrap, topic), name="demo-consumer", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(bootstrap, topics), name="demo-consumer", daemon=True)
         self.thread.start()
 
-    def _run(self, bootstrap: str, topic: str) -> None:
+    def _run(self, bootstrap: str, topics: list[str]) -> None:
         from kafka import KafkaConsumer
 
         try:
             # Short group timeouts: the test broker only completes a group join with them (environment brief).
-            consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=CONSUMER_GROUP,
+            consumer = KafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=CONSUMER_GROUP,
                                      auto_offset_reset="earliest", enable_auto_commit=True,
                                      max_poll_interval_ms=3000, session_timeout_ms=6000, heartbeat_interval_ms=1000,
                                      value_deserializer=lambda b: json.loads(b))
@@ -46,9 +48,9 @@ class EventConsumer:
         finally:
             consumer.close()
 
-    def received(self) -> list[dict]:
+    def received(self, type_: str = ALERT) -> list[dict]:
         with self._lock:
-            return list(self.events)
+            return [e for e in self.events if e.get("type") == type_]
 
     def close(self) -> None:
         self._stop.set()
@@ -63,17 +65,34 @@ class Expectations:
     alerts: dict[str, bool] = field(default_factory=dict)  # detector -> MisalignmentDetectorFired firing
     pages: dict[tuple[str, str], bool] = field(default_factory=dict)  # (receiver, detector) -> received
     benign_quiet: dict[str, bool] = field(default_factory=dict)  # request id -> no event about it
+    # flagged request id -> what is wrong with its incident event (None: exactly one, its trace whole)
+    incidents: dict[str, str | None] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
     def not_arrived(self) -> list[str]:
         out = [f"kafka event: {d} on {r}" for (r, d), ok in self.kafka.items() if not ok]
+        out += [f"incident of {r}: {problem}" for r, problem in self.incidents.items() if problem]
         out += [f"prometheus alert: MisalignmentDetectorFired{{detector={d}}}" for d, ok in self.alerts.items() if not ok]
         return out + [f"page to {rcv}: {d}" for (rcv, d), ok in self.pages.items() if not ok]
 
     def missing(self) -> list[str]:
         out = self.not_arrived()
-        out += [f"benign request {r} produced an alert event" for r, ok in self.benign_quiet.items() if not ok]
+        out += [f"benign request {r} produced an alert or incident event" for r, ok in self.benign_quiet.items()
+                if not ok]
         return out + [f"skipped: {s}" for s in self.skipped]
+
+
+def incident_problem(events: list[dict]) -> str | None:
+    """None when there is exactly one incident and its trace covers every token of the request."""
+    if not events:
+        return "not arrived"
+    if len(events) > 1:
+        return f"{len(events)} incident events for one request"
+    d = events[0]["data"]
+    positions = d["trace"]["positions"]
+    if positions != list(range(len(positions))) or len(positions) <= d["prompt_tokens"]:
+        return f"trace covers {len(positions)} positions, not the prompt ({d['prompt_tokens']}) and its answer"
+    return None
 
 
 def expectations(requests: list[DemoRequest], detectors: dict[str, DetectorSpec], kafka: bool,
@@ -87,6 +106,7 @@ def expectations(requests: list[DemoRequest], detectors: dict[str, DetectorSpec]
                 raise SystemExit(f"demo request {r.name} expects unknown detector {d}")
             if kafka:
                 exp.kafka[(r.request_id, d)] = False
+                exp.incidents[r.request_id] = "not arrived"
             if prometheus:
                 exp.alerts[d] = False
                 receiver = {"critical": "pager", "warning": "safety-queue"}.get(detectors[d].severity)
@@ -102,11 +122,14 @@ def expectations(requests: list[DemoRequest], detectors: dict[str, DetectorSpec]
 def check(exp: Expectations, consumer: EventConsumer | None, prom: Prometheus | None,
           receiver: WebhookReceiver | None) -> None:
     events = consumer.received() if consumer else []
+    incidents = consumer.received(INCIDENT) if consumer else []
     seen = {(e["subject"], e["data"]["detector"]) for e in events}
     for key in exp.kafka:
         exp.kafka[key] = key in seen
     for rid in exp.benign_quiet:
-        exp.benign_quiet[rid] = not any(e["subject"] == rid for e in events)
+        exp.benign_quiet[rid] = not any(e["subject"] == rid for e in events + incidents)
+    for rid in exp.incidents:
+        exp.incidents[rid] = incident_problem([e for e in incidents if e["subject"] == rid])
     if prom is not None:
         firing = {a["labels"].get("detector") for a in prom.alerts()
                   if a["labels"]["alertname"] == "MisalignmentDetectorFired" and a["state"] == "firing"}

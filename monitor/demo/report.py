@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from monitor.demo.checks import CONSUMER_GROUP, Expectations
+from monitor.demo.checks import CONSUMER_GROUP, INCIDENT, Expectations
 from monitor.demo.traffic import DemoRequest
 
 
@@ -42,7 +42,25 @@ def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consume
     return {"ok": not missing and not any(r.error for r in requests), "missing": missing,
             "degraded": degraded, "run_folder": str(run), "urls": urls,
             "requests": reqs, "kafka": {"topic": topic, "consumer_group": CONSUMER_GROUP, "events": len(events)},
-            "kafka_events": events, "prometheus_alerts": alerts, "pages": pages}
+            "kafka_events": events, "prometheus_alerts": alerts, "pages": pages,
+            "incidents": [incident_summary(e) for e in (consumer.received(INCIDENT) if consumer else [])]}
+
+
+def incident_summary(e: dict) -> dict:
+    """One incident, as a person would first want it: which words made which detector fire."""
+    d = e["data"]
+    t = d["trace"]
+    fired = [x for x in d["detectors"] if x["fired"]]
+    words = {}
+    for x in fired:
+        top = x["evidence"][0]["position"] if x["evidence"] else None
+        if top is not None and t["text"] is not None and top in t["positions"]:
+            j = t["positions"].index(top)
+            words[x["name"]] = "".join(t["text"][max(0, j - 6) : j + 3])
+    return {"request_id": e["subject"], "event_id": e["id"], "alert_ids": d["alert_ids"],
+            "detectors": [x["name"] for x in fired], "tokens_traced": len(t["positions"]),
+            "prompt_tokens": d["prompt_tokens"], "context_tokens": len(d["context"]), "text_policy": d["text_policy"],
+            "redacted_by": d["redacted_by"], "words_around_the_top_token": words}
 
 
 def show(s: dict) -> None:
@@ -65,6 +83,13 @@ def show(s: dict) -> None:
         d = e["data"]
         print(f"  {e['time']} {e['subject']:<34} {d['detector']:<24} rev {d['revision']}"
               f"{' final' if d['final'] else ''} score {d['score']:.3g} id {e['id'][:8]}")
+    print(f"\n=== incidents: {len(s['incidents'])} (one per flagged request, with its trace) " + "=" * 18)
+    for i in s["incidents"]:
+        print(f"  {i['request_id']:<34} {', '.join(i['detectors'])}: {i['tokens_traced']} tokens traced "
+              f"({i['prompt_tokens']} prompt), feature context at {i['context_tokens']} token(s)"
+              + (f", redacted: {', '.join(i['redacted_by'])}" if i["redacted_by"] else ""))
+        for det, words in i["words_around_the_top_token"].items():
+            print(f"      {det} fired around: {words!r}")
     print("\n=== Prometheus alerts " + "=" * 55)
     for a in s["prometheus_alerts"]:
         labels = ", ".join(f"{k}={v}" for k, v in a["labels"].items() if k not in ("alertname",))
@@ -73,7 +98,8 @@ def show(s: dict) -> None:
     for p in s["pages"]:
         what = ", ".join(f"{a['alertname']}({a['detector']}, {a['severity']}, {a['status']})" for a in p["alerts"])
         print(f"  {p['receiver']:<13} {p['path']:<34} {what or 'PagerDuty ' + str(p['pagerduty_event'])}")
-    print("\n(token text is shown from the demo client's own copy of its prompts: events carry no text)")
+    print("\n(alert events carry no text: the token text above is the demo client's own copy of its prompts. "
+          "Incidents carry text because the demo runs with evidence.text: flagged; the default is none.)")
     for m in s["degraded"]:
         print(f"DEGRADED: {m}")
     print("RESULT: all expected signals arrived" if s["ok"] else "RESULT: missing:\n  " + "\n  ".join(s["missing"]))

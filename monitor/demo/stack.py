@@ -23,7 +23,7 @@ from monitor.stack.kafka_broker import TansuBroker
 from monitor.stack.sidecar_process import SidecarProcess
 from monitor.stack.vllm_server import VLLMServer, free_port
 
-ALERTS_TOPIC = "misalignment-monitor.alerts"
+TOPICS = ("misalignment-monitor.alerts", "misalignment-monitor.incidents")
 
 
 def demo_config() -> Path:
@@ -44,8 +44,9 @@ def port(preferred: int) -> int:
 
 # ---- the monitor config, relocated into the run folder ----------------------------------------
 
-def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: int) -> Path:
-    """The demo config with its paths made absolute and the run's addresses filled in."""
+def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: int, tokenizer: Path | None = None) -> Path:
+    """The demo config with its paths made absolute and the run's addresses filled in. With `tokenizer`
+    (the served model's folder) the demo keeps the text of flagged requests (`evidence.text: flagged`)."""
     cfg = yaml.safe_load(src.read_text())
     base = src.parent
 
@@ -67,6 +68,8 @@ def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: in
     else:
         kafka["enabled"] = False
     sinks.setdefault("prometheus", {}).update(enabled=True, host="127.0.0.1", port=metrics_port)
+    if tokenizer is not None:
+        cfg.setdefault("evidence", {}).update(text="flagged", tokenizer=str(tokenizer))
     out = run / "monitor.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
@@ -106,7 +109,8 @@ class LocalStack:
         except (RuntimeError, TimeoutError, OSError) as e:
             self._degrade(f"the test Kafka broker could not start ({e}): running without Kafka events", say)
             return
-        self.broker.create_topic(ALERTS_TOPIC)
+        for topic in TOPICS:
+            self.broker.create_topic(topic)
         self.urls["kafka_bootstrap"] = self.broker.bootstrap
         say(f"Kafka-protocol broker (tansu) at {self.broker.bootstrap}")
 

@@ -14,7 +14,9 @@ from monitor.config.models import CountAbove, EmaMax, FractionAbove, Max, Mean, 
 
 
 class Aggregator:
-    def update(self, values: np.ndarray) -> None:
+    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
+        """Feed token scores; with `running`, return the aggregate as it stood after each of them
+        (what an incident's score trajectory shows)."""
         raise NotImplementedError
 
     @property
@@ -27,10 +29,13 @@ class MaxAgg(Aggregator):
     def __init__(self) -> None:
         self._n, self._max = 0, -np.inf
 
-    def update(self, values: np.ndarray) -> None:
-        if len(values):
-            self._n += len(values)
-            self._max = max(self._max, float(values.max()))
+    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
+        if not len(values):
+            return values.astype(np.float64) if running else None
+        out = np.maximum(np.maximum.accumulate(values.astype(np.float64)), self._max) if running else None
+        self._n += len(values)
+        self._max = max(self._max, float(values.max()))
+        return out
 
     @property
     def value(self) -> float:
@@ -41,9 +46,13 @@ class MeanAgg(Aggregator):
     def __init__(self) -> None:
         self._n, self._sum = 0, 0.0
 
-    def update(self, values: np.ndarray) -> None:
+    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
+        out = None
+        if running:
+            out = (self._sum + np.cumsum(values, dtype=np.float64)) / (self._n + np.arange(1, len(values) + 1))
         self._n += len(values)
         self._sum += float(values.sum(dtype=np.float64))
+        return out
 
     @property
     def value(self) -> float:
@@ -57,11 +66,14 @@ class EmaMaxAgg(Aggregator):
         self.alpha = alpha
         self._n, self._ema, self._max = 0, 0.0, -np.inf
 
-    def update(self, values: np.ndarray) -> None:
+    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
+        out = []
         for v in values.tolist():
             self._ema = v if self._n == 0 else self.alpha * v + (1 - self.alpha) * self._ema
             self._n += 1
             self._max = max(self._max, self._ema)
+            out.append(self._max)
+        return np.asarray(out, dtype=np.float64) if running else None
 
     @property
     def value(self) -> float:
@@ -75,7 +87,8 @@ class RollingMeanMaxAgg(Aggregator):
         self.window = window
         self._n, self._buf, self._sum, self._max = 0, deque(), 0.0, -np.inf
 
-    def update(self, values: np.ndarray) -> None:
+    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
+        out = []
         for v in values.tolist():
             self._buf.append(v)
             self._sum += v
@@ -84,6 +97,8 @@ class RollingMeanMaxAgg(Aggregator):
                 self._sum -= self._buf.popleft()
             if len(self._buf) == self.window:
                 self._max = max(self._max, self._sum / self.window)
+            out.append(self.value)
+        return np.asarray(out, dtype=np.float64) if running else None
 
     @property
     def value(self) -> float:
@@ -97,9 +112,16 @@ class CountAboveAgg(Aggregator):
         self.token_threshold, self.min_tokens, self.fraction = token_threshold, min_tokens, fraction
         self._n, self._above = 0, 0
 
-    def update(self, values: np.ndarray) -> None:
+    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
+        out = None
+        above = values >= self.token_threshold
+        if running:
+            count = self._above + np.cumsum(above)
+            value = count / (self._n + np.arange(1, len(values) + 1)) if self.fraction else count.astype(np.float64)
+            out = np.where(count < self.min_tokens, 0.0, value)
         self._n += len(values)
-        self._above += int((values >= self.token_threshold).sum())
+        self._above += int(above.sum())
+        return out
 
     @property
     def value(self) -> float:

@@ -29,6 +29,7 @@ from monitor.config.models import CountAbove, DetectorSpec, FeatureInput, Fracti
 from monitor.detectors.aggregate import Aggregator, make_aggregator
 from monitor.detectors.updates import DetectorUpdate, TokenEvidence
 from monitor.scoring import BatchedScorer, LinearProbe, WatchedEncoder
+from monitor.scoring.context import ContextEncoder
 from monitor.scoring.space import HeadInfo, logit, sigmoid
 
 TOP_TOKENS = 5
@@ -78,6 +79,8 @@ class DetectorState:
     alert_id: str | None = None
     fired_at: int | None = None  # position of the token that pushed it over
     top: list[tuple[float, int, dict]] = field(default_factory=list)  # min-heap of (score, position, inputs)
+    running: np.ndarray | None = None  # with update(..., running=True): the score after each token of that call
+    running_positions: np.ndarray | None = None  # their positions (set by `feed`)
 
     def _combine_aggs(self) -> float:
         vals = [a.value for a in self.aggs]
@@ -95,20 +98,31 @@ class DetectorState:
     def score(self) -> float:
         return self._combine_aggs()
 
-    def update(self, positions: np.ndarray, columns: list[np.ndarray]) -> bool:
-        """Feed in-scope tokens (`columns[i]` = input i's scores). Returns True when this call fired."""
+    def _combine_running(self, runs: np.ndarray) -> np.ndarray:
+        """`_combine_aggs`, token by token: [aggregators, tokens] -> [tokens]."""
+        spec = self.detector.spec
+        raw = runs.min(0) if spec.combine == "all" else runs.max(0)
+        if self.detector.probe_only and not self.detector.counts and spec.combine != "weighted":
+            return sigmoid(raw)
+        return raw
+
+    def update(self, positions: np.ndarray, columns: list[np.ndarray], running: bool = False) -> bool:
+        """Feed in-scope tokens (`columns[i]` = input i's scores). Returns True when this call fired.
+
+        With `running`, `self.running` is then the detector's score after each of these tokens."""
         if len(positions) == 0:
             return False
         det = self.detector
         if det.spec.combine == "weighted":
             combined = sum(ref.weight * col for ref, col in zip(det.inputs, columns))
-            self.aggs[0].update(combined)
+            runs = [self.aggs[0].update(combined, running)]
             token_scores = combined
         else:
-            for agg, col in zip(self.aggs, columns):
-                agg.update(col)
+            runs = [agg.update(col, running) for agg, col in zip(self.aggs, columns)]
             stack = np.stack(columns)
             token_scores = stack.min(0) if det.spec.combine == "all" else stack.max(0)
+        if running:
+            self.running = self._combine_running(np.stack(runs))
         if det.probe_only and det.spec.combine != "weighted":
             token_scores = sigmoid(token_scores)
         for j in np.argsort(token_scores)[-TOP_TOKENS:]:
@@ -143,6 +157,11 @@ class DetectorSet:
     detectors: list[CompiledDetector]
     layers: list[int]
     heads: dict[str, HeadInfo]  # every scored head: its kind, output space and column labels
+    context: dict[str, ContextEncoder] = field(default_factory=dict)  # every configured SAE, full, loaded on demand
+
+    @property
+    def context_layers(self) -> set[int]:
+        return {c.layer for c in self.context.values()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,9 +189,12 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
                 used_probes.add(inp.probe)
     heads: dict[int, dict[str, object]] = {}
     feature_columns: dict[str, list[int]] = {}
+    def load_sae(s):
+        return SAE.load_from_disk(loaded.resolve(s.path)) if s.path else SAE.from_pretrained(s.release, s.sae_id)
+
     for name, feats in watched.items():
         s = sae_cfg[name]
-        sae = SAE.load_from_disk(loaded.resolve(s.path)) if s.path else SAE.from_pretrained(s.release, s.sae_id)
+        sae = load_sae(s)
         cols = sorted(feats)
         feature_columns[name] = cols
         heads.setdefault(s.layer, {})[sae_head(name)] = WatchedEncoder.from_sae(sae, cols, mode=s.mode)
@@ -198,17 +220,19 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
                 col = 0 if inp.output is None else outputs.index(inp.output)
                 refs.append(InputRef(probe_head(inp.probe), col, inp.weight, True, f"{inp.probe}/{outputs[col]}"))
         compiled.append(CompiledDetector(det.spec, refs))
-    return DetectorSet(BatchedScorer(heads, dev, cfg.scoring.max_batch_rows), compiled, sorted(heads), infos)
+    context = {s.name: ContextEncoder(s.name, s.layer, lambda s=s: load_sae(s), dev) for s in cfg.saes}
+    return DetectorSet(BatchedScorer(heads, dev, cfg.scoring.max_batch_rows), compiled, sorted(heads), infos, context)
 
 
 def feed(det: CompiledDetector, state: "DetectorState | None", positions: np.ndarray, n_prompt: int,
-         scores: dict[str, np.ndarray]) -> tuple["DetectorState | None", bool]:
+         scores: dict[str, np.ndarray], running: bool = False) -> tuple["DetectorState | None", bool]:
     """Give a detector one batch of a request's tokens (`scores`: head -> [n, k] for `positions`).
 
     The one place where a detector meets token scores: the sidecar and offline evaluation both call
     it, so a detector is judged offline exactly as it is in production. Returns the state (created
     on the first in-scope token), or None when no token of this batch is in scope, and whether this
-    batch fired it.
+    batch fired it. With `running`, `state.running` holds the score after each in-scope token and
+    `state.running_positions` their positions.
     """
     mask = in_scope(det.spec, positions, n_prompt)
     if not mask.any():
@@ -216,7 +240,10 @@ def feed(det: CompiledDetector, state: "DetectorState | None", positions: np.nda
     if state is None:
         state = det.new_state()
     cols = [scores[ref.head][mask, ref.column].astype(np.float64) for ref in det.inputs]
-    return state, state.update(positions[mask], cols)
+    fired = state.update(positions[mask], cols, running)
+    if running:
+        state.running_positions = positions[mask]
+    return state, fired
 
 
 def in_scope(spec: DetectorSpec, positions: np.ndarray, n_prompt: int) -> np.ndarray:

@@ -6,6 +6,9 @@ absolute position `num_computed_tokens` (the tokens computed before this step, p
 included: cached positions get no forward pass, so they get no rows, and the reader reports them
 as not covered rather than inventing rows).
 
+Token ids come from the same CPU state (`input_batch.token_ids_cpu`, the row's input token): a few
+bytes per row, no text, nothing read from the device.
+
 Ids: a worker sees `"{external}-{8 hex}"`, or `"{i}_{external}-{8 hex}"` for the i-th of n > 1
 samples. The OpenAI server's external id is `chatcmpl-` / `cmpl-` + the `X-Request-Id` header,
 which our middleware guarantees is set, so alerts name an id the caller can find.
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+
+import numpy as np
 
 from monitor.transport.meta import Segment
 
@@ -36,23 +41,31 @@ def parse_request_id(internal: str) -> tuple[str, str, int]:
     return external, request_id, int(m["sample"] or 0)
 
 
-def v1_segments(runner, scheduler_output) -> list[Segment]:
+def v1_segments(runner, scheduler_output) -> tuple[list[Segment], np.ndarray | None]:
+    """The step's segments, and each row's input token id (in row order)."""
     batch = runner.input_batch
     num_reqs = batch.num_reqs
     scheduled = scheduler_output.num_scheduled_tokens
+    token_ids = getattr(batch, "token_ids_cpu", None)
     segments: list[Segment] = []
+    ids: list[np.ndarray] = []
     row = 0
     for i, req in enumerate(batch.req_ids[:num_reqs]):
         n = scheduled.get(req, 0)
         if n == 0:
             continue
         external, request_id, sample = parse_request_id(req)
+        start = int(batch.num_computed_tokens_cpu[i])
         segments.append(Segment(
             req=req, external_id=external, request_id=request_id, sample=sample,
-            start=int(batch.num_computed_tokens_cpu[i]), n=int(n), n_prompt=int(batch.num_prompt_tokens[i]), row=row,
+            start=start, n=int(n), n_prompt=int(batch.num_prompt_tokens[i]), row=row,
         ))
+        if token_ids is not None:
+            ids.append(token_ids[i, start : start + n])
         row += n
-    return segments
+    if token_ids is None or not ids:
+        return segments, None
+    return segments, np.concatenate(ids).astype(np.int32, copy=False)
 
 
 def split_segments(segments: list[Segment], max_rows: int) -> list[tuple[int, int, list[Segment]]]:
@@ -75,15 +88,16 @@ def split_segments(segments: list[Segment], max_rows: int) -> list[tuple[int, in
     return chunks
 
 
-def v2_segments(runner, scheduler_output) -> list[Segment]:
+def v2_segments(runner, scheduler_output) -> tuple[list[Segment], np.ndarray | None]:
     """V2 runner (vLLM >= 0.33 with Triton): the step's batch lives on `execute_model_state` until
     `sample_tokens` runs. Rows are laid out by `query_start_loc_np` (decode-first order).
 
     Written against the 0.32 source; only a GPU build runs V2, so it is not exercised on CPU CI.
+    Its input ids live on the device only: no token ids are sent (reading them would sync).
     """
     state = runner.execute_model_state
     if state is None:
-        return []
+        return [], None
     b = state.input_batch
     segments = []
     for i in range(b.num_reqs):
@@ -97,4 +111,4 @@ def v2_segments(runner, scheduler_output) -> list[Segment]:
             start=int(b.num_computed_tokens_np[i]), n=n, n_prompt=int(b.prefill_len_np[i]),
             row=int(b.query_start_loc_np[i]),
         ))
-    return segments
+    return segments, None

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from monitor.config.models import MonitorConfig
@@ -46,7 +47,7 @@ class _Publisher:
         self.lock = threading.Lock()  # the GPU path writes from the publisher thread
 
     def publish(self, step: int, segments: list[Segment], finished: list[str], rows: list[torch.Tensor] | None,
-                t: float) -> None:
+                t: float, token_ids: np.ndarray | None = None) -> None:
         # `t`: wall-clock time the step's forward pass returned; the sidecar measures detection latency from it.
         with self.lock:
             chunks = split_segments(segments, self.ring.spec.slot_rows) if segments else []
@@ -57,7 +58,8 @@ class _Publisher:
                     self.ring.drop(n)
                     continue
                 meta = SlotMeta(tuple(segs), tuple(finished) if k == len(chunks) - 1 else (), t)
-                self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None)
+                self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None,
+                                  None if token_ids is None else token_ids[first : first + n])
 
     def drop(self, n_rows: int) -> None:
         with self.lock:
@@ -76,7 +78,7 @@ class _GpuStager:
         threading.Thread(target=self._run, name="misalignment-monitor-publisher", daemon=True).start()
 
     def submit(self, buffers: list[torch.Tensor], n: int, step: int, segments: list[Segment], finished: list[str],
-               t: float) -> None:
+               t: float, token_ids: np.ndarray | None) -> None:
         if not self.free:  # every staging slot still in flight: drop, never wait
             self.publisher.drop(n)
             return
@@ -92,15 +94,15 @@ class _GpuStager:
                 self.pinned[k][li, :n].copy_(self.stage[k][li, :n], non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self.side)
-        self.jobs.put((k, copied, n, step, segments, finished, t))
+        self.jobs.put((k, copied, n, step, segments, finished, t, token_ids))
 
     def _run(self) -> None:
         while True:
-            k, copied, n, step, segments, finished, t = self.jobs.get()
+            k, copied, n, step, segments, finished, t, token_ids = self.jobs.get()
             try:
                 copied.synchronize()  # this thread only
                 rows = [self.pinned[k][li, :n] for li in range(self.pinned[k].shape[0])]
-                self.publisher.publish(step, segments, finished, rows, t)
+                self.publisher.publish(step, segments, finished, rows, t, token_ids)
             except Exception:  # noqa: BLE001 - the publisher must outlive any one bad step
                 log.exception("publishing a step failed")
                 self.publisher.ring.count_error()
@@ -154,15 +156,17 @@ class Capture:
         try:
             t = time.time()
             self.step += 1
-            segments = v2_segments(runner, scheduler_output) if self.v2 else v1_segments(runner, scheduler_output)
+            # token_ids is a fresh array, not a view of vLLM's batch: the GPU path publishes it a step later.
+            segments, token_ids = (v2_segments if self.v2 else v1_segments)(runner, scheduler_output)
             finished = sorted(scheduler_output.finished_req_ids or ())
             n = sum(s.n for s in segments)
             if not segments and not finished:
                 return
             if self.stager is not None and n:
-                self.stager.submit(self._ordered, n, self.step, segments, finished, t)
+                self.stager.submit(self._ordered, n, self.step, segments, finished, t, token_ids)
             else:
-                self.publisher.publish(self.step, segments, finished, [b[:n] for b in self._ordered] if n else None, t)
+                self.publisher.publish(self.step, segments, finished, [b[:n] for b in self._ordered] if n else None, t,
+                                       token_ids)
         except Exception:  # noqa: BLE001 - fail open: log once, stop tapping, keep serving
             self.failed = True
             log.exception("misalignment-monitor capture failed; the tap is disabled, vLLM keeps serving")

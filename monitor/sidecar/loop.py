@@ -7,7 +7,11 @@ without rows. A request's positions arrive in order; rows for positions already 
 request being recomputed) are ignored, and positions never computed (prefix-cache hits) are
 counted as not covered rather than invented.
 
-Consumers subscribe to the `ScoreBus`: per-token scores as they arrive, and detector updates.
+With `incidents.enabled`, each request also keeps a bounded trace (`monitor.detectors.trace`); when a
+request on which a detector fired finishes, it becomes an `Incident`, with the strongest features of
+a full SAE encode at the tokens that drove each detector. Other traces are released at the end.
+
+Consumers subscribe to the `ScoreBus`: per-token scores as they arrive, detector updates, incidents.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from monitor.config.load import LoadedConfig
 from monitor.detectors.runtime import DetectorSet, DetectorState, build_detector_set, feed
+from monitor.detectors.trace import FeatureContext, Incident, RequestTrace, TraceBudget
 from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring.tokens import SlotScored, TokenScores
 from monitor.sinks.sources import LoopHealth, LoopSnapshot, LoopStats
@@ -46,6 +52,8 @@ class RequestState:
     rows: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     detectors: dict[str, DetectorState] = field(default_factory=dict)
+    trace: RequestTrace | None = None
+    step_time: float | None = None  # end of the last forward pass that brought rows
 
     def update(self, ds: DetectorState, *, fired_now: bool, final: bool, step_time: float | None = None) -> DetectorUpdate:
         return ds.snapshot(self.req, self.request_id, self.external_id, self.sample, fired_now=fired_now, final=final,
@@ -59,6 +67,14 @@ class ScoreBus:
         self._tokens: list[Callable[[TokenScores], None]] = []
         self._detectors: list[Callable[[DetectorUpdate], None]] = []
         self._slots: list[Callable[[SlotScored], None]] = []
+        self._incidents: list[Callable[[Incident], None]] = []
+
+    def on_incident(self, fn: Callable[[Incident], None]) -> None:
+        self._incidents.append(fn)
+
+    def emit_incident(self, incident: Incident) -> None:
+        for fn in self._incidents:
+            fn(incident)
 
     def on_slot(self, fn: Callable[[SlotScored], None]) -> None:
         self._slots.append(fn)
@@ -95,6 +111,8 @@ class Sidecar:
         t = loaded.config.transport
         self.pattern = str(Path(t.directory) / f"{t.name}-*.ring")
         self.timeout = t.request_timeout_s
+        inc = loaded.config.incidents
+        self.budget = TraceBudget(inc.max_trace_tokens, inc.max_trace_tokens_total) if inc.enabled else None
         # Counters of rings already detached (a restarted vLLM makes a new ring): totals never go back.
         self.retired = RingTotals()
         self.heartbeat = time.monotonic()  # the loop's last iteration: liveness
@@ -140,7 +158,8 @@ class Sidecar:
                 stats=dataclasses.replace(self.stats), requests_in_flight=len(self.requests), rings=rings,
                 rings_attached=len(counters), ring_lag_slots=sum(c["lag_slots"] for c in counters),
                 ring_capacity_slots=sum(r.spec.slots for r in self.readers.values()),
-                heartbeat_age_s=max(0.0, time.monotonic() - self.heartbeat), detectors=self.detectors)
+                heartbeat_age_s=max(0.0, time.monotonic() - self.heartbeat), detectors=self.detectors,
+                trace=None if self.budget is None else dataclasses.replace(self.budget))
 
     # ---- the loop ----------------------------------------------------------------------------
     def poll_once(self) -> int:
@@ -174,8 +193,9 @@ class Sidecar:
             took = time.perf_counter() - t0
             self.stats.tokens_scored += n_rows
             self.bus.emit_slot(SlotScored(n_rows, took, meta.t))
+            rows = {layer: slot.rows[i] for i, layer in enumerate(reader.spec.layers)}
             for seg in meta.segments:
-                self._segment(seg, scores, meta.t)
+                self._segment(seg, scores, meta.t, rows, slot.token_ids)
         for req in meta.finished:
             self._finish(req)
 
@@ -183,13 +203,17 @@ class Sidecar:
         st = self.requests.get(seg.req)
         if st is None:
             st = RequestState(seg.req, seg.request_id, seg.external_id, seg.sample, seg.n_prompt)
+            if self.budget is not None:
+                st.trace = RequestTrace(self.loaded.config.incidents.context_window)
             self.requests[seg.req] = st
             self.stats.requests_seen += 1
         return st
 
-    def _segment(self, seg: Segment, scores: dict[str, np.ndarray], step_time: float | None = None) -> None:
+    def _segment(self, seg: Segment, scores: dict[str, np.ndarray], step_time: float | None = None,
+                 slot_rows: dict[int, torch.Tensor] | None = None, token_ids: np.ndarray | None = None) -> None:
         st = self._state(seg)
         st.last_seen = time.monotonic()
+        st.step_time = step_time
         start, n, row = seg.start, seg.n, seg.row
         positions = np.arange(start, start + n)
         keep = positions >= st.next_pos  # preemption re-sends positions already scored
@@ -206,12 +230,23 @@ class Sidecar:
         st.rows += len(positions)
         self.bus.emit_tokens(TokenScores(st.req, st.request_id, st.external_id, st.sample, positions,
                                          positions < st.n_prompt, seg_scores))
+        trace = st.trace
+        if trace is not None:
+            trace.add(self.budget, positions, None if token_ids is None else token_ids[rows][keep], seg_scores)
         for det in self.detectors.detectors:
-            ds, fired = feed(det, st.detectors.get(det.spec.name), positions, st.n_prompt, seg_scores)
+            ds, fired = feed(det, st.detectors.get(det.spec.name), positions, st.n_prompt, seg_scores,
+                             running=trace is not None)
             if ds is None:
                 continue
+            if trace is not None:
+                trace.add_running(det.spec.name, ds.running_positions, ds.running)
             st.detectors[det.spec.name] = ds
             self.bus.emit_detector(st.update(ds, fired_now=fired, final=False, step_time=step_time))
+        if trace is not None and slot_rows and self.detectors.context:
+            mask = torch.from_numpy(keep)
+            rows_here = {layer: r[rows][mask] for layer, r in slot_rows.items() if layer in self.detectors.context_layers}
+            evidence = {p for ds in st.detectors.values() for _, p, _ in ds.top}
+            trace.keep_rows(positions, rows_here, evidence)
 
     def _finish(self, req: str, expired: bool = False) -> None:
         st = self.requests.pop(req, None)
@@ -221,8 +256,32 @@ class Sidecar:
             self.stats.requests_expired += 1
         else:
             self.stats.requests_finished += 1
-        for ds in st.detectors.values():
-            self.bus.emit_detector(st.update(ds, fired_now=False, final=True))
+        verdicts = [st.update(ds, fired_now=False, final=True) for ds in st.detectors.values()]
+        for u in verdicts:
+            self.bus.emit_detector(u)
+        if st.trace is not None:
+            if any(u.fired for u in verdicts):
+                self.stats.incidents += 1
+                self.bus.emit_incident(self._incident(st, verdicts))
+            st.trace.release(self.budget)
+
+    def _incident(self, st: RequestState, verdicts: list[DetectorUpdate]) -> Incident:
+        """The request's trace, and the strongest SAE features at the tokens that drove a detector that fired."""
+        trace, cfg = st.trace, self.loaded.config.incidents
+        w = cfg.context_window
+        wanted = sorted({e.position + d for u in verdicts if u.fired for e in u.evidence for d in range(-w, w + 1)}
+                        & set(trace.rows))
+        context: list[FeatureContext] = []
+        for enc in self.detectors.context.values():
+            have = [p for p in wanted if enc.layer in trace.rows[p]]
+            if not have:
+                continue
+            values, indices = enc.top(torch.stack([trace.rows[p][enc.layer] for p in have]), cfg.top_features)
+            for p, vals, idx in zip(have, values.tolist(), indices.tolist()):
+                context.append(FeatureContext(p, enc.name, tuple((i, v) for i, v in zip(idx, vals) if v > 0)))
+        columns = {name: head.columns for name, head in self.detectors.heads.items()}
+        return Incident(st.req, st.request_id, st.external_id, st.sample, st.n_prompt, tuple(verdicts),
+                        trace.arrays(columns), tuple(context), st.uncovered, trace.untraced, st.step_time)
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from monitor.config import ConfigError, load_config
-from monitor.config.load import detector_files
+from monitor.config.load import ConfigIssue, detector_files
 from monitor.sidecar.loop import Sidecar
 from monitor.sinks.decisions import DecisionLog
+from monitor.sinks.jsonl import JsonLines
 
 log = logging.getLogger("monitor.sidecar")
 
@@ -27,7 +28,7 @@ def _watched_files(sidecar: Sidecar) -> dict[Path, float]:
 
 
 def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Event | None = None,
-                watch_every: float = 2.0) -> int:
+                watch_every: float = 2.0, incidents: Path | None = None) -> int:
     loaded = load_config(config)
     if "OMP_NUM_THREADS" not in os.environ:
         # The sidecar shares the machine with vLLM, whose OpenMP threads are pinned to cores; one
@@ -38,6 +39,7 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     if decision_log is not None:
         sidecar.bus.on_detector(decision_log)
     kafka = _attach_kafka(sidecar)
+    incident_file = _attach_incident_file(sidecar, incidents) if incidents is not None else None
     server = _attach_metrics(sidecar, kafka)
     stop = stop or threading.Event()
     reload_requested = threading.Event()
@@ -77,8 +79,9 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     sidecar.close()
     if kafka is not None:
         kafka.close()
-    if decision_log is not None:
-        decision_log.close()
+    for f in (decision_log, incident_file):
+        if f is not None:
+            f.close()
     return 0
 
 
@@ -100,18 +103,52 @@ def _attach_metrics(sidecar: Sidecar, kafka):
     return MetricsServer(metrics, sidecar.health, cfg.host, cfg.port)
 
 
+def _incident_builder(lc, who: dict):
+    """Incident events as `evidence` says: text (from the model's tokenizer, redacted) only under `flagged`."""
+    from monitor.config.load import tokenizer_dir
+    from monitor.sinks.incidents import IncidentBuilder
+
+    cfg = lc.config
+    tokenizer = None
+    if cfg.evidence.text == "flagged":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(lc))
+    return IncidentBuilder(**who, text=cfg.evidence.text, redaction=list(cfg.evidence.redact), tokenizer=tokenizer,
+                           max_bytes=cfg.incidents.max_event_bytes)
+
+
+def _who(lc) -> dict:
+    """What every event says about where it comes from."""
+    from monitor.sinks.events import FeatureExplanations
+
+    cfg = lc.config
+    labels = {s.name: lc.resolve(s.labels) for s in cfg.saes if s.labels}
+    return dict(model=cfg.model.name, deployment=cfg.deployment.name, pod=os.environ.get("POD_NAME"),
+                namespace=cfg.deployment.namespace, explanations=FeatureExplanations.load(labels))
+
+
+def _attach_incident_file(sidecar: Sidecar, path: Path):
+    """`--incidents FILE`: incident events as JSON lines, under the same text policy as Kafka's."""
+    if not sidecar.loaded.config.incidents.enabled:
+        raise ConfigError([ConfigIssue(sidecar.loaded.path, "incidents.enabled", "--incidents needs incidents enabled")])
+    builder = _incident_builder(sidecar.loaded, _who(sidecar.loaded))
+    out = JsonLines(path)
+    sidecar.bus.on_incident(lambda inc: out.write(builder.build(inc)))
+    return out
+
+
 def _attach_kafka(sidecar: Sidecar):
     """Alert events to Kafka when `sinks.kafka.enabled`: built on the loop's thread, sent by the sink's."""
     lc = sidecar.loaded
     cfg = lc.config
     if not cfg.sinks.kafka.enabled:
         return None
-    from monitor.sinks.events import EventBuilder, FeatureExplanations
+    from monitor.sinks.events import EventBuilder
     from monitor.sinks.kafka import KafkaSink
 
-    labels = {s.name: lc.resolve(s.labels) for s in cfg.saes if s.labels}
-    builder = EventBuilder(model=cfg.model.name, deployment=cfg.deployment.name, pod=os.environ.get("POD_NAME"),
-                           namespace=cfg.deployment.namespace, explanations=FeatureExplanations.load(labels))
+    who = _who(lc)
+    builder = EventBuilder(**who)
     sink = KafkaSink(cfg.sinks.kafka, base_dir=lc.path.parent)
 
     def on_update(u) -> None:
@@ -120,5 +157,10 @@ def _attach_kafka(sidecar: Sidecar):
             sink.submit(event)
 
     sidecar.bus.on_detector(on_update)
+    if cfg.incidents.enabled:
+        incidents = _incident_builder(lc, who)
+        sidecar.bus.on_incident(lambda inc: sink.submit(incidents.build(inc), topic=cfg.sinks.kafka.incident_topic))
+        log.info("incident events to Kafka topic %s (text: %s)", cfg.sinks.kafka.incident_topic, cfg.evidence.text,
+                 extra={"topic": cfg.sinks.kafka.incident_topic, "text_policy": cfg.evidence.text})
     log.info("alert events to Kafka topic %s at %s", cfg.sinks.kafka.topic, ",".join(cfg.sinks.kafka.bootstrap_servers))
     return sink

@@ -5,28 +5,21 @@ Ids and scores only, never text: the file is safe to keep beside the sidecar's l
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 from monitor.detectors.updates import DetectorUpdate
+from monitor.sinks.jsonl import JsonLines
 
 
-class DecisionLog:
-    def __init__(self, path: Path) -> None:
-        self.f = path.open("a", buffering=1)
-
+class DecisionLog(JsonLines):
     def __call__(self, u: DetectorUpdate) -> None:
         if not (u.fired_now or u.final):
             return
         d = u.detector
-        self.f.write(json.dumps({
+        self.write({
             "event": "fired" if u.fired_now else "final", "time": time.time(), "request_id": u.request_id,
             "external_id": u.external_id, "sample": u.sample, "detector": d.name, "concept": d.concept,
             "severity": d.severity, "score": u.score, "threshold": d.threshold, "fired": u.fired,
             "alert_id": u.alert_id, "fired_at_position": u.fired_at,
             "top_tokens": [{"position": e.position, "score": e.score, "inputs": e.inputs} for e in u.evidence],
-        }) + "\n")
-
-    def close(self) -> None:
-        self.f.close()
+        })

@@ -12,13 +12,11 @@ model: `python -m monitor.sinks.events` writes it, `--check` fails when it is st
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.config.models import Aggregation
 from monitor.detectors.updates import DetectorUpdate
+from monitor.sinks.schemas import schema_command, shipped
 
 EVENT_TYPE = "io.misalignment-monitor.alert.v1"
 # The schema's own $id; the file ships in the package (monitor/schemas/alert.v1.json).
@@ -100,10 +99,10 @@ def generated_schema() -> dict:
 
 
 def alert_schema() -> dict:
-    return json.loads(resources.files("monitor").joinpath(SCHEMA_FILE).read_text())
+    return shipped(SCHEMA_FILE)
 
 
-def _rfc3339(t: datetime) -> str:
+def rfc3339(t: datetime) -> str:
     # Microseconds: detection latency on loopback is a few milliseconds.
     return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -150,32 +149,20 @@ class EventBuilder:
             EvidenceInput(input=name, value=value, explanation=self.explanations.by_input.get(name))
             for name, value in e.inputs.items()]) for e in u.evidence]
         event = AlertEvent(
-            id=str(uuid.uuid4()), source=self.source, time=_rfc3339(datetime.now(timezone.utc)), subject=u.request_id,
+            id=str(uuid.uuid4()), source=self.source, time=rfc3339(datetime.now(timezone.utc)), subject=u.request_id,
             data=AlertData(
                 alert_id=u.alert_id, revision=revision, request_id=u.request_id, response_id=u.external_id,
                 sample=u.sample, model=self.model, deployment=self.deployment, namespace=self.namespace, pod=self.pod,
                 detector=spec.name, concept=spec.concept, severity=spec.severity, score=u.score,
                 threshold=spec.threshold, aggregation=spec.aggregation, scope=spec.scope, fired_at_position=u.fired_at,
-                forward_pass_time=(_rfc3339(datetime.fromtimestamp(u.step_time, timezone.utc))
+                forward_pass_time=(rfc3339(datetime.fromtimestamp(u.step_time, timezone.utc))
                                    if u.step_time is not None else None),
                 final=u.final, labels=dict(spec.labels), tokens=tokens))
         return event.model_dump(mode="json")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write monitor/schemas/alert.v1.json from the AlertEvent model.")
-    parser.add_argument("--check", action="store_true", help="fail if the shipped schema is stale; write nothing")
-    args = parser.parse_args(argv)
-    path = Path(str(resources.files("monitor").joinpath(SCHEMA_FILE)))
-    text = json.dumps(generated_schema(), indent=2) + "\n"
-    if args.check:
-        if path.read_text() != text:
-            print(f"{path} is stale: run python -m monitor.sinks.events", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(text)
-    print(path)
-    return 0
+    return schema_command(generated_schema, SCHEMA_FILE, "monitor.sinks.events", argv)
 
 
 if __name__ == "__main__":

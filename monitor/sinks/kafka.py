@@ -127,8 +127,10 @@ class KafkaSink:
         self._thread.start()
 
     # ---- called from the scoring thread: never blocks ----
-    def submit(self, event: dict) -> bool:
-        record = json.dumps({"key": event["subject"], "event": event}, separators=(",", ":")).encode()
+    def submit(self, event: dict, topic: str | None = None) -> bool:
+        """Queue a CloudEvent for `topic` (default: the alert topic), keyed by its subject (the request id)."""
+        record = json.dumps({"key": event["subject"], "topic": topic or self.cfg.topic, "event": event},
+                            separators=(",", ":")).encode()
         try:
             self.queue.put_nowait((event["subject"], record, time.monotonic()))
             return True
@@ -144,10 +146,10 @@ class KafkaSink:
             self._producer = KafkaProducer(**self.options)
         return self._producer
 
-    def _send(self, key: str, event_bytes: bytes) -> bool:
+    def _send(self, topic: str, key: str, event_bytes: bytes) -> bool:
         try:
             producer = self._connect()
-            producer.send(self.cfg.topic, key=key.encode(), value=event_bytes).get(timeout=10)
+            producer.send(topic, key=key.encode(), value=event_bytes).get(timeout=10)
             self.counters.sent += 1
             return True
         except Exception as e:  # noqa: BLE001 - any failure means: spool and retry later
@@ -172,7 +174,9 @@ class KafkaSink:
         while (item := self.spool.head()) is not None:
             path, record = item
             doc = json.loads(record)
-            if not self._send(doc["key"], json.dumps(doc["event"], separators=(",", ":")).encode()):
+            # Spool entries written before incidents existed carry no topic: they were alerts.
+            if not self._send(doc.get("topic", self.cfg.topic), doc["key"],
+                              json.dumps(doc["event"], separators=(",", ":")).encode()):
                 return False
             self.spool.pop(path)
         return True
@@ -190,7 +194,7 @@ class KafkaSink:
                 continue
             if healthy:
                 doc = json.loads(record)
-                healthy = self._send(key, json.dumps(doc["event"], separators=(",", ":")).encode())
+                healthy = self._send(doc["topic"], key, json.dumps(doc["event"], separators=(",", ":")).encode())
                 if healthy and self.on_delivered is not None:
                     self.on_delivered(time.monotonic() - queued_at)
                 if not healthy:

@@ -134,6 +134,13 @@ class MonitorCollector(Collector):
         yield counter("duplicate_rows", "Rows for positions already scored (preempted requests recomputed); ignored.",
                       st.duplicate_rows)
         yield counter("slots_read", "Ring slots read by the sidecar.", st.slots)
+        yield counter("incidents", "Fired requests that finished and became an incident (with their trace).",
+                      st.incidents)
+        if snap.trace is not None:
+            yield gauge("trace_tokens", "Tokens held in the traces of requests in flight.", snap.trace.used)
+            yield by_label("trace_tokens_dropped", "Scored tokens not kept in a trace, by the cap that was hit "
+                           "(request: incidents.max_trace_tokens; total: incidents.max_trace_tokens_total).", "reason",
+                           {"request": snap.trace.capped_request, "total": snap.trace.capped_total})
 
         # The producers' counters live in the rings' shared-memory headers.
         rings = snap.rings

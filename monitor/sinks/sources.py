@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import time
 
 from monitor.detectors.runtime import DetectorSet
+from monitor.detectors.trace import TraceBudget
 from monitor.transport.ring import RingTotals
 
 
@@ -25,6 +26,7 @@ class LoopStats:
     requests_expired: int = 0
     duplicate_rows: int = 0
     uncovered_positions: int = 0
+    incidents: int = 0  # fired requests that finished and became an incident
     reloads_ok: int = 0
     reloads_failed: int = 0
     last_reload_ok: bool = True  # False while a rejected edit waits to be fixed (the old config runs)
@@ -47,3 +49,4 @@ class LoopSnapshot:
     ring_capacity_slots: int
     heartbeat_age_s: float  # seconds since the loop last iterated
     detectors: DetectorSet  # the set in force (replaced whole on reload, never mutated)
+    trace: TraceBudget | None = None  # a copy: tokens traced now, and tokens not kept (per cap); None when off

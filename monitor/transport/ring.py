@@ -20,7 +20,9 @@ File layout (little-endian), one file per producer, e.g. /dev/shm/misalignment-m
       0   state u64: 2s+1 while being written, 2s+2 once complete (a seqlock)
       8   n_rows u32, meta_len u32
       16  step u64
+      24  has_token_ids u32
       64  meta (meta_bytes): `monitor.transport.meta.SlotMeta`, versioned compact JSON
+      ... token ids: slot_rows x int32, the input token of each row (no text: ids only)
       ... rows: n_layers x slot_rows x d_model in `dtype`
 
 The reader copies a slot out and re-reads its state: if it changed, the slot was overwritten while
@@ -44,8 +46,8 @@ import torch
 from monitor.transport.meta import SlotMeta
 
 MAGIC = b"MMRING01"
-# 2: slot metadata became `SlotMeta` (versioned, segments as arrays).
-VERSION = 2
+# 2: slot metadata became `SlotMeta` (versioned, segments as arrays). 3: a token id per row.
+VERSION = 3
 HEADER_BYTES = 4096
 SLOT_HEADER = 64
 MAX_LAYERS = 32
@@ -99,13 +101,21 @@ class RingSpec:
         return len(self.layers) * self.slot_rows * self.d_model * self.itemsize
 
     @property
+    def ids_bytes(self) -> int:
+        return self.slot_rows * 4
+
+    @property
     def slot_bytes(self) -> int:
-        raw = SLOT_HEADER + self.meta_bytes + self.rows_bytes
+        raw = SLOT_HEADER + self.meta_bytes + self.ids_bytes + self.rows_bytes
         return (raw + 4095) // 4096 * 4096
 
     @property
     def file_bytes(self) -> int:
         return HEADER_BYTES + self.slots * self.slot_bytes
+
+
+def _rows_offset(spec: RingSpec) -> int:
+    return SLOT_HEADER + spec.meta_bytes + spec.ids_bytes
 
 
 def _u64(buf, off: int) -> int:
@@ -130,6 +140,9 @@ class _Mapped:
             os.close(fd)
         # A numpy view of the same bytes: torch.from_numpy gives tensor views for the row areas.
         self.np = np.frombuffer(self.mm, dtype=np.uint8)
+
+    def ids_view(self, offset: int, spec: RingSpec) -> np.ndarray:
+        return self.np[offset : offset + spec.ids_bytes].view(np.int32)
 
     def rows_view(self, offset: int, spec: RingSpec) -> torch.Tensor:
         raw = torch.from_numpy(self.np[offset : offset + spec.rows_bytes])
@@ -171,7 +184,8 @@ class RingWriter:
         os.replace(tmp, self.path)
         m.path = self.path
         self._m = m
-        self._slot_rows = [m.rows_view(self._slot_offset(i) + SLOT_HEADER + spec.meta_bytes, spec) for i in range(spec.slots)]
+        self._slot_rows = [m.rows_view(self._slot_offset(i) + _rows_offset(spec), spec) for i in range(spec.slots)]
+        self._slot_ids = [m.ids_view(self._slot_offset(i) + SLOT_HEADER + spec.meta_bytes, spec) for i in range(spec.slots)]
         self.write_seq = 0
         self.closed = False
 
@@ -199,8 +213,10 @@ class RingWriter:
         b = self._m.mm
         _set_u64(b, ERRORS, _u64(b, ERRORS) + 1)
 
-    def publish(self, step: int, meta: SlotMeta, rows: Sequence[torch.Tensor] | None) -> bool:
-        """Write one slot: `rows[i]` is layer i's [n, d_model] tensor (CPU), or None for metadata only.
+    def publish(self, step: int, meta: SlotMeta, rows: Sequence[torch.Tensor] | None,
+                token_ids: np.ndarray | None = None) -> bool:
+        """Write one slot: `rows[i]` is layer i's [n, d_model] tensor (CPU), or None for metadata only;
+        `token_ids[j]` is row j's input token id, when the producer knows it.
 
         Returns False (and counts a drop) when the ring is full under drop_newest.
         """
@@ -222,8 +238,11 @@ class RingWriter:
         off = self._slot_offset(i)
         b = self._m.mm
         _set_u64(b, off, 2 * s + 1)  # writing
-        struct.pack_into("<IIQ", b, off + 8, n, len(payload), step)
+        has_ids = token_ids is not None and n > 0
+        struct.pack_into("<IIQI", b, off + 8, n, len(payload), step, int(has_ids))
         b[off + SLOT_HEADER : off + SLOT_HEADER + len(payload)] = payload
+        if has_ids:
+            self._slot_ids[i][:n] = token_ids[:n]
         if rows is not None and n:
             dst = self._slot_rows[i]
             for li, r in enumerate(rows):
@@ -241,6 +260,7 @@ class RingWriter:
         self.closed = True
         _set_u64(self._m.mm, CLOSED, 1)
         self._slot_rows = []
+        self._slot_ids = []
         self._m.close()
         if unlink:
             self.path.unlink(missing_ok=True)
@@ -252,6 +272,7 @@ class Slot:
     step: int
     meta: SlotMeta
     rows: list[torch.Tensor] = field(default_factory=list)  # per layer [n, d_model], copied out of the ring
+    token_ids: np.ndarray | None = None  # [n] int32, each row's input token; None when the producer sent none
 
 
 class RingReader:
@@ -278,8 +299,10 @@ class RingReader:
             m.close()
             raise RingError(f"{path}: slot size in the header does not match its geometry")
         self._m = m
-        self._rows = [m.rows_view(HEADER_BYTES + i * self.spec.slot_bytes + SLOT_HEADER + meta_bytes, self.spec)
+        self._rows = [m.rows_view(HEADER_BYTES + i * self.spec.slot_bytes + _rows_offset(self.spec), self.spec)
                       for i in range(slots)]
+        self._ids = [m.ids_view(HEADER_BYTES + i * self.spec.slot_bytes + SLOT_HEADER + meta_bytes, self.spec)
+                     for i in range(slots)]
         # Resume where the producer is now: slots written while no reader was attached are counted, not replayed.
         self.next_seq = max(_u64(b, READ_SEQ), _u64(b, WRITE_SEQ) - slots)
         self.lost_slots = 0
@@ -314,18 +337,20 @@ class RingReader:
                     self.next_seq += 1
                     continue
                 break  # being written right now
-            n, meta_len, step = struct.unpack_from("<IIQ", b, off + 8)
+            n, meta_len, step, has_ids = struct.unpack_from("<IIQI", b, off + 8)
             meta_raw = bytes(b[off + SLOT_HEADER : off + SLOT_HEADER + meta_len])
             rows = [self._rows[i][li, :n].clone() for li in range(len(self.spec.layers))] if n else []
+            ids = self._ids[i][:n].copy() if has_ids else None
             if _u64(b, off) != state:  # overwritten while we copied
                 self.lost_slots += 1
                 self.next_seq += 1
                 continue
-            out.append(Slot(s, step, SlotMeta.from_bytes(meta_raw), rows))
+            out.append(Slot(s, step, SlotMeta.from_bytes(meta_raw), rows, ids))
             self.next_seq += 1
         _set_u64(b, READ_SEQ, self.next_seq)
         return out
 
     def close(self) -> None:
         self._rows = []
+        self._ids = []
         self._m.close()

@@ -1,0 +1,164 @@
+"""What a request leaves behind when a detector fires on it: its trace, assembled into an `Incident`.
+
+While a request runs, its `RequestTrace` keeps, per token: the position, the input token id, the
+score of every watched input on the request's layers, and each detector's running score; plus the
+residual rows of the tokens that currently drive a detector (and `window` tokens either side), so
+the incident can say what else the model represented there. Everything is bounded: tokens per
+request and tokens in total (a `TraceBudget` shared by all requests); tokens beyond a cap are not
+kept and are counted. Rows are kept only around evidence tokens, at most
+`detectors x TOP_TOKENS x (2 window + 1)` per request.
+
+A request that finishes without a fire releases its trace at once; nothing is kept past its end.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from monitor.detectors.updates import DetectorUpdate
+
+
+@dataclass
+class TraceBudget:
+    """Token caps shared by every request's trace, and how often they were hit."""
+
+    per_request: int
+    total: int
+    used: int = 0
+    capped_request: int = 0  # tokens not kept: their request's trace was full
+    capped_total: int = 0  # tokens not kept: every trace together was full
+
+    def take(self, have: int, want: int) -> int:
+        """How many of `want` more tokens a trace holding `have` may keep (the rest are counted)."""
+        room_request = max(0, self.per_request - have)
+        room_total = max(0, self.total - self.used)
+        n = min(want, room_request, room_total)
+        if n < want:  # counted against the cap that bound
+            if room_request <= room_total:
+                self.capped_request += want - n
+            else:
+                self.capped_total += want - n
+        self.used += n
+        return n
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+
+
+@dataclass(frozen=True)
+class FeatureContext:
+    """What else the model represented at one token: an SAE's strongest features there (full encode)."""
+
+    position: int
+    sae: str
+    features: tuple[tuple[int, float], ...]  # (feature index, activation), strongest first
+
+
+@dataclass(frozen=True)
+class TraceArrays:
+    positions: np.ndarray  # [n] int
+    token_ids: np.ndarray | None  # [n] int32, or None when the producer sent none
+    inputs: dict[str, np.ndarray]  # input label ("<sae>/<feature>", "<probe>/<output>") -> [n], in its own space
+    running: dict[str, tuple[np.ndarray, np.ndarray]]  # detector -> (positions in scope, score after each)
+
+
+@dataclass(frozen=True)
+class Incident:
+    """A finished request on which at least one detector fired, with the evidence of why."""
+
+    req: str
+    request_id: str
+    external_id: str
+    sample: int
+    n_prompt: int
+    verdicts: tuple[DetectorUpdate, ...]  # every detector that saw the request, as it ended up
+    trace: TraceArrays
+    context: tuple[FeatureContext, ...]
+    uncovered_positions: int  # never computed by vLLM (prefix-cache hits), so never scored
+    untraced_tokens: int  # scored, but beyond a trace cap: not in `trace`
+    end_time: float | None = None  # wall-clock end of the request's last forward pass
+
+    @property
+    def fired(self) -> tuple[DetectorUpdate, ...]:
+        return tuple(v for v in self.verdicts if v.fired)
+
+
+@dataclass
+class RequestTrace:
+    window: int  # tokens kept either side of an evidence token, for feature context
+    positions: list[np.ndarray] = field(default_factory=list)
+    token_ids: list[np.ndarray] = field(default_factory=list)
+    has_ids: bool = True
+    scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # head -> chunks [m, k]
+    running: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    kept: int = 0
+    untraced: int = 0
+    rows: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # position -> layer -> row
+    _recent: deque = field(default_factory=deque)  # (position, {layer: row}) of the last `window` tokens
+
+    def add(self, budget: TraceBudget, positions: np.ndarray, token_ids: np.ndarray | None,
+            scores: dict[str, np.ndarray]) -> int:
+        """Keep as many of these tokens as the caps allow; returns how many (the first ones)."""
+        n = budget.take(self.kept, len(positions))
+        self.untraced += len(positions) - n
+        if n == 0:
+            return 0
+        self.positions.append(positions[:n])
+        if token_ids is None:
+            self.has_ids = False
+        elif self.has_ids:
+            self.token_ids.append(token_ids[:n])
+        for head, s in scores.items():
+            self.scores.setdefault(head, []).append(s[:n])
+        self.kept += n
+        return n
+
+    def add_running(self, detector: str, positions: np.ndarray, values: np.ndarray) -> None:
+        """A detector's running score at these positions (only positions the trace kept)."""
+        limit = self.positions[-1][-1] if self.positions else -1
+        keep = positions <= limit
+        if keep.any():
+            self.running.setdefault(detector, []).append((positions[keep], values[keep]))
+
+    def keep_rows(self, positions: np.ndarray, rows: dict[int, torch.Tensor], evidence: set[int]) -> None:
+        """Keep the rows of evidence tokens and their windows; let go of the rest.
+
+        `rows[layer][j]` is the row of `positions[j]`; the last `window` rows stay at hand, so a token
+        that becomes evidence still finds the rows just before it."""
+        w = self.window
+        wanted = {p + d for p in evidence for d in range(-w, w + 1)}
+        for p, r in self._recent:
+            if p in wanted and p not in self.rows:
+                self.rows[p] = r
+        for j, p in enumerate(positions.tolist()):
+            if p in wanted or w:
+                row = {layer: t[j].clone() for layer, t in rows.items()}  # never a view of the whole slot
+                if p in wanted:
+                    self.rows[p] = row
+                if w:
+                    self._recent.append((p, row))
+        while len(self._recent) > w:
+            self._recent.popleft()
+        for p in [p for p in self.rows if p not in wanted]:
+            del self.rows[p]
+
+    def release(self, budget: TraceBudget) -> None:
+        budget.give_back(self.kept)
+        self.kept = 0
+
+    def arrays(self, columns: dict[str, tuple[str, ...]]) -> TraceArrays:
+        """`columns`: head -> the label of each of its columns."""
+        positions = np.concatenate(self.positions) if self.positions else np.zeros(0, dtype=np.int64)
+        ids = np.concatenate(self.token_ids) if self.has_ids and self.token_ids else None
+        inputs: dict[str, np.ndarray] = {}
+        for head, chunks in self.scores.items():
+            stacked = np.concatenate(chunks)
+            for j, label in enumerate(columns.get(head, ())):
+                inputs[label] = stacked[:, j]
+        running = {d: (np.concatenate([p for p, _ in parts]), np.concatenate([v for _, v in parts]))
+                   for d, parts in self.running.items()}
+        return TraceArrays(positions, ids, inputs, running)
