@@ -81,6 +81,8 @@ class DetectorState:
     top: list[tuple[float, int, dict]] = field(default_factory=list)  # min-heap of (score, position, inputs)
     running: np.ndarray | None = None  # with update(..., running=True): the score after each token of that call
     running_positions: np.ndarray | None = None  # their positions (set by `feed`)
+    top_version: int = 0  # counts changes to `top`: a trace rebuilds its evidence windows only then
+    _score: float = float("nan")  # as of the last update (a reload keeps what a detector measures, so it holds)
 
     def _combine_aggs(self) -> float:
         vals = [a.value for a in self.aggs]
@@ -96,12 +98,15 @@ class DetectorState:
 
     @property
     def score(self) -> float:
-        return self._combine_aggs()
+        return self._score
 
-    def _combine_running(self, runs: np.ndarray) -> np.ndarray:
-        """`_combine_aggs`, token by token: [aggregators, tokens] -> [tokens]."""
+    def _combine_running(self, runs: list[np.ndarray]) -> np.ndarray:
+        """`_combine_aggs`, token by token: per aggregator [tokens] -> [tokens]."""
         spec = self.detector.spec
-        raw = runs.min(0) if spec.combine == "all" else runs.max(0)
+        if len(runs) == 1:
+            raw = runs[0]
+        else:
+            raw = np.min(runs, axis=0) if spec.combine == "all" else np.max(runs, axis=0)
         if self.detector.probe_only and not self.detector.counts and spec.combine != "weighted":
             return sigmoid(raw)
         return raw
@@ -113,26 +118,36 @@ class DetectorState:
         if len(positions) == 0:
             return False
         det = self.detector
+        many = running and len(positions) > 1  # one token's running score is just the score after it
         if det.spec.combine == "weighted":
             combined = sum(ref.weight * col for ref, col in zip(det.inputs, columns))
-            runs = [self.aggs[0].update(combined, running)]
+            runs = [self.aggs[0].update(combined, many)]
             token_scores = combined
         else:
-            runs = [agg.update(col, running) for agg, col in zip(self.aggs, columns)]
-            stack = np.stack(columns)
-            token_scores = stack.min(0) if det.spec.combine == "all" else stack.max(0)
-        if running:
-            self.running = self._combine_running(np.stack(runs))
+            runs = [agg.update(col, many) for agg, col in zip(self.aggs, columns)]
+            if len(columns) == 1:  # most detectors: nothing to combine
+                token_scores = columns[0]
+            else:
+                stack = np.stack(columns)
+                token_scores = stack.min(0) if det.spec.combine == "all" else stack.max(0)
+        if many:
+            self.running = self._combine_running(runs)
         if det.probe_only and det.spec.combine != "weighted":
             token_scores = sigmoid(token_scores)
         for j in np.argsort(token_scores)[-TOP_TOKENS:]:
-            item = (float(token_scores[j]), int(positions[j]),
-                    {ref.label: float(col[j]) for ref, col in zip(det.inputs, columns)})
+            score = float(token_scores[j])
+            if len(self.top) == TOP_TOKENS and score <= self.top[0][0]:
+                continue
+            item = (score, int(positions[j]), {ref.label: float(col[j]) for ref, col in zip(det.inputs, columns)})
             if len(self.top) < TOP_TOKENS:
                 heapq.heappush(self.top, item)
-            elif item[0] > self.top[0][0]:
+            else:
                 heapq.heapreplace(self.top, item)
-        if not self.fired and self.score >= det.spec.threshold:
+            self.top_version += 1
+        score = self._score = self._combine_aggs()
+        if running and not many:
+            self.running = np.array([score])
+        if not self.fired and score >= det.spec.threshold:
             self.fired = True
             self.alert_id = str(uuid.uuid4())
             self.fired_at = int(positions[-1])
@@ -145,8 +160,9 @@ class DetectorState:
     def snapshot(self, req: str, request_id: str, external_id: str, sample: int, *, fired_now: bool, final: bool,
                  step_time: float | None = None) -> DetectorUpdate:
         """The state as it is now, frozen: what sinks receive."""
+        # The heap's items are made once and never changed, so the snapshot may share them.
         return DetectorUpdate(req, request_id, external_id, sample, self.detector.spec, self.score, self.fired,
-                              self.alert_id, self.fired_at, tuple(self.evidence()), fired_now, final, step_time)
+                              self.alert_id, self.fired_at, tuple(self.top), fired_now, final, step_time)
 
 
 @dataclass

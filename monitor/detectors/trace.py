@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,7 +99,9 @@ class RequestTrace:
     kept: int = 0
     untraced: int = 0
     rows: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # position -> layer -> row
-    _recent: deque = field(default_factory=deque)  # (position, {layer: row}) of the last `window` tokens
+    _wanted: set[int] = field(default_factory=set)  # evidence positions and their windows
+    _evidence_version: tuple | None = None
+    _recent: deque = field(default_factory=deque)  # (position, {layer: rows}, index) of the last `window` tokens
 
     def add(self, budget: TraceBudget, positions: np.ndarray, token_ids: np.ndarray | None,
             scores: dict[str, np.ndarray]) -> int:
@@ -124,27 +127,35 @@ class RequestTrace:
         if keep.any():
             self.running.setdefault(detector, []).append((positions[keep], values[keep]))
 
-    def keep_rows(self, positions: np.ndarray, rows: dict[int, torch.Tensor], evidence: set[int]) -> None:
+    def keep_rows(self, positions: np.ndarray, rows: dict[int, torch.Tensor], version: tuple,
+                  evidence: Callable[[], set[int]]) -> None:
         """Keep the rows of evidence tokens and their windows; let go of the rest.
 
         `rows[layer][j]` is the row of `positions[j]`; the last `window` rows stay at hand, so a token
-        that becomes evidence still finds the rows just before it."""
+        that becomes evidence still finds the rows just before it. `evidence()` is asked only when
+        `version` (the detectors' count of changes to their top tokens) moved."""
         w = self.window
-        wanted = {p + d for p in evidence for d in range(-w, w + 1)}
-        for p, r in self._recent:
+        changed = version != self._evidence_version
+        if changed:
+            self._evidence_version = version
+            self._wanted = {p + d for p in evidence() for d in range(-w, w + 1)}
+        wanted = self._wanted
+        # A kept row is cloned: a view would hold on to the whole slot it came from.
+        for p, src, j in self._recent:
             if p in wanted and p not in self.rows:
-                self.rows[p] = r
-        for j, p in enumerate(positions.tolist()):
-            if p in wanted or w:
-                row = {layer: t[j].clone() for layer, t in rows.items()}  # never a view of the whole slot
-                if p in wanted:
-                    self.rows[p] = row
-                if w:
-                    self._recent.append((p, row))
+                self.rows[p] = {layer: t[j].clone() for layer, t in src.items()}
+        plist = positions.tolist()
+        for j, p in enumerate(plist):
+            if p in wanted and p not in self.rows:
+                self.rows[p] = {layer: t[j].clone() for layer, t in rows.items()}
+        # The recent ones are only referenced: they are cloned if they become wanted, within `window` tokens.
+        for j in range(max(0, len(plist) - w), len(plist)):
+            self._recent.append((plist[j], rows, j))
         while len(self._recent) > w:
             self._recent.popleft()
-        for p in [p for p in self.rows if p not in wanted]:
-            del self.rows[p]
+        if changed:
+            for p in [p for p in self.rows if p not in wanted]:
+                del self.rows[p]
 
     def release(self, budget: TraceBudget) -> None:
         budget.give_back(self.kept)

@@ -29,7 +29,12 @@ class DetectorUpdate:
     fired: bool
     alert_id: str | None  # set once the detector has fired on this request, stable afterwards
     fired_at: int | None  # position of the token that pushed it over
-    evidence: tuple[TokenEvidence, ...]  # the top tokens so far, highest first
+    top: tuple[tuple[float, int, dict[str, float]], ...]  # the top tokens so far as (score, position, inputs), unsorted
     fired_now: bool  # this update is the one that fired it
     final: bool  # the request finished: this is the verdict
     step_time: float | None = None  # wall-clock end of the forward pass whose rows caused this update
+
+    @property
+    def evidence(self) -> tuple[TokenEvidence, ...]:
+        """The top tokens, highest first. Sorted when read: most updates never are (only fires and verdicts)."""
+        return tuple(TokenEvidence(p, s, i) for s, p, i in sorted(self.top, key=lambda t: (t[0], t[1]), reverse=True))

@@ -11,6 +11,7 @@ Every conversion between logits and probabilities in the package goes through `s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,9 +38,15 @@ class HeadInfo:
 
 def sigmoid(x):
     """Logit -> probability; numerically stable for arrays and scalars; NaN stays NaN."""
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(-np.abs(x))
-    out = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    if isinstance(x, float):  # the per-update path: math is ~10x quicker than numpy on one value
+        if x != x:
+            return x
+        if x >= 0:
+            return 1.0 / (1.0 + math.exp(-x))
+        e = math.exp(x)
+        return e / (1.0 + e)
+    # Clipped so exp never overflows; sigmoid(+-500) is 1 or 0 to double precision anyway.
+    out = 1.0 / (1.0 + np.exp(-np.clip(np.asarray(x, dtype=np.float64), -500.0, 500.0)))
     return float(out) if out.ndim == 0 else out
 
 

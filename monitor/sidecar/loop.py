@@ -243,10 +243,11 @@ class Sidecar:
             st.detectors[det.spec.name] = ds
             self.bus.emit_detector(st.update(ds, fired_now=fired, final=False, step_time=step_time))
         if trace is not None and slot_rows and self.detectors.context:
-            mask = torch.from_numpy(keep)
-            rows_here = {layer: r[rows][mask] for layer, r in slot_rows.items() if layer in self.detectors.context_layers}
-            evidence = {p for ds in st.detectors.values() for _, p, _ in ds.top}
-            trace.keep_rows(positions, rows_here, evidence)
+            sel = rows if keep.all() else torch.from_numpy(np.flatnonzero(keep) + row)
+            rows_here = {layer: r[sel] for layer, r in slot_rows.items() if layer in self.detectors.context_layers}
+            version = tuple(ds.top_version for ds in st.detectors.values())
+            trace.keep_rows(positions, rows_here, version,
+                            lambda: {p for ds in st.detectors.values() for _, p, _ in ds.top})
 
     def _finish(self, req: str, expired: bool = False) -> None:
         st = self.requests.pop(req, None)
