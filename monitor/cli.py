@@ -150,6 +150,87 @@ def _probe_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _incidents(args: argparse.Namespace) -> int:
+    import json
+    import signal
+    import threading
+
+    from monitor.config import ConfigError, load_config
+    from monitor.config.models import MonitorConfig
+    from monitor.store.db import Store, StoreError, store_url
+
+    try:
+        if args.config is not None:
+            loaded = load_config(args.config)
+            cfg, base = loaded.config, loaded.path.parent
+        else:
+            cfg, base = MonitorConfig(), None
+        store = Store(store_url(cfg.store, base))
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.incidents_command == "ingest":
+            from monitor.store.ingest import Ingester
+
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            stats = Ingester(cfg, store, base).run(stop)
+            print(json.dumps(stats.__dict__))
+            return 0
+        if args.incidents_command == "list":
+            rows = store.incidents(detector=args.detector, limit=args.limit)
+            if args.json:
+                print(json.dumps([{"event_id": r.event_id, "request_id": r.request_id, "alert_ids": r.alert_ids,
+                                   "detectors": r.detectors, "severity": r.severity, "model": r.model,
+                                   "deployment": r.deployment, "time": r.event_time.isoformat()} for r in rows], indent=2))
+                return 0
+            for r in rows:
+                print(f"{r.event_time:%Y-%m-%d %H:%M:%S}  {r.severity:<8} {', '.join(r.detectors):<40} "
+                      f"{r.request_id:<36} alert {', '.join(r.alert_ids)}")
+            return 0
+        incident, alerts = store.incident(args.alert_id)
+        if incident is None and not alerts:
+            print(f"error: no incident or alert with alert id {args.alert_id}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps({"incident": incident.event if incident else None, "alerts": [a.event for a in alerts]},
+                             indent=2))
+            return 0
+        _print_incident(incident, alerts)
+        return 0
+    finally:
+        store.close()
+
+
+def _print_incident(incident, alerts) -> None:
+    if incident is None:
+        print(f"alert {alerts[0].alert_id}: {len(alerts)} alert event(s), no incident stored (yet)")
+        return
+    d = incident.event["data"]
+    t = d["trace"]
+    print(f"request {d['request_id']} ({d['model']}, {d['deployment']}), {incident.event_time:%Y-%m-%d %H:%M:%S}")
+    for det in d["detectors"]:
+        status = f"FIRED at position {det['fired_at_position']}" if det["fired"] else "did not fire"
+        print(f"  {det['name']} ({det['severity']}): score {det['score']} vs threshold {det['threshold']}: {status}")
+        for e in det["evidence"][:3]:
+            word = ""
+            if t["text"] is not None and e["position"] in t["positions"]:
+                word = repr(t["text"][t["positions"].index(e["position"])])
+            print(f"    token {e['position']} {word} score {e['score']:.3g}")
+    print(f"  trace: {len(t['positions'])} tokens ({d['prompt_tokens']} prompt), text policy {d['text_policy']}"
+          + (f", redacted by {', '.join(d['redacted_by'])}" if d["redacted_by"] else ""))
+    for c in d["context"][:6]:
+        feats = ", ".join(f"{f['feature']}" + (f" ({f['explanation'][:40]})" if f.get("explanation") else "")
+                          for f in c["features"][:3])
+        print(f"  at token {c['position']}, {c['sae']} also represented: {feats}")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
@@ -231,6 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dry-run", action="store_true", help="print the thresholds, change no file")
     _offline_options(cal, config=True)
     cal.set_defaults(func=_calibrate)
+
+    inc = sub.add_parser("incidents", help="the incident store").add_subparsers(dest="incidents_command", required=True)
+    for name, what in (("ingest", "consume alert and incident events from Kafka into the store"),
+                       ("list", "the newest incidents"), ("show", "one incident, by an alert id from a page")):
+        p = inc.add_parser(name, help=what)
+        p.add_argument("--config", type=Path, default=None,
+                       help="monitor config (its sinks.kafka and store sections); default: the built-in defaults")
+        if name == "list":
+            p.add_argument("--detector", default=None, help="only incidents where this detector fired")
+            p.add_argument("--limit", type=int, default=50)
+        if name == "show":
+            p.add_argument("alert_id")
+        if name != "ingest":
+            p.add_argument("--json", action="store_true", help="print JSON (the stored events) and nothing else")
+        p.set_defaults(func=_incidents)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the demo model, on loopback")
     demo.add_argument("--once", action="store_true",

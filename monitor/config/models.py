@@ -197,6 +197,25 @@ class Incidents(Strict):
                                  "trimmed around the evidence (and says so). Keep it under the topic's max.message.bytes.")
 
 
+class StoreSettings(Strict):
+    """The incident store: `monitor incidents ingest` writes it, `monitor incidents list|show` read it."""
+
+    url_file: str | None = Field(None, description="File holding the database URL (e.g. a mounted Secret), such as "
+                                 "`postgresql+psycopg://user:password@host/db`. Read first.")
+    url_env: str = Field("MONITOR_STORE_URL", description="Environment variable holding the database URL, used when "
+                         "`url_file` is not set.")
+    sqlite_path: str | None = Field(None, description="Without a URL: the SQLite file (default "
+                                    "`<cache>/incidents.sqlite`, the cache being $MONITOR_CACHE_DIR or ~/.cache/misalignment-monitor).")
+    retention_days: float = Field(30.0, gt=0, description="Alert and incident events older than this are deleted "
+                                  "by the ingester (counted).")
+    consumer_group: str = Field("misalignment-monitor-store", description="Kafka consumer group of the ingesters: "
+                                "any number share the work, each event is stored once.")
+    max_poll_interval_ms: int = Field(300000, gt=0, description="Kafka consumer setting (Kafka's default).")
+    session_timeout_ms: int = Field(45000, gt=0, description="Kafka consumer setting (Kafka's default).")
+    heartbeat_interval_ms: int = Field(3000, gt=0, description="Kafka consumer setting (Kafka's default).")
+    max_event_bytes: int = Field(4 * 1024 * 1024, gt=0, description="A larger message goes to the dead letters.")
+
+
 class Deployment(Strict):
     """Names that identify this deployment in events."""
 
@@ -219,6 +238,7 @@ class MonitorConfig(Strict):
     sinks: Sinks = Field(default_factory=Sinks)
     incidents: Incidents = Field(default_factory=Incidents)
     evidence: Evidence = Field(default_factory=Evidence)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     deployment: Deployment = Field(default_factory=Deployment)
 
     @model_validator(mode="before")

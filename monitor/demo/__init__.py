@@ -62,8 +62,13 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
         topic = loaded.config.sinks.kafka.topic
         consumer = None
         if local.broker is not None:
-            consumer = checks.EventConsumer(local.broker.bootstrap, [topic, loaded.config.sinks.kafka.incident_topic])
+            consumer = checks.EventConsumer(local.broker.bootstrap, [topic])
             stack.callback(consumer.close)
+        stored = None
+        if local.broker is not None:
+            local.start_ingester(stack, cfg_path, say)
+            stored = checks.StoredIncidents(local.urls["incident_store"])
+            stack.callback(stored.close)
         local.start_sidecar(stack, cfg_path, say)
         server = local.start_vllm(stack, model, loaded.config.model.name, cfg_path, eager, say)
         if alerting:
@@ -74,8 +79,8 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
         for r in requests:
             say(f"  {r.request_id}: {'ERROR ' + r.error if r.error else repr(r.answer[:60])}")
         exp = checks.expectations(requests, detectors, consumer is not None, local.prometheus is not None)
-        checks.wait(exp, consumer, local.prometheus, local.receiver, timeout, say)
-        summary = report.summary(exp, requests, model, consumer, local.prometheus, local.receiver, topic,
+        checks.wait(exp, consumer, stored, local.prometheus, local.receiver, timeout, say)
+        summary = report.summary(exp, requests, model, consumer, stored, local.prometheus, local.receiver, topic,
                                  local.degraded, run, local.urls)
         report.show(summary)
         if summary_json:

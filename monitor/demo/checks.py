@@ -14,7 +14,6 @@ from monitor.stack.alerting import Prometheus, WebhookReceiver
 
 CONSUMER_GROUP = "monitor-demo"
 ALERT = "io.misalignment-monitor.alert.v1"
-INCIDENT = "io.misalignment-monitor.incident.v1"
 
 
 class EventConsumer:
@@ -82,12 +81,27 @@ class Expectations:
         return out + [f"skipped: {s}" for s in self.skipped]
 
 
+class StoredIncidents:
+    """The incident events the demo's ingester stored (SQLite in the run folder)."""
+
+    def __init__(self, url: str) -> None:
+        from monitor.store.db import Store
+
+        self.store = Store(url)
+
+    def received(self) -> list[dict]:
+        return [r.event for r in self.store.incidents(limit=10_000)]
+
+    def close(self) -> None:
+        self.store.close()
+
+
 def incident_problem(events: list[dict]) -> str | None:
-    """None when there is exactly one incident and its trace covers every token of the request."""
+    """None when exactly one incident is stored and its trace covers every token of the request."""
     if not events:
-        return "not arrived"
+        return "not stored"
     if len(events) > 1:
-        return f"{len(events)} incident events for one request"
+        return f"{len(events)} incidents stored for one request"
     d = events[0]["data"]
     positions = d["trace"]["positions"]
     if positions != list(range(len(positions))) or len(positions) <= d["prompt_tokens"]:
@@ -106,7 +120,7 @@ def expectations(requests: list[DemoRequest], detectors: dict[str, DetectorSpec]
                 raise SystemExit(f"demo request {r.name} expects unknown detector {d}")
             if kafka:
                 exp.kafka[(r.request_id, d)] = False
-                exp.incidents[r.request_id] = "not arrived"
+                exp.incidents[r.request_id] = "not stored"
             if prometheus:
                 exp.alerts[d] = False
                 receiver = {"critical": "pager", "warning": "safety-queue"}.get(detectors[d].severity)
@@ -119,10 +133,10 @@ def expectations(requests: list[DemoRequest], detectors: dict[str, DetectorSpec]
     return exp
 
 
-def check(exp: Expectations, consumer: EventConsumer | None, prom: Prometheus | None,
+def check(exp: Expectations, consumer: EventConsumer | None, stored: StoredIncidents | None, prom: Prometheus | None,
           receiver: WebhookReceiver | None) -> None:
     events = consumer.received() if consumer else []
-    incidents = consumer.received(INCIDENT) if consumer else []
+    incidents = stored.received() if stored else []
     seen = {(e["subject"], e["data"]["detector"]) for e in events}
     for key in exp.kafka:
         exp.kafka[key] = key in seen
@@ -142,14 +156,14 @@ def check(exp: Expectations, consumer: EventConsumer | None, prom: Prometheus | 
             exp.pages[key] = key in got
 
 
-def wait(exp: Expectations, consumer, prom, receiver, timeout: float, say) -> None:
+def wait(exp: Expectations, consumer, stored, prom, receiver, timeout: float, say) -> None:
     """Until every expected signal has arrived, or `timeout` seconds."""
     say("waiting for the signals: Kafka events consumed by group "
         f"'{CONSUMER_GROUP}', Prometheus alerts firing, pages received")
     deadline = time.time() + timeout
     last = None
     while True:
-        check(exp, consumer, prom, receiver)
+        check(exp, consumer, stored, prom, receiver)
         pending = exp.not_arrived()
         if not pending or time.time() > deadline:
             break
@@ -158,7 +172,7 @@ def wait(exp: Expectations, consumer, prom, receiver, timeout: float, say) -> No
             say(f"  {len(pending)} signal(s) still to arrive")
         time.sleep(1)
     time.sleep(2)  # a benign request's (absent) event would have arrived with the others
-    check(exp, consumer, prom, receiver)
+    check(exp, consumer, stored, prom, receiver)
 
 
 def wait_scraped(prom: Prometheus) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from monitor.demo.checks import CONSUMER_GROUP, INCIDENT, Expectations
+from monitor.demo.checks import CONSUMER_GROUP, Expectations
 from monitor.demo.traffic import DemoRequest
 
 
-def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consumer, prom, receiver, topic: str,
-            degraded: list[str], run: Path, urls: dict[str, str]) -> dict:
+def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consumer, stored, prom, receiver,
+            topic: str, degraded: list[str], run: Path, urls: dict[str, str]) -> dict:
     """What happened, as the summary JSON `--once` writes."""
     events = consumer.received() if consumer else []
     token_text = token_texts(model, requests)
@@ -43,7 +43,7 @@ def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consume
             "degraded": degraded, "run_folder": str(run), "urls": urls,
             "requests": reqs, "kafka": {"topic": topic, "consumer_group": CONSUMER_GROUP, "events": len(events)},
             "kafka_events": events, "prometheus_alerts": alerts, "pages": pages,
-            "incidents": [incident_summary(e) for e in (consumer.received(INCIDENT) if consumer else [])]}
+            "incidents": [incident_summary(e) for e in (stored.received() if stored else [])]}
 
 
 def incident_summary(e: dict) -> dict:
@@ -83,7 +83,8 @@ def show(s: dict) -> None:
         d = e["data"]
         print(f"  {e['time']} {e['subject']:<34} {d['detector']:<24} rev {d['revision']}"
               f"{' final' if d['final'] else ''} score {d['score']:.3g} id {e['id'][:8]}")
-    print(f"\n=== incidents: {len(s['incidents'])} (one per flagged request, with its trace) " + "=" * 18)
+    print(f"\n=== incidents stored: {len(s['incidents'])} (one per flagged request, with its trace; "
+          f"`monitor incidents list --config {s['run_folder']}/monitor.yaml`) " + "=" * 4)
     for i in s["incidents"]:
         print(f"  {i['request_id']:<34} {', '.join(i['detectors'])}: {i['tokens_traced']} tokens traced "
               f"({i['prompt_tokens']} prompt), feature context at {i['context_tokens']} token(s)"

@@ -19,6 +19,7 @@ from monitor.paths import project_dir
 from monitor.stack.alerting import (ALERTMANAGER_BIN, INSTALL_HINT, PROMETHEUS_BIN, Alertmanager, Prometheus,
                                     StackError, WebhookReceiver, find_binary, local_alertmanager_config,
                                     local_prometheus_config)
+from monitor.stack.ingester_process import IngesterProcess
 from monitor.stack.kafka_broker import TansuBroker
 from monitor.stack.sidecar_process import SidecarProcess
 from monitor.stack.vllm_server import VLLMServer, free_port
@@ -65,6 +66,9 @@ def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: in
     kafka = sinks.setdefault("kafka", {})
     if bootstrap:
         kafka.update(enabled=True, bootstrap_servers=[bootstrap], spool_dir=str(run / "spool"))
+        # The ingester's consumer group needs short timeouts to join on the test broker (environment brief).
+        cfg["store"] = {"sqlite_path": str(run / "incidents.sqlite"), "consumer_group": "monitor-demo-store",
+                        "max_poll_interval_ms": 3000, "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
     else:
         kafka["enabled"] = False
     sinks.setdefault("prometheus", {}).update(enabled=True, host="127.0.0.1", port=metrics_port)
@@ -122,6 +126,14 @@ class LocalStack:
             raise SystemExit(str(e))
         self.urls["sidecar_metrics"] = f"{side.url}/metrics"
         say(f"sidecar ready: {side.url}/metrics (log: {self.run / 'sidecar.log'})")
+
+    def start_ingester(self, stack: ExitStack, cfg: Path, say) -> None:
+        try:
+            stack.enter_context(IngesterProcess(cfg, self.run / "ingester.log"))
+        except RuntimeError as e:
+            raise SystemExit(str(e))
+        self.urls["incident_store"] = f"sqlite:///{self.run / 'incidents.sqlite'}"
+        say(f"incident ingester writing {self.run / 'incidents.sqlite'} (log: {self.run / 'ingester.log'})")
 
     def start_vllm(self, stack: ExitStack, model: Path, served_name: str, cfg: Path, eager: bool, say) -> VLLMServer:
         self.server = VLLMServer(model, served_name=served_name, monitor_config=cfg, port=port(8000), eager=eager,

@@ -93,11 +93,16 @@ class Spool:
 
 def producer_options(cfg: Kafka, base_dir: Path | None = None) -> dict:
     """kafka-python producer settings from the config; secrets come from a file or the environment."""
-    opts = {
-        "bootstrap_servers": cfg.bootstrap_servers, "client_id": cfg.client_id, "acks": "all",
-        "enable_idempotence": True, "security_protocol": cfg.security_protocol,
-        "max_block_ms": 5000, "request_timeout_ms": 5000, "retries": 2, "retry_backoff_ms": 200,
+    return client_options(cfg, base_dir) | {
+        "acks": "all", "enable_idempotence": True, "max_block_ms": 5000, "request_timeout_ms": 5000, "retries": 2,
+        "retry_backoff_ms": 200,
     }
+
+
+def client_options(cfg: Kafka, base_dir: Path | None = None) -> dict:
+    """Where the brokers are and how to authenticate: what producers and consumers share."""
+    opts = {"bootstrap_servers": cfg.bootstrap_servers, "client_id": cfg.client_id,
+            "security_protocol": cfg.security_protocol}
     resolve = (lambda p: str((base_dir / p) if base_dir and not Path(p).is_absolute() else Path(p)))
     if cfg.sasl_mechanism:
         opts["sasl_mechanism"] = cfg.sasl_mechanism

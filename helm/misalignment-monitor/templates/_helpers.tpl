@@ -41,6 +41,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.kafka.enabled }}
 {{- $_ = set $kafka "bootstrap_servers" .Values.kafka.bootstrapServers }}
 {{- $_ = set $kafka "topic" .Values.kafka.topic }}
+{{- $_ = set $kafka "incident_topic" .Values.kafka.incidentTopic }}
 {{- $_ = set $kafka "security_protocol" .Values.kafka.securityProtocol }}
 {{- $_ = set $kafka "spool_dir" "/var/spool/misalignment-monitor" }}
 {{- $_ = set $kafka "spool_max_bytes" (int64 .Values.kafka.spool.maxBytes) }}

@@ -1,0 +1,179 @@
+"""The store's repository: open (and migrate) a database, add events idempotently, query, expire."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from monitor.config.models import StoreSettings
+from monitor.paths import cache_dir
+
+SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used; the message says which database and why (never its password)."""
+
+
+def store_url(settings: StoreSettings, base: Path | None = None) -> str:
+    """The database URL: from `url_file`, else from the `url_env` variable, else an embedded SQLite file."""
+    if settings.url_file:
+        path = Path(os.path.expandvars(settings.url_file)).expanduser()
+        path = path if path.is_absolute() or base is None else base / path
+        try:
+            return path.read_text().strip()
+        except OSError as e:
+            raise StoreError(f"store.url_file: cannot read {path} ({e.strerror})") from e
+    if os.environ.get(settings.url_env):
+        return os.environ[settings.url_env].strip()
+    path = Path(settings.sqlite_path).expanduser() if settings.sqlite_path else cache_dir() / "incidents.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _when(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+class Store:
+    def __init__(self, url: str, migrate: bool = True) -> None:
+        try:
+            from sqlalchemy import create_engine, event
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+        except ModuleNotFoundError as e:
+            raise StoreError("the incident store needs `pip install 'misalignment-monitor[store]'`") from e
+        try:
+            parsed = make_url(url)
+            self.name = parsed.render_as_string(hide_password=True)
+            self.engine = create_engine(parsed, pool_pre_ping=True)
+        except (ArgumentError, NoSuchModuleError, ValueError) as e:
+            raise StoreError(f"not a usable database URL ({e}); e.g. sqlite:///incidents.sqlite or "
+                             "postgresql+psycopg://user:password@host:5432/db") from e
+        except ModuleNotFoundError as e:
+            raise StoreError(f"{self.name}: its driver is not installed ({e.name}); PostgreSQL needs psycopg") from e
+        if self.engine.dialect.name == "sqlite":
+            @event.listens_for(self.engine, "connect")
+            def _wal(conn, _record):  # readers (the CLI, the console) never block the ingester
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA busy_timeout=5000")
+        if migrate:
+            self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+        from sqlalchemy.exc import OperationalError
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except OperationalError as e:
+            raise StoreError(f"{self.name}: cannot reach the database ({e.orig})") from e
+
+    @contextmanager
+    def session(self) -> Iterator:
+        from sqlalchemy.orm import Session
+
+        with Session(self.engine) as s:
+            yield s
+
+    def _insert(self, session, table, values) -> bool:
+        """INSERT, ignoring a row whose key is already there; True when this one was new. (RETURNING, not
+        rowcount: psycopg's rowcount for ON CONFLICT DO NOTHING does not say.)"""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        key = next(iter(table.__table__.primary_key.columns))
+        stmt = insert(table).values(values).on_conflict_do_nothing().returning(key)
+        return len(session.execute(stmt).all()) > 0
+
+    def add_alert(self, session, event: dict) -> bool:
+        """Store an alert event; False when it was already stored (a redelivery)."""
+        from monitor.store.schema import Alert
+
+        d = event["data"]
+        row = dict(event_id=event["id"], alert_id=d["alert_id"], revision=d["revision"], request_id=d["request_id"],
+                   detector=d["detector"], severity=d["severity"], score=d["score"], event_time=_when(event["time"]),
+                   received_at=datetime.now(timezone.utc), event=event)
+        return self._insert(session, Alert, row)
+
+    def add_incident(self, session, event: dict) -> bool:
+        from monitor.store.schema import Incident, IncidentAlert
+
+        d = event["data"]
+        fired = [x for x in d["detectors"] if x["fired"]]
+        row = dict(event_id=event["id"], request_id=d["request_id"], model=d["model"], deployment=d["deployment"],
+                   namespace=d.get("namespace"), detectors=[x["name"] for x in fired],
+                   severity=max((x["severity"] for x in fired), key=SEVERITY_RANK.get, default="info"),
+                   alert_ids=d["alert_ids"], text_policy=d["text_policy"], event_time=_when(event["time"]),
+                   received_at=datetime.now(timezone.utc), event=event)
+        new = self._insert(session, Incident, row)
+        if new and d["alert_ids"]:
+            self._insert(session, IncidentAlert, [{"alert_id": a, "incident_event_id": event["id"]} for a in d["alert_ids"]])
+        return new
+
+    def dead_letter(self, session, topic: str, partition: int, offset: int, reason: str, raw: bytes) -> bool:
+        from monitor.store.schema import DeadLetter
+
+        row = dict(topic=topic, partition=partition, offset=offset, reason=reason,
+                   raw=raw[:65536].decode("utf-8", "replace"), received_at=datetime.now(timezone.utc))
+        return self._insert(session, DeadLetter, row)
+
+    def expire(self, before: datetime) -> int:
+        """Delete alert and incident events older than `before` (text included); returns how many."""
+        from sqlalchemy import delete, select
+
+        from monitor.store.schema import Alert, Incident, IncidentAlert
+
+        with self.session() as s:
+            old = select(Incident.event_id).where(Incident.event_time < before)
+            s.execute(delete(IncidentAlert).where(IncidentAlert.incident_event_id.in_(old)))
+            n = s.execute(delete(Incident).where(Incident.event_time < before)).rowcount
+            n += s.execute(delete(Alert).where(Alert.event_time < before)).rowcount
+            s.commit()
+        return n
+
+    def incidents(self, detector: str | None = None, limit: int = 50) -> list:
+        """Newest first."""
+        from sqlalchemy import select
+
+        from monitor.store.schema import Incident
+
+        with self.session() as s:
+            rows = s.scalars(select(Incident).order_by(Incident.event_time.desc()).limit(limit * 20 if detector else limit)).all()
+        if detector:  # a JSON list: filtered here, portable across SQLite and PostgreSQL
+            rows = [r for r in rows if detector in r.detectors][:limit]
+        return list(rows)
+
+    def incident(self, alert_id: str):
+        """The incident an alert id belongs to, and that alert's events; (None, []) when unknown."""
+        from sqlalchemy import select
+
+        from monitor.store.schema import Alert, Incident, IncidentAlert
+
+        with self.session() as s:
+            alerts = s.scalars(select(Alert).where(Alert.alert_id == alert_id).order_by(Alert.revision)).all()
+            incident = s.scalars(select(Incident).join(IncidentAlert, IncidentAlert.incident_event_id == Incident.event_id)
+                                 .where(IncidentAlert.alert_id == alert_id)).first()
+        return incident, list(alerts)
+
+    def counts(self) -> dict[str, int]:
+        from sqlalchemy import func, select
+
+        from monitor.store.schema import Alert, DeadLetter, Incident
+
+        with self.session() as s:
+            return {name: s.scalar(select(func.count()).select_from(t))
+                    for name, t in (("incidents", Incident), ("alerts", Alert), ("dead_letters", DeadLetter))}
+
+    def close(self) -> None:
+        self.engine.dispose()
