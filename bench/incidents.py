@@ -1,6 +1,6 @@
 """What incidents cost the sidecar: tracing on vs off, and the work done per incident.
 
-    python bench/incidents.py [--rounds 5] [--slots 400] [--json OUT]
+    python bench/incidents.py [--rounds 5] [--slots 400] [--events 2000] [--json OUT]
 
 1. The whole sidecar loop (demo SAE, probes and detectors, one thread) on decode-shaped slots (32
    requests x 1 row) and prefill-shaped slots (1 request x 128 rows), with `incidents.enabled` off
@@ -10,6 +10,9 @@
    token either side, for each of two fired detectors = up to 30 rows), for the demo SAE (576 x
    4096) and a random JumpReLU SAE of an 8B model's shape (4096 x 16384); and building the incident
    event for a 512-token trace.
+3. The ingester: incident events (a 64-token trace each) produced to the test broker, consumed by
+   `monitor incidents ingest`'s consumer group and stored, in events/s, into SQLite and into
+   PostgreSQL (Debian's, started here with fsync off, as in the tests).
 """
 
 from __future__ import annotations
@@ -116,10 +119,46 @@ def event_ms(tokens: int = 512, repeat: int = 10) -> tuple[float, int]:
     return (time.perf_counter() - t) / repeat * 1e3, len(json.dumps(event, separators=(",", ":")))
 
 
+def ingest_rate(url: str, n: int, tmp: Path) -> float:
+    import threading
+    import uuid
+
+    from monitor.config.models import MonitorConfig
+    from monitor.stack.kafka_broker import TansuBroker
+    from monitor.store.db import Store
+    from monitor.store.ingest import Ingester
+    from test_store import encoded, events_for, produce
+
+    with TansuBroker(log_path=tmp / "tansu.log") as broker:
+        cfg = MonitorConfig.model_validate({
+            "sinks": {"kafka": {"enabled": True, "bootstrap_servers": [broker.bootstrap]}},
+            "store": {"consumer_group": f"bench-{uuid.uuid4().hex[:6]}", "max_poll_interval_ms": 3000,
+                      "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}})
+        for topic in (cfg.sinks.kafka.topic, cfg.sinks.kafka.incident_topic):
+            broker.create_topic(topic)
+        produce(broker, [m for m in encoded([events_for(f"b-{i}") for i in range(n)]) if "incidents" in m[0]])
+        store = Store(url)
+        ing = Ingester(cfg, store)
+        stop = threading.Event()
+        t = threading.Thread(target=ing.run, args=(stop,), daemon=True)
+        t.start()
+        while (first := store.counts()["incidents"]) == 0:  # the group join (seconds on the test broker) is not timed
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        while store.counts()["incidents"] < n:
+            time.sleep(0.05)
+        dt = time.perf_counter() - t0
+        stop.set()
+        t.join(timeout=20)
+        store.close()
+    return (n - first) / dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--slots", type=int, default=400)
+    ap.add_argument("--events", type=int, default=2000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -138,6 +177,16 @@ def main() -> None:
     out["context_ms_demo_sae_30_rows"] = {"first_incident_incl_load": first, "steady": steady}
     out["context_ms_4096x16384_30_rows"] = context_ms(4096, 16384, 30)
     out["event_ms_512_tokens"], out["event_bytes_512_tokens"] = event_ms()
+    from postgres_helpers import Postgres, binaries
+
+    with tempfile.TemporaryDirectory() as d:
+        out["ingest_events_per_s"] = {"sqlite": ingest_rate(f"sqlite:///{d}/bench.sqlite", args.events, Path(d))}
+        if binaries() is not None:
+            pg = Postgres(binaries())
+            try:
+                out["ingest_events_per_s"]["postgresql"] = ingest_rate(pg.create_database("bench"), args.events, Path(d))
+            finally:
+                pg.close()
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -111,7 +111,8 @@ class Sidecar:
         t = loaded.config.transport
         self.pattern = str(Path(t.directory) / f"{t.name}-*.ring")
         self.timeout = t.request_timeout_s
-        inc = loaded.config.incidents
+        # Fixed for the sidecar's life: traces in flight were made under them (a reload says so).
+        inc = self.incidents = loaded.config.incidents
         self.budget = TraceBudget(inc.max_trace_tokens, inc.max_trace_tokens_total) if inc.enabled else None
         # Counters of rings already detached (a restarted vLLM makes a new ring): totals never go back.
         self.retired = RingTotals()
@@ -204,7 +205,7 @@ class Sidecar:
         if st is None:
             st = RequestState(seg.req, seg.request_id, seg.external_id, seg.sample, seg.n_prompt)
             if self.budget is not None:
-                st.trace = RequestTrace(self.loaded.config.incidents.context_window)
+                st.trace = RequestTrace(self.incidents.context_window)
             self.requests[seg.req] = st
             self.stats.requests_seen += 1
         return st
@@ -268,7 +269,7 @@ class Sidecar:
 
     def _incident(self, st: RequestState, verdicts: list[DetectorUpdate]) -> Incident:
         """The request's trace, and the strongest SAE features at the tokens that drove a detector that fired."""
-        trace, cfg = st.trace, self.loaded.config.incidents
+        trace, cfg = st.trace, self.incidents
         w = cfg.context_window
         wanted = sorted({e.position + d for u in verdicts if u.fired for e in u.evidence for d in range(-w, w + 1)}
                         & set(trace.rows))
@@ -277,7 +278,12 @@ class Sidecar:
             have = [p for p in wanted if enc.layer in trace.rows[p]]
             if not have:
                 continue
-            values, indices = enc.top(torch.stack([trace.rows[p][enc.layer] for p in have]), cfg.top_features)
+            try:
+                values, indices = enc.top(torch.stack([trace.rows[p][enc.layer] for p in have]), cfg.top_features)
+            except Exception:  # noqa: BLE001 - the incident goes out without this SAE's context, never not at all
+                log.exception("feature context from SAE %s failed; the incident is sent without it", enc.name,
+                              extra={"sae": enc.name, "request_id": st.request_id})
+                continue
             for p, vals, idx in zip(have, values.tolist(), indices.tolist()):
                 context.append(FeatureContext(p, enc.name, tuple((i, v) for i, v in zip(idx, vals) if v > 0)))
         columns = {name: head.columns for name, head in self.detectors.heads.items()}
@@ -301,6 +307,9 @@ class Sidecar:
         new = build_detector_set(loaded, self.device)
         measures = ("inputs", "aggregation", "combine", "scope")
         with self._lock:
+            if loaded.config.incidents != self.incidents:
+                log.warning("incidents settings changed: they apply after a sidecar restart",
+                            extra={"running": self.incidents.model_dump()})
             if loaded.config.tapped_layers != self.loaded.config.tapped_layers:
                 log.warning("taps changed from %s to %s: restart vLLM for the tap to follow",
                             self.loaded.config.tapped_layers, loaded.config.tapped_layers)
