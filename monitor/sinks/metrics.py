@@ -139,8 +139,8 @@ class MonitorCollector(Collector):
         if snap.trace is not None:
             yield gauge("trace_tokens", "Tokens held in the traces of requests in flight.", snap.trace.used)
             yield by_label("trace_tokens_dropped", "Scored tokens not kept in a trace, by the cap that was hit "
-                           "(request: incidents.max_trace_tokens; total: incidents.max_trace_tokens_total).", "reason",
-                           {"request": snap.trace.capped_request, "total": snap.trace.capped_total})
+                           "(trace_cap: incidents.max_trace_tokens; total_cap: incidents.max_trace_tokens_total).",
+                           "reason", {"trace_cap": snap.trace.capped_request, "total_cap": snap.trace.capped_total})
 
         # The producers' counters live in the rings' shared-memory headers.
         rings = snap.rings
