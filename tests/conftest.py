@@ -1,4 +1,4 @@
-"""Shared fixtures: the real demo model, prepared once per session."""
+"""Shared fixtures: the real demo model, prepared once per session; a real Kafka-protocol broker."""
 
 from __future__ import annotations
 
@@ -15,3 +15,17 @@ def model_dir() -> Path:
     from monitor.model_prep import prepare_model
 
     return prepare_model().path
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    """The test broker (tansu) with the alert and incident topics, fresh for each test."""
+    from monitor.config.models import Kafka
+    from monitor.stack.kafka_broker import TansuBroker
+
+    b = TansuBroker(log_path=tmp_path / "tansu.log").start()
+    defaults = Kafka()
+    b.create_topic(defaults.topic)
+    b.create_topic(defaults.incident_topic)
+    yield b
+    b.stop()

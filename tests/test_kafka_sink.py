@@ -60,15 +60,6 @@ def consume_all(broker: TansuBroker, expect: int, timeout: float = 30.0, topic: 
     return out
 
 
-@pytest.fixture()
-def broker(tmp_path):
-    b = TansuBroker(log_path=tmp_path / "tansu.log").start()
-    b.create_topic(TOPIC)
-    b.create_topic(INCIDENTS)
-    yield b
-    b.stop()
-
-
 def sink_for(broker, tmp_path, **kw) -> KafkaSink:
     cfg = Kafka(enabled=True, bootstrap_servers=[broker.bootstrap], topic=TOPIC, spool_dir=str(tmp_path / "spool"), **kw)
     return KafkaSink(cfg, retry_every=0.5)

@@ -64,15 +64,6 @@ def db_url(request, tmp_path):
     return request.getfixturevalue("postgres").create_database(f"t_{uuid.uuid4().hex[:12]}")
 
 
-@pytest.fixture()
-def broker(tmp_path):
-    b = TansuBroker(log_path=tmp_path / "tansu.log").start()
-    b.create_topic(ALERTS)
-    b.create_topic(INCIDENTS)
-    yield b
-    b.stop()
-
-
 def config(tmp_path: Path, broker: TansuBroker, url: str, **store) -> Path:
     (tmp_path / "db-url").write_text(url + "\n")  # as a mounted Secret would hold it
     path = tmp_path / "monitor.yaml"

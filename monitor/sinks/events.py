@@ -20,37 +20,31 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from monitor.config.models import Aggregation
 from monitor.detectors.updates import DetectorUpdate
-from monitor.sinks.schemas import schema_command, shipped
+from monitor.sinks.schemas import DATE_TIME, CloudEvent, Strict, generated_schema, schema_command, shipped
 
 EVENT_TYPE = "io.misalignment-monitor.alert.v1"
 # The schema's own $id; the file ships in the package (monitor/schemas/alert.v1.json).
 SCHEMA_REF = "misalignment-monitor/alert.v1.json"
 SCHEMA_FILE = "schemas/alert.v1.json"
-DATE_TIME = {"format": "date-time"}
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EvidenceInput(_Strict):
+class EvidenceInput(Strict):
     input: str = Field(description="<sae>/<feature> or <probe>/<output>")
     value: float = Field(description="The input's score at this token, in its own space (activation or logit).")
     explanation: str | None = Field(None, exclude_if=lambda v: v is None,
                                     description="The feature's explanation from its SAE's label file.")
 
 
-class EvidenceToken(_Strict):
+class EvidenceToken(Strict):
     position: int = Field(ge=0)
     score: float
     inputs: list[EvidenceInput]
 
 
-class AlertData(_Strict):
+class AlertData(Strict):
     alert_id: str = Field(description="Stable for one detector on one request; later evidence updates it.")
     revision: int = Field(ge=0, description="0 when the detector fires, then 1, 2, ... for updates.")
     request_id: str
@@ -77,25 +71,12 @@ class AlertData(_Strict):
     tokens: list[EvidenceToken] = Field(description="The tokens that drove the score, highest first. Never text.")
 
 
-class AlertEvent(_Strict):
+class AlertEvent(CloudEvent):
     """misalignment-monitor alert event (CloudEvents 1.0, structured JSON mode)"""
 
-    specversion: Literal["1.0"] = "1.0"
-    id: str = Field(min_length=1, description="Unique per event; consumers dedupe on it (delivery is at least once).")
-    source: str = Field(min_length=1, description="/misalignment-monitor/<deployment>/<pod>")
     type: Literal["io.misalignment-monitor.alert.v1"] = EVENT_TYPE
-    time: str = Field(json_schema_extra=DATE_TIME)
-    datacontenttype: Literal["application/json"] = "application/json"
     dataschema: str = SCHEMA_REF
-    subject: str = Field(description="The request id the caller sees (X-Request-Id).")
     data: AlertData
-
-
-def generated_schema() -> dict:
-    schema = AlertEvent.model_json_schema()
-    # Every envelope field is always written: a consumer may rely on each being present.
-    schema["required"] = list(AlertEvent.model_fields)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_REF, **schema}
 
 
 def alert_schema() -> dict:
@@ -162,7 +143,7 @@ class EventBuilder:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return schema_command(generated_schema, SCHEMA_FILE, "monitor.sinks.events", argv)
+    return schema_command(lambda: generated_schema(AlertEvent, SCHEMA_REF), SCHEMA_FILE, "monitor.sinks.events", argv)
 
 
 if __name__ == "__main__":

@@ -28,23 +28,19 @@ from datetime import datetime, timezone
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from monitor.config.models import DetectorSpec, Redaction
 from monitor.detectors.trace import Incident
-from monitor.sinks.events import DATE_TIME, EvidenceInput, EvidenceToken, FeatureExplanations, rfc3339
-from monitor.sinks.schemas import schema_command, shipped
+from monitor.sinks.events import EvidenceInput, EvidenceToken, FeatureExplanations, rfc3339
+from monitor.sinks.schemas import DATE_TIME, CloudEvent, Strict, generated_schema, schema_command, shipped
 
 EVENT_TYPE = "io.misalignment-monitor.incident.v1"
 SCHEMA_REF = "misalignment-monitor/incident.v1.json"
 SCHEMA_FILE = "schemas/incident.v1.json"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class IncidentDetector(_Strict):
+class IncidentDetector(Strict):
     name: str
     concept: str
     severity: Literal["critical", "warning", "info"]
@@ -58,18 +54,18 @@ class IncidentDetector(_Strict):
     evidence: list[EvidenceToken] = Field(description="The tokens that drove the score, highest first.")
 
 
-class RunningScore(_Strict):
+class RunningScore(Strict):
     positions: list[int]
     scores: list[float] = Field(description="The detector's score after each of these tokens (its trajectory).")
 
 
-class Trimmed(_Strict):
+class Trimmed(Strict):
     window: int = Field(description="Tokens kept either side of an evidence token.")
     kept_tokens: int
     dropped_tokens: int
 
 
-class Trace(_Strict):
+class Trace(Strict):
     positions: list[int]
     token_ids: list[int | None] | None = Field(description="Input token of each position; null everywhere under "
                                                "`evidence.text: none`, null for a redacted token.")
@@ -80,24 +76,24 @@ class Trace(_Strict):
     trimmed: Trimmed | None = Field(None, description="Set when the trace was cut to fit `max_event_bytes`.")
 
 
-class ContextFeature(_Strict):
+class ContextFeature(Strict):
     feature: int
     activation: float
     explanation: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
-class TokenContext(_Strict):
+class TokenContext(Strict):
     position: int
     sae: str
     features: list[ContextFeature] = Field(description="Strongest features of the full SAE encode at this token.")
 
 
-class Coverage(_Strict):
+class Coverage(Strict):
     uncovered_positions: int = Field(description="Positions vLLM never computed (prefix-cache hits): never scored.")
     untraced_tokens: int = Field(description="Scored, but beyond a trace cap: not in `trace`.")
 
 
-class IncidentData(_Strict):
+class IncidentData(Strict):
     alert_ids: list[str] = Field(min_length=1)
     request_id: str
     response_id: str
@@ -117,24 +113,12 @@ class IncidentData(_Strict):
     redacted_by: list[str] = Field(description="Names of the redaction rules that matched.")
 
 
-class IncidentEvent(_Strict):
+class IncidentEvent(CloudEvent):
     """misalignment-monitor incident event (CloudEvents 1.0, structured JSON mode)"""
 
-    specversion: Literal["1.0"] = "1.0"
-    id: str = Field(min_length=1, description="Unique per event; the store is idempotent on it.")
-    source: str = Field(min_length=1)
     type: Literal["io.misalignment-monitor.incident.v1"] = EVENT_TYPE
-    time: str = Field(json_schema_extra=DATE_TIME)
-    datacontenttype: Literal["application/json"] = "application/json"
     dataschema: str = SCHEMA_REF
-    subject: str = Field(description="The request id the caller sees (X-Request-Id).")
     data: IncidentData
-
-
-def generated_schema() -> dict:
-    schema = IncidentEvent.model_json_schema()
-    schema["required"] = list(IncidentEvent.model_fields)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_REF, **schema}
 
 
 def incident_schema() -> dict:
@@ -244,7 +228,8 @@ class IncidentBuilder:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return schema_command(generated_schema, SCHEMA_FILE, "monitor.sinks.incidents", argv)
+    return schema_command(lambda: generated_schema(IncidentEvent, SCHEMA_REF), SCHEMA_FILE, "monitor.sinks.incidents",
+                          argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The JSON schemas shipped in the package are generated from the event models; this writes or checks one."""
+"""The CloudEvents envelope both event types share, and their JSON schemas, generated from the models.
+
+The schemas shipped in the package (`monitor/schemas/*.json`) are written (or checked) by
+`schema_command`, so a model and its schema never disagree.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,33 @@ import json
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DATE_TIME = {"format": "date-time"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CloudEvent(Strict):
+    """CloudEvents 1.0 in structured JSON mode; a subclass adds `type`, `dataschema` and `data`."""
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(min_length=1, description="Unique per event; consumers dedupe on it (delivery is at least once).")
+    source: str = Field(min_length=1, description="/misalignment-monitor/<deployment>/<pod>")
+    time: str = Field(json_schema_extra=DATE_TIME)
+    datacontenttype: Literal["application/json"] = "application/json"
+    subject: str = Field(description="The request id the caller sees (X-Request-Id).")
+
+
+def generated_schema(model: type[CloudEvent], ref: str) -> dict:
+    schema = model.model_json_schema()
+    # Every envelope field is always written: a consumer may rely on each being present.
+    schema["required"] = list(model.model_fields)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": ref, **schema}
 
 
 def schema_command(generate: Callable[[], dict], file: str, module: str, argv: list[str] | None = None) -> int:
