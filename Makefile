@@ -12,16 +12,15 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup system-deps test demo model bench clean
-# PostgreSQL: the incident store's tests run against a real server (started by the suite, not as a service).
 SYSTEM_PKGS := prometheus prometheus-alertmanager postgresql
 
 setup: $(STAMP) system-deps
 
-# Prometheus, promtool, Alertmanager and amtool: Debian's builds, for the rules tests and the demo.
+# Prometheus, promtool, Alertmanager and amtool (the rules tests, the demo) and PostgreSQL (the store tests): Debian's builds.
 # Without root (or passwordless sudo) this says so and goes on; what needs them then reports it.
 system-deps:
 	@if command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && \
-	    [ -x /usr/lib/postgresql/15/bin/initdb ]; then :; \
+	    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then echo "[setup] apt-get install $(SYSTEM_PKGS)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; \
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then echo "[setup] sudo apt-get install $(SYSTEM_PKGS)"; \
