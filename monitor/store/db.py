@@ -143,7 +143,8 @@ class Store:
         return n
 
     def incidents(self, detector: str | None = None, limit: int = 50) -> list:
-        """Newest first."""
+        """Newest first. With `detector`, among the newest `20 x limit` only: the detectors are a JSON list,
+        filtered here to stay portable; an indexed filter comes with the console's queries."""
         from sqlalchemy import select
 
         from monitor.store.schema import Incident
