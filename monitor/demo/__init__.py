@@ -60,12 +60,10 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
         loaded = load_config(cfg_path)
         detectors = {d.spec.name: d.spec for d in loaded.detectors}
         topic = loaded.config.sinks.kafka.topic
-        consumer = None
+        consumer = stored = None
         if local.broker is not None:
-            consumer = checks.EventConsumer(local.broker.bootstrap, [topic])
+            consumer = checks.EventConsumer(local.broker.bootstrap, topic)
             stack.callback(consumer.close)
-        stored = None
-        if local.broker is not None:
             local.start_ingester(stack, cfg_path, say)
             stored = checks.StoredIncidents(local.urls["incident_store"])
             stack.callback(stored.close)

@@ -13,26 +13,25 @@ from monitor.demo.traffic import DemoRequest
 from monitor.stack.alerting import Prometheus, WebhookReceiver
 
 CONSUMER_GROUP = "monitor-demo"
-ALERT = "io.misalignment-monitor.alert.v1"
 
 
 class EventConsumer:
-    """A Kafka consumer *group* reading alert and incident events, as a SIEM or case tool would."""
+    """A Kafka consumer *group* reading alert events, as a SIEM or case tool would."""
 
-    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+    def __init__(self, bootstrap: str, topic: str) -> None:
         self.events: list[dict] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.error: str | None = None
-        self.thread = threading.Thread(target=self._run, args=(bootstrap, topics), name="demo-consumer", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(bootstrap, topic), name="demo-consumer", daemon=True)
         self.thread.start()
 
-    def _run(self, bootstrap: str, topics: list[str]) -> None:
+    def _run(self, bootstrap: str, topic: str) -> None:
         from kafka import KafkaConsumer
 
         try:
             # Short group timeouts: the test broker only completes a group join with them (environment brief).
-            consumer = KafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=CONSUMER_GROUP,
+            consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=CONSUMER_GROUP,
                                      auto_offset_reset="earliest", enable_auto_commit=True,
                                      max_poll_interval_ms=3000, session_timeout_ms=6000, heartbeat_interval_ms=1000,
                                      value_deserializer=lambda b: json.loads(b))
@@ -47,9 +46,9 @@ class EventConsumer:
         finally:
             consumer.close()
 
-    def received(self, type_: str = ALERT) -> list[dict]:
+    def received(self) -> list[dict]:
         with self._lock:
-            return [e for e in self.events if e.get("type") == type_]
+            return list(self.events)
 
     def close(self) -> None:
         self._stop.set()
