@@ -183,3 +183,15 @@ def test_flagged_needs_a_tokenizer_and_bad_rules_are_named(tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="evidence.tokenizer: `text: flagged` needs a tokenizer"):
         load_config(cfg)
+
+
+def test_trace_leaves_out_a_head_whose_columns_changed_mid_request():
+    """A reload that changes an SAE's watched features mid-request: that head's rows no longer line up,
+    so the incident leaves it out instead of failing (the other heads stay)."""
+    from monitor.detectors.trace import RequestTrace, TraceBudget
+
+    trace, budget = RequestTrace(window=0), TraceBudget(per_request=100, total=100)
+    trace.add(budget, np.array([0, 1]), None, {"sae:s": np.ones((2, 2)), "probe:p": np.zeros((2, 1))})
+    trace.add(budget, np.array([2]), None, {"sae:s": np.ones((1, 3)), "probe:p": np.zeros((1, 1))})
+    arrays = trace.arrays({"sae:s": ("s/1", "s/2", "s/3"), "probe:p": ("p/score",)})
+    assert set(arrays.inputs) == {"p/score"} and arrays.inputs["p/score"].tolist() == [0, 0, 0]

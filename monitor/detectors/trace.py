@@ -167,8 +167,11 @@ class RequestTrace:
         ids = np.concatenate(self.token_ids) if self.has_ids and self.token_ids else None
         inputs: dict[str, np.ndarray] = {}
         for head, chunks in self.scores.items():
+            labels = columns.get(head, ())
+            if any(c.shape[1] != len(labels) for c in chunks):
+                continue  # a reload changed this head's columns mid-request: its numbers no longer line up
             stacked = np.concatenate(chunks)
-            for j, label in enumerate(columns.get(head, ())):
+            for j, label in enumerate(labels):
                 inputs[label] = stacked[:, j]
         running = {d: (np.concatenate([p for p, _ in parts]), np.concatenate([v for _, v in parts]))
                    for d, parts in self.running.items()}
