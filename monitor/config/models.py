@@ -188,8 +188,9 @@ class Incidents(Strict):
                           "`sinks.kafka.enabled`).")
     max_trace_tokens: int = Field(4096, gt=0, description="Tokens traced per request; later ones are counted, not kept.")
     max_trace_tokens_total: int = Field(
-        2_000_000, gt=0, description="Tokens traced across every request in flight (about 100 bytes each with four "
-        "watched inputs and four detectors); beyond it, tokens are counted, not kept.")
+        1_000_000, gt=0, description="Tokens traced across every request in flight (measured: 94-125 bytes each with "
+        "four watched inputs and four detectors, up to twice that while a trace's arrays grow); beyond it, tokens "
+        "are counted, not kept.")
     context_window: int = Field(1, ge=0, le=8, description="Tokens either side of an evidence token that also get "
                                 "feature context.")
     top_features: int = Field(5, ge=1, le=64, description="Strongest SAE features reported per context token.")

@@ -88,14 +88,36 @@ class Incident:
         return tuple(v for v in self.verdicts if v.fired)
 
 
+class Column:
+    """A growable array: appending a decode step's one token adds no Python object per token (a list of
+    small arrays costs ~2.8 kB a token; this ~100 bytes with the demo's inputs and detectors)."""
+
+    def __init__(self, dtype, width: int | None = None) -> None:
+        self.buf = np.empty((16,) if width is None else (16, width), dtype=dtype)
+        self.n = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.n + len(values)
+        if need > len(self.buf):
+            grown = np.empty((max(need, 2 * len(self.buf)),) + self.buf.shape[1:], dtype=self.buf.dtype)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : need] = values
+        self.n = need
+
+    def view(self) -> np.ndarray:
+        return self.buf[: self.n]
+
+
 @dataclass
 class RequestTrace:
     window: int  # tokens kept either side of an evidence token, for feature context
-    positions: list[np.ndarray] = field(default_factory=list)
-    token_ids: list[np.ndarray] = field(default_factory=list)
+    positions: Column = field(default_factory=lambda: Column(np.int64))
+    token_ids: Column = field(default_factory=lambda: Column(np.int32))
     has_ids: bool = True
-    scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # head -> chunks [m, k]
-    running: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    scores: dict[str, Column] = field(default_factory=dict)  # head -> [tokens, columns]
+    bad_heads: set[str] = field(default_factory=set)  # a reload changed their columns mid-request
+    running: dict[str, tuple[Column, Column]] = field(default_factory=dict)  # detector -> (positions, scores)
     kept: int = 0
     untraced: int = 0
     rows: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # position -> layer -> row
@@ -110,22 +132,33 @@ class RequestTrace:
         self.untraced += len(positions) - n
         if n == 0:
             return 0
-        self.positions.append(positions[:n])
+        self.positions.extend(positions[:n])
         if token_ids is None:
             self.has_ids = False
         elif self.has_ids:
-            self.token_ids.append(token_ids[:n])
+            self.token_ids.extend(token_ids[:n])
         for head, s in scores.items():
-            self.scores.setdefault(head, []).append(s[:n])
+            col = self.scores.get(head)
+            if col is None:
+                col = self.scores[head] = Column(np.float32, s.shape[1])
+                if self.kept:  # a head that appeared mid-request (a reload) does not cover the trace
+                    self.bad_heads.add(head)
+            if s.shape[1] != col.buf.shape[1]:
+                self.bad_heads.add(head)
+                continue
+            col.extend(s[:n])
         self.kept += n
         return n
 
     def add_running(self, detector: str, positions: np.ndarray, values: np.ndarray) -> None:
         """A detector's running score at these positions (only positions the trace kept)."""
-        limit = self.positions[-1][-1] if self.positions else -1
-        keep = positions <= limit
+        if not self.kept:
+            return
+        keep = positions <= self.positions.buf[self.positions.n - 1]
         if keep.any():
-            self.running.setdefault(detector, []).append((positions[keep], values[keep]))
+            pos, val = self.running.setdefault(detector, (Column(np.int64), Column(np.float64)))
+            pos.extend(positions[keep])
+            val.extend(values[keep])
 
     def keep_rows(self, positions: np.ndarray, rows: dict[int, torch.Tensor], version: tuple,
                   evidence: Callable[[], set[int]]) -> None:
@@ -162,17 +195,15 @@ class RequestTrace:
         self.kept = 0
 
     def arrays(self, columns: dict[str, tuple[str, ...]]) -> TraceArrays:
-        """`columns`: head -> the label of each of its columns."""
-        positions = np.concatenate(self.positions) if self.positions else np.zeros(0, dtype=np.int64)
-        ids = np.concatenate(self.token_ids) if self.has_ids and self.token_ids else None
+        """`columns`: head -> the label of each of its columns. A head whose columns changed mid-request
+        (a reload) is left out: its numbers no longer line up."""
+        ids = self.token_ids.view() if self.has_ids and self.token_ids.n else None
         inputs: dict[str, np.ndarray] = {}
-        for head, chunks in self.scores.items():
+        for head, col in self.scores.items():
             labels = columns.get(head, ())
-            if any(c.shape[1] != len(labels) for c in chunks):
-                continue  # a reload changed this head's columns mid-request: its numbers no longer line up
-            stacked = np.concatenate(chunks)
+            if head in self.bad_heads or col.buf.shape[1] != len(labels):
+                continue
             for j, label in enumerate(labels):
-                inputs[label] = stacked[:, j]
-        running = {d: (np.concatenate([p for p, _ in parts]), np.concatenate([v for _, v in parts]))
-                   for d, parts in self.running.items()}
-        return TraceArrays(positions, ids, inputs, running)
+                inputs[label] = col.view()[:, j]
+        running = {d: (p.view(), v.view()) for d, (p, v) in self.running.items()}
+        return TraceArrays(self.positions.view(), ids, inputs, running)
