@@ -27,7 +27,7 @@ import torch
 from monitor.config.load import LoadedConfig
 from monitor.config.models import CountAbove, DetectorSpec, FeatureInput, FractionAbove, ProbeInput
 from monitor.detectors.aggregate import Aggregator, make_aggregator
-from monitor.detectors.updates import DetectorUpdate, TokenEvidence
+from monitor.detectors.updates import DetectorUpdate, TokenEvidence, ranked
 from monitor.scoring import BatchedScorer, LinearProbe, WatchedEncoder
 from monitor.scoring.context import ContextEncoder
 from monitor.scoring.space import HeadInfo, logit, sigmoid
@@ -155,7 +155,7 @@ class DetectorState:
         return False
 
     def evidence(self) -> list[TokenEvidence]:
-        return [TokenEvidence(p, s, dict(i)) for s, p, i in sorted(self.top, reverse=True)]
+        return list(ranked(self.top))
 
     def snapshot(self, req: str, request_id: str, external_id: str, sample: int, *, fired_now: bool, final: bool,
                  step_time: float | None = None) -> DetectorUpdate:

@@ -37,4 +37,9 @@ class DetectorUpdate:
     @property
     def evidence(self) -> tuple[TokenEvidence, ...]:
         """The top tokens, highest first. Sorted when read: most updates never are (only fires and verdicts)."""
-        return tuple(TokenEvidence(p, s, i) for s, p, i in sorted(self.top, key=lambda t: (t[0], t[1]), reverse=True))
+        return ranked(self.top)
+
+
+def ranked(top) -> tuple[TokenEvidence, ...]:
+    """(score, position, inputs) items, highest score first (then the later position)."""
+    return tuple(TokenEvidence(p, s, i) for s, p, i in sorted(top, key=lambda t: (t[0], t[1]), reverse=True))

@@ -208,10 +208,6 @@ class KafkaSink:
             else:
                 self._spool(record)  # behind the spool: order is kept
 
-    @property
-    def spool_len(self) -> int:
-        return len(self.spool)
-
     def stats(self) -> KafkaStats:
         c = self.counters
         return KafkaStats(c.sent, c.spooled, c.dropped_queue_full, c.dropped_spool_full, c.send_errors,
