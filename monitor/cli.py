@@ -150,27 +150,50 @@ def _probe_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_config(args: argparse.Namespace):
+    """(config, its folder) from `--config`, or the built-in defaults; ConfigError as usual."""
+    from monitor.config import load_config
+    from monitor.config.models import MonitorConfig
+
+    if args.config is not None:
+        loaded = load_config(args.config)
+        return loaded.config, loaded.path.parent
+    return MonitorConfig(), None
+
+
+def _incident_filter(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from monitor.store.queries import IncidentFilter
+
+    fields = {k: getattr(args, k, None) for k in IncidentFilter.model_fields}
+    if getattr(args, "incidents_command", None) == "export":
+        fields.pop("verdict")  # there, --verdict picks the labels to export
+    try:
+        return IncidentFilter.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        raise ValueError("; ".join(f"--{'.'.join(map(str, err['loc'])) or 'filter'}: {err['msg']}"
+                                   for err in e.errors())) from None
+
+
 def _incidents(args: argparse.Namespace) -> int:
+    import contextlib
     import json
     import signal
     import threading
 
-    from monitor.config import ConfigError, load_config
-    from monitor.config.models import MonitorConfig
+    from monitor.config import ConfigError
     from monitor.store.db import Store, StoreError, store_url
 
     try:
-        if args.config is not None:
-            loaded = load_config(args.config)
-            cfg, base = loaded.config, loaded.path.parent
-        else:
-            cfg, base = MonitorConfig(), None
+        cfg, base = _store_config(args)
         store = Store(store_url(cfg.store, base))
+        f = _incident_filter(args)
     except ConfigError as e:
         for issue in e.issues:
             print(f"error: {issue}", file=sys.stderr)
         return 2
-    except StoreError as e:
+    except (StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -183,16 +206,36 @@ def _incidents(args: argparse.Namespace) -> int:
             stats = Ingester(cfg, store, base).run(stop)
             print(json.dumps(stats.__dict__))
             return 0
+        if args.incidents_command == "migrate":
+            print(f"{store.name}: schema up to date")
+            return 0
+        if args.incidents_command == "export":
+            from monitor.store.export import write_export
+
+            verdicts = tuple(v.strip() for v in args.verdict.split(",") if v.strip())
+            try:
+                with (open(args.out, "w") if args.out else contextlib.nullcontext(sys.stdout)) as out:
+                    stats = write_export(store, out, verdicts, f)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            skipped = ", ".join(f"{n} ({why})" for why, n in stats.skipped.items()) or "none"
+            print(f"exported {stats.written} labelled conversation(s){' to ' + str(args.out) if args.out else ''}; "
+                  f"skipped: {skipped}", file=sys.stderr)
+            return 0
         if args.incidents_command == "list":
-            rows = store.incidents(detector=args.detector, limit=args.limit)
+            page = store.incidents(f, limit=args.limit)
+            rows = page.rows
             if args.json:
                 print(json.dumps([{"event_id": r.event_id, "request_id": r.request_id, "alert_ids": r.alert_ids,
                                    "detectors": r.detectors, "severity": r.severity, "model": r.model,
-                                   "deployment": r.deployment, "time": r.event_time.isoformat()} for r in rows], indent=2))
+                                   "deployment": r.deployment, "time": r.event_time.isoformat(), "status": r.status,
+                                   "verdict": r.verdict} for r in rows], indent=2))
                 return 0
             for r in rows:
                 print(f"{r.event_time:%Y-%m-%d %H:%M:%S}  {r.severity:<8} {', '.join(r.detectors):<40} "
-                      f"{r.request_id:<36} alert {', '.join(r.alert_ids)}")
+                      f"{r.request_id:<36} {r.status:<12} {r.verdict or '-':<14} alert {', '.join(r.alert_ids)}")
+            print(f"{len(rows)} of {page.total} matching", file=sys.stderr)
             return 0
         incident, alerts = store.incident(args.alert_id)
         if incident is None and not alerts:
@@ -229,6 +272,41 @@ def _print_incident(incident, alerts) -> None:
         feats = ", ".join(f"{f['feature']}" + (f" ({f['explanation'][:40]})" if f.get("explanation") else "")
                           for f in c["features"][:3])
         print(f"  at token {c['position']}, {c['sae']} also represented: {feats}")
+
+
+def _console(args: argparse.Namespace) -> int:
+    from monitor.config import ConfigError
+
+    try:
+        cfg, base = _store_config(args)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    from monitor.console.serve import ConsoleError, serve
+
+    try:
+        return serve(cfg, base, host=args.host, port=args.port, tokens_file=args.tokens_file)
+    except ConsoleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _console_token(args: argparse.Namespace) -> int:
+    from datetime import datetime, timedelta, timezone
+
+    from monitor.console.tokens_file import add_token
+
+    expires = None if args.expires_days is None else datetime.now(timezone.utc) + timedelta(days=args.expires_days)
+    try:
+        token = add_token(args.file, args.name, args.role, args.text, expires)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"added {args.name} ({args.role}{', text' if args.text else ''}) to {args.file}; the token, shown once:",
+          file=sys.stderr)
+    print(token)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -315,18 +393,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     inc = sub.add_parser("incidents", help="the incident store").add_subparsers(dest="incidents_command", required=True)
     for name, what in (("ingest", "consume alert and incident events from Kafka into the store"),
-                       ("list", "the newest incidents"), ("show", "one incident, by an alert id from a page")):
+                       ("list", "the newest incidents"), ("show", "one incident, by an alert id from a page"),
+                       ("export", "triaged incidents as labelled conversations (JSONL for eval / calibrate / probe train)"),
+                       ("migrate", "create or upgrade the store's tables (what the Helm chart's migrations Job runs)")):
         p = inc.add_parser(name, help=what)
         p.add_argument("--config", type=Path, default=None,
                        help="monitor config (its sinks.kafka and store sections); default: the built-in defaults")
+        if name in ("list", "export"):
+            for field in ("detector", "concept", "severity", "model", "deployment", "status"):
+                p.add_argument(f"--{field}", default=None, help=f"only incidents with this {field}")
+            p.add_argument("--since", default=None, help="ISO 8601, epoch ms, or an age such as 24h or 7d")
+            p.add_argument("--until", default=None)
         if name == "list":
-            p.add_argument("--detector", default=None, help="only incidents where this detector fired")
+            p.add_argument("--verdict", default=None, help="true_positive | false_positive | unsure | none")
             p.add_argument("--limit", type=int, default=50)
+        if name == "export":
+            p.add_argument("--verdict", default="true_positive,false_positive",
+                           help="comma-separated: true_positive, false_positive (default both; unsure is never a label)")
+            p.add_argument("--out", type=Path, default=None, help="the JSONL file (default: standard output)")
         if name == "show":
             p.add_argument("alert_id")
-        if name != "ingest":
+        if name in ("list", "show"):
             p.add_argument("--json", action="store_true", help="print JSON (the stored events) and nothing else")
         p.set_defaults(func=_incidents)
+
+    con = sub.add_parser("console", help="the web console over the incident store (alerts link to it)")
+    con.add_argument("--config", type=Path, default=None, help="monitor config (its console and store sections)")
+    con.add_argument("--host", default=None, help="bind address (default console.host: loopback)")
+    con.add_argument("--port", type=int, default=None, help="port (default console.port)")
+    con.add_argument("--tokens-file", type=Path, default=None, help="tokens file (default console.tokens_file)")
+    con.set_defaults(func=_console)
+    csub = con.add_subparsers(dest="console_command")
+    tok = csub.add_parser("token", help="make a console token: prints it once, adds its hash to the tokens file")
+    tok.add_argument("--name", required=True, help="who holds it (recorded in triage and the audit log)")
+    tok.add_argument("--role", required=True, choices=["viewer", "triager", "admin"])
+    tok.add_argument("--text", action="store_true", help="may see conversation text")
+    tok.add_argument("--expires-days", type=float, default=None, help="expires after this many days (default never)")
+    tok.add_argument("--file", type=Path, required=True, help="the tokens file to add it to (created if missing)")
+    tok.set_defaults(func=_console_token)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the demo model, on loopback")
     demo.add_argument("--once", action="store_true",

@@ -205,7 +205,7 @@ def test_retention_deletes_old_events(db_url, broker, tmp_path):
     stop.set()
     t.join(timeout=20)
     assert ing.stats.expired == 6  # 3 stale incidents and their 3 alerts
-    assert [r.request_id for r in ing.store.incidents()] == ["new"]
+    assert [r.request_id for r in ing.store.incidents().rows] == ["new"]
     ing.store.close()
 
 

@@ -217,6 +217,67 @@ class StoreSettings(Strict):
     max_event_bytes: int = Field(4 * 1024 * 1024, gt=0, description="A larger message goes to the dead letters.")
 
 
+Role = Literal["viewer", "triager", "admin"]
+
+
+class ProxyAuth(Strict):
+    """Accept the identity an authenticating proxy (oauth2-proxy style) puts in a header, from the proxy only."""
+
+    enabled: bool = Field(False, description="Trust `user_header` on requests from `trusted_proxies`.")
+    trusted_proxies: list[str] = Field(default_factory=list, description="Addresses or CIDR blocks the proxy connects "
+                                       "from. A request carrying the header from anywhere else is refused (401).")
+    user_header: str = Field("X-Forwarded-Email", description="Header naming the user.")
+    groups_header: str = Field("X-Forwarded-Groups", description="Header listing the user's groups, comma-separated.")
+    roles: dict[str, Role] = Field(default_factory=dict, description="Group -> role; a user gets the highest of their "
+                                   "groups' roles.")
+    text_groups: list[str] = Field(default_factory=list, description="Members of these groups may see conversation text.")
+    default_role: Literal["none", "viewer"] = Field("none", description="Role of a user in no mapped group "
+                                                     "(`none`: refused).")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, nets: list[str]) -> list[str]:
+        import ipaddress
+
+        for n in nets:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ValueError(f"{n!r} is not an IP address or CIDR block") from None
+        return nets
+
+
+class Console(Strict):
+    """`monitor console`: the web app over the incident store that alerts link to."""
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless you expose it on purpose (behind TLS).")
+    port: int = Field(8470, ge=1, le=65535)
+    base_url: str | None = Field(None, description="The console's public URL (e.g. https://monitor.example.com). "
+                                 "Alert events carry `<base_url>/incidents/<alert_id>`; https here makes cookies "
+                                 "Secure. Unset: no links in events.")
+    tokens_file: str | None = Field(None, description="YAML list of API/login tokens (argon2 hashes, role, text "
+                                    "permission, expiry), made by `monitor console token`. Reloaded when it changes.")
+    session_secret_file: str | None = Field(None, description="File holding the key that signs session cookies "
+                                            "(replicas must share it).")
+    session_secret_env: str = Field("MONITOR_CONSOLE_SECRET", description="Environment variable with that key, "
+                                    "used when `session_secret_file` is unset. Neither: a random key per process "
+                                    "(sessions end when it restarts).")
+    session_hours: float = Field(12, gt=0, le=24 * 30, description="A login lasts this long.")
+    login_attempts_per_minute: int = Field(5, ge=1, description="Failed logins allowed per client address per minute.")
+    grafana_url: str | None = Field(None, description="Grafana's URL: the incident page links to the detector "
+                                    "dashboard at the incident's time.")
+    runbook_url: str = Field("https://github.com/misalignment-monitor/misalignment-monitor/blob/main/runbooks",
+                             description="Where the runbooks are (the pages link to `<runbook_url>/<alert>.md`).")
+    proxy: ProxyAuth = Field(default_factory=ProxyAuth)
+
+    @field_validator("base_url", "grafana_url", "runbook_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return None if v is None else v.rstrip("/")
+
+
 class Deployment(Strict):
     """Names that identify this deployment in events."""
 
@@ -240,6 +301,7 @@ class MonitorConfig(Strict):
     incidents: Incidents = Field(default_factory=Incidents)
     evidence: Evidence = Field(default_factory=Evidence)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    console: Console = Field(default_factory=Console)
     deployment: Deployment = Field(default_factory=Deployment)
 
     @model_validator(mode="before")

@@ -89,7 +89,7 @@ class StoredIncidents:
         self.store = Store(url)
 
     def received(self) -> list[dict]:
-        return [r.event for r in self.store.incidents(limit=10_000)]
+        return self.store.incident_events(limit=10_000)
 
     def close(self) -> None:
         self.store.close()

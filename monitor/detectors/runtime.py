@@ -120,22 +120,14 @@ class DetectorState:
         det = self.detector
         many = running and len(positions) > 1  # one token's running score is just the score after it
         if det.spec.combine == "weighted":
-            combined = sum(ref.weight * col for ref, col in zip(det.inputs, columns))
-            runs = [self.aggs[0].update(combined, many)]
-            token_scores = combined
+            runs = [self.aggs[0].update(sum(ref.weight * col for ref, col in zip(det.inputs, columns)), many)]
         else:
             runs = [agg.update(col, many) for agg, col in zip(self.aggs, columns)]
-            if len(columns) == 1:  # most detectors: nothing to combine
-                token_scores = columns[0]
-            else:
-                stack = np.stack(columns)
-                token_scores = stack.min(0) if det.spec.combine == "all" else stack.max(0)
         if many:
             self.running = self._combine_running(runs)
-        if det.probe_only and det.spec.combine != "weighted":
-            token_scores = sigmoid(token_scores)
-        for j in np.argsort(token_scores)[-TOP_TOKENS:]:
-            score = float(token_scores[j])
+        scores = token_scores(det.spec, columns, det.probe_only)
+        for j in np.argsort(scores)[-TOP_TOKENS:]:
+            score = float(scores[j])
             if len(self.top) == TOP_TOKENS and score <= self.top[0][0]:
                 continue
             item = (score, int(positions[j]), {ref.label: float(col[j]) for ref, col in zip(det.inputs, columns)})
@@ -260,6 +252,22 @@ def feed(det: CompiledDetector, state: "DetectorState | None", positions: np.nda
     if running:
         state.running_positions = positions[mask]
     return state, fired
+
+
+def token_scores(spec: DetectorSpec, columns: list[np.ndarray], probe_only: bool | None = None) -> np.ndarray:
+    """Each token's score for a detector, before aggregation (what ranks its evidence, and what the console
+    colours): the weighted sum under `weighted`, else the highest (any) or lowest (all) input, as a
+    probability when every input is a probe. `columns[i]`: input i's scores, in the order of `spec.inputs`."""
+    if probe_only is None:
+        probe_only = all(isinstance(i, ProbeInput) for i in spec.inputs)
+    if spec.combine == "weighted":
+        return sum(i.weight * col for i, col in zip(spec.inputs, columns))
+    if len(columns) == 1:  # most detectors: nothing to combine
+        out = columns[0]
+    else:
+        stack = np.stack(columns)
+        out = stack.min(0) if spec.combine == "all" else stack.max(0)
+    return sigmoid(out) if probe_only else out
 
 
 def in_scope(spec: DetectorSpec, positions: np.ndarray, n_prompt: int) -> np.ndarray:

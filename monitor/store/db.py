@@ -107,7 +107,7 @@ class Store:
         return self._insert(session, Alert, row)
 
     def add_incident(self, session, event: dict) -> bool:
-        from monitor.store.schema import Incident, IncidentAlert
+        from monitor.store.schema import Incident, IncidentAlert, IncidentDetector
 
         d = event["data"]
         fired = [x for x in d["detectors"] if x["fired"]]
@@ -119,6 +119,10 @@ class Store:
         new = self._insert(session, Incident, row)
         if new and d["alert_ids"]:
             self._insert(session, IncidentAlert, [{"alert_id": a, "incident_event_id": event["id"]} for a in d["alert_ids"]])
+        if new and fired:
+            self._insert(session, IncidentDetector, [dict(incident_event_id=event["id"], detector=x["name"],
+                                                          concept=x["concept"], severity=x["severity"],
+                                                          event_time=row["event_time"]) for x in fired])
         return new
 
     def dead_letter(self, session, topic: str, partition: int, offset: int, reason: str, raw: bytes) -> bool:
@@ -132,28 +136,32 @@ class Store:
         """Delete alert and incident events older than `before` (text included); returns how many."""
         from sqlalchemy import delete, select
 
-        from monitor.store.schema import Alert, Incident, IncidentAlert
+        from monitor.store.schema import Alert, Incident, IncidentAlert, IncidentDetector, TriageEvent
 
         with self.session() as s:
             old = select(Incident.event_id).where(Incident.event_time < before)
-            s.execute(delete(IncidentAlert).where(IncidentAlert.incident_event_id.in_(old)))
+            for table in (IncidentAlert, IncidentDetector, TriageEvent):  # the audit log outlives the events
+                s.execute(delete(table).where(table.incident_event_id.in_(old)))
             n = s.execute(delete(Incident).where(Incident.event_time < before)).rowcount
             n += s.execute(delete(Alert).where(Alert.event_time < before)).rowcount
             s.commit()
         return n
 
-    def incidents(self, detector: str | None = None, limit: int = 50) -> list:
-        """Newest first. With `detector`, among the newest `20 x limit` only: the detectors are a JSON list,
-        filtered here to stay portable; an indexed filter comes with the console's queries."""
+    def incidents(self, f=None, limit: int = 50, cursor: str | None = None):
+        """A page of incidents (`queries.list_incidents`), newest first."""
+        from monitor.store.queries import IncidentFilter, list_incidents
+
+        with self.session() as s:
+            return list_incidents(s, f or IncidentFilter(), limit=limit, cursor=cursor)
+
+    def incident_events(self, limit: int = 1000) -> list[dict]:
+        """The newest stored incident events, as received."""
         from sqlalchemy import select
 
         from monitor.store.schema import Incident
 
         with self.session() as s:
-            rows = s.scalars(select(Incident).order_by(Incident.event_time.desc()).limit(limit * 20 if detector else limit)).all()
-        if detector:  # a JSON list: filtered here, portable across SQLite and PostgreSQL
-            rows = [r for r in rows if detector in r.detectors][:limit]
-        return list(rows)
+            return list(s.scalars(select(Incident.event).order_by(Incident.event_time.desc()).limit(limit)))
 
     def incident(self, alert_id: str):
         """The incident an alert id belongs to, and that alert's events; (None, []) when unknown."""
@@ -166,6 +174,64 @@ class Store:
             incident = s.scalars(select(Incident).join(IncidentAlert, IncidentAlert.incident_event_id == Incident.event_id)
                                  .where(IncidentAlert.alert_id == alert_id)).first()
         return incident, list(alerts)
+
+    def triage(self, alert_id: str, actor: str, action: str, verdict: str | None = None, note: str | None = None):
+        """Acknowledge, resolve or reopen the incident an alert id belongs to, and/or give it a verdict.
+        Recorded in `triage_events` with who and when. Returns the updated incident (None: unknown id)."""
+        from sqlalchemy import select
+
+        from monitor.store.queries import VERDICTS
+        from monitor.store.schema import Incident, IncidentAlert, TriageEvent
+
+        status = {"acknowledge": "acknowledged", "resolve": "resolved", "reopen": "open", "verdict": None}
+        if action not in status:
+            raise ValueError(f"action {action!r}: use one of {', '.join(status)}")
+        if verdict is not None and verdict not in VERDICTS:
+            raise ValueError(f"verdict {verdict!r}: use one of {', '.join(VERDICTS)}")
+        if action == "verdict" and verdict is None:
+            raise ValueError("action `verdict` needs a verdict")
+        now = datetime.now(timezone.utc)
+        with self.session() as s:
+            inc = s.scalars(select(Incident).join(IncidentAlert, IncidentAlert.incident_event_id == Incident.event_id)
+                            .where(IncidentAlert.alert_id == alert_id)).first()
+            if inc is None:
+                return None
+            if status[action]:
+                inc.status = status[action]
+            if verdict is not None:
+                inc.verdict, inc.verdict_note = verdict, note
+            inc.triaged_by, inc.triaged_at = actor, now
+            s.add(TriageEvent(incident_event_id=inc.event_id, action=action, verdict=verdict, note=note, actor=actor,
+                              at=now))
+            s.commit()
+            s.refresh(inc)
+            s.expunge(inc)
+            return inc
+
+    def triage_history(self, event_id: str) -> list:
+        from sqlalchemy import select
+
+        from monitor.store.schema import TriageEvent
+
+        with self.session() as s:
+            return list(s.scalars(select(TriageEvent).where(TriageEvent.incident_event_id == event_id)
+                                  .order_by(TriageEvent.id)))
+
+    def audit(self, actor: str, action: str, target: str | None = None, client: str | None = None) -> None:
+        from monitor.store.schema import AuditEntry
+
+        with self.session() as s:
+            s.add(AuditEntry(at=datetime.now(timezone.utc), actor=actor, action=action,
+                             target=None if target is None else target[:512], client=client))
+            s.commit()
+
+    def audit_log(self, limit: int = 200) -> list:
+        from sqlalchemy import select
+
+        from monitor.store.schema import AuditEntry
+
+        with self.session() as s:
+            return list(s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)))
 
     def counts(self) -> dict[str, int]:
         from sqlalchemy import func, select

@@ -29,6 +29,59 @@ class Incident(Base):
     event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     event: Mapped[dict] = mapped_column(JSON)
+    # Triage: the current state (the history is in `triage_events`).
+    status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")  # open | acknowledged | resolved
+    verdict: Mapped[str | None] = mapped_column(String(16))  # true_positive | false_positive | unsure
+    verdict_note: Mapped[str | None] = mapped_column(Text)
+    triaged_by: Mapped[str | None] = mapped_column(String(256))
+    triaged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # The console's filters, each newest first.
+    __table_args__ = tuple(Index(f"ix_incidents_{c}_time", c, "event_time")
+                           for c in ("model", "deployment", "severity", "status", "verdict"))
+
+
+class IncidentDetector(Base):
+    """One row per detector that fired on an incident: the indexed side of the console's filters and counts."""
+
+    __tablename__ = "incident_detectors"
+
+    incident_event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    detector: Mapped[str] = mapped_column(String(128), primary_key=True)
+    concept: Mapped[str] = mapped_column(String(128))
+    severity: Mapped[str] = mapped_column(String(16))
+    event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_incident_detectors_detector_time", "detector", "event_time"),
+                      Index("ix_incident_detectors_concept_time", "concept", "event_time"))
+
+
+class TriageEvent(Base):
+    """Who did what to an incident, and when (acknowledge, resolve, reopen, verdict)."""
+
+    __tablename__ = "triage_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    incident_event_id: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(256))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """Who opened which incident's text, exported, or triaged; kept apart from the incident so retention
+    of events never erases the record of access."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(32))  # view_text | export | triage | login | login_failed
+    target: Mapped[str | None] = mapped_column(String(512))  # an alert id, or an export's filter
+    client: Mapped[str | None] = mapped_column(String(64))
 
 
 class IncidentAlert(Base):

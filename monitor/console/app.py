@@ -1,0 +1,484 @@
+"""`monitor console`: the web app an alert links to. Server-rendered pages and a JSON API over the store.
+
+Nothing but `/healthz` and the login form answers without authentication (401 otherwise). Pages are
+Jinja2 templates with inline SVG; the little JavaScript there is only adds hover links between the
+token strip and the heatmap, and every page reads the same with it off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote, urlencode
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field, ValidationError
+
+from monitor.config.models import MonitorConfig
+from monitor.console.auth import (CSRF_COOKIE, SESSION_COOKIE, AuthError, Identity, LoginLimiter, Sessions,
+                                  TokenStore, csrf_ok, new_csrf, proxy_identity, session_secret)
+from monitor.console.views import incident_view, shade, without_text
+from monitor.store.db import Store, StoreError
+from monitor.store.queries import STATUSES, VERDICTS, IncidentFilter, facets, list_incidents
+
+log = logging.getLogger("monitor.console")
+HERE = Path(__file__).parent
+PAGE_SIZE = 50
+
+
+class Unavailable(Exception):
+    """The database cannot answer; shown as a 503 page."""
+
+
+class NeedLogin(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Forbidden(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+# ---- the JSON API's shapes (also its OpenAPI description) -----------------------------------
+
+
+class IncidentSummary(BaseModel):
+    alert_ids: list[str]
+    event_id: str
+    request_id: str
+    detectors: list[str] = Field(description="Detectors that fired.")
+    severity: Literal["critical", "warning", "info"]
+    model: str
+    deployment: str
+    time: datetime
+    status: Literal["open", "acknowledged", "resolved"]
+    verdict: Literal["true_positive", "false_positive", "unsure"] | None
+    url: str = Field(description="The incident page.")
+
+
+class IncidentList(BaseModel):
+    items: list[IncidentSummary]
+    total: int = Field(description="Incidents matching the filter.")
+    counts: dict[str, int] = Field(description="Per detector, under every filter but `detector`.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
+
+
+class TriageEntry(BaseModel):
+    action: str
+    verdict: str | None
+    note: str | None
+    actor: str
+    at: datetime
+
+
+class IncidentDetail(BaseModel):
+    incident: dict = Field(description="The incident event (CloudEvent, schema incident.v1.json); `trace.text` and "
+                           "`trace.token_ids` are null without the text permission.")
+    alerts: list[dict] = Field(description="The alert events of this alert id, by revision.")
+    status: str
+    verdict: str | None
+    verdict_note: str | None
+    triage: list[TriageEntry]
+
+
+class TriageRequest(BaseModel):
+    action: Literal["acknowledge", "resolve", "reopen", "verdict"]
+    verdict: Literal["true_positive", "false_positive", "unsure"] | None = None
+    note: str | None = Field(None, max_length=4000)
+
+
+@dataclass
+class Console:
+    cfg: MonitorConfig
+    store: Store
+    tokens: TokenStore
+    sessions: Sessions
+    limiter: LoginLimiter
+
+    @property
+    def secure_cookies(self) -> bool:
+        return bool(self.cfg.console.base_url and self.cfg.console.base_url.startswith("https://"))
+
+
+def _filter(request: Request) -> IncidentFilter:
+    params = {k: v for k, v in request.query_params.items() if k in IncidentFilter.model_fields}
+    if "from" in request.query_params:  # Grafana's data links say from/to
+        params.setdefault("since", request.query_params["from"])
+    if "to" in request.query_params:
+        params.setdefault("until", request.query_params["to"])
+    try:
+        return IncidentFilter.model_validate(params)
+    except ValidationError as e:
+        reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'filter'}: {err['msg']}" for err in e.errors())
+        raise HTTPException(400, f"bad filter: {reasons}") from None
+
+
+def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
+    c = Console(cfg=cfg, store=store, tokens=tokens, sessions=Sessions(session_secret(cfg.console), cfg.console.session_hours),
+                limiter=LoginLimiter(cfg.console.login_attempts_per_minute))
+    app = FastAPI(title="misalignment-monitor console", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  description="The incident store: list, read and triage incidents. Authenticate with "
+                              "`Authorization: Bearer <token>` (tokens from `monitor console token`).")
+    app.state.console = c
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals.update(shade=shade, STATUSES=STATUSES, VERDICTS=VERDICTS)
+    templates.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, ensure_ascii=False)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    def client(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def identify(request: Request) -> Identity:
+        auth = request.headers.get("authorization", "")
+        try:
+            if auth.lower().startswith("bearer "):
+                e = c.tokens.verify(auth[7:].strip())
+                return Identity(e.name, e.role, e.text, "token", e.id)
+            who = proxy_identity(cfg.console.proxy, client(request), request.headers)
+            if who is not None:
+                return who
+        except AuthError as e:
+            log.warning("refused", extra={"client": client(request), "reason": str(e), "path": request.url.path})
+            raise NeedLogin(str(e)) from None
+        cookie = request.cookies.get(SESSION_COOKIE)
+        s = c.sessions.read(cookie) if cookie else None
+        if s is None:
+            raise NeedLogin("log in with a console token")
+        if s.get("tid") is not None:  # a token's session ends when the token is removed or expires
+            e = c.tokens.entry(s["tid"])
+            if e is None:
+                raise NeedLogin("your token was removed or has expired")
+            return Identity(e.name, e.role, e.text, "session", e.id)
+        return Identity(s["name"], s["role"], s["text"], "session")
+
+    def viewer(request: Request) -> Identity:
+        who = identify(request)
+        request.state.who = who
+        return who
+
+    def triager(request: Request, who: Identity = Depends(viewer)) -> Identity:
+        if not who.at_least("triager"):
+            raise Forbidden(f"{who.name} is a {who.role}: triage needs the triager or admin role")
+        return who
+
+    def admin(request: Request, who: Identity = Depends(viewer)) -> Identity:
+        if not who.at_least("admin"):
+            raise Forbidden(f"{who.name} is a {who.role}: this page needs the admin role")
+        return who
+
+    def check_csrf(request: Request, who: Identity, submitted: str | None) -> None:
+        if who.via == "token":
+            return
+        if not csrf_ok(request.cookies.get(CSRF_COOKIE), submitted):
+            raise Forbidden("the form's CSRF token is missing or does not match: reload the page and try again")
+
+    def db(fn, *args, **kw):
+        from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+
+        try:
+            with c.store.session() as s:
+                return fn(s, *args, **kw)
+        except (OperationalError, ProgrammingError, DBAPIError, StoreError) as e:
+            log.error("database unavailable", extra={"database": c.store.name, "error": str(e).splitlines()[0][:300]})
+            raise Unavailable(str(getattr(e, "orig", e) or e).splitlines()[0][:300]) from None
+
+    def render(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
+        token = request.cookies.get(CSRF_COOKIE) or new_csrf()
+        ctx.setdefault("who", getattr(request.state, "who", None))
+        resp = templates.TemplateResponse(request, name, {"csrf": token, **ctx}, status_code=status)
+        if request.cookies.get(CSRF_COOKIE) != token:
+            resp.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict", secure=c.secure_cookies, path="/")
+        return resp
+
+    def wants_json(request: Request) -> bool:
+        return request.url.path.startswith("/api/") or request.url.path.endswith(".json")
+
+    @app.exception_handler(NeedLogin)
+    async def _need_login(request: Request, exc: NeedLogin):
+        if wants_json(request) or request.headers.get("authorization"):
+            return JSONResponse({"detail": exc.reason}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return render(request, "login.html", status=401, reason=exc.reason, next=request.url.path +
+                      (f"?{request.url.query}" if request.url.query else ""))
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request: Request, exc: Forbidden):
+        if wants_json(request):
+            return JSONResponse({"detail": exc.reason}, status_code=403)
+        return render(request, "error.html", status=403, title="Not allowed", message=exc.reason)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable):
+        msg = (f"The incident database ({c.store.name}) is not answering: {exc}. Pages come back by themselves when "
+               "it does; if it persists, see the runbook for the incident store.")
+        if wants_json(request):
+            return JSONResponse({"detail": msg}, status_code=503, headers={"Retry-After": "10"})
+        return render(request, "error.html", status=503, title="The incident database is unavailable", message=msg)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        if wants_json(request):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        title = {400: "That request is not right", 404: "Not found"}.get(exc.status_code, "Error")
+        return render(request, "error.html", status=exc.status_code, title=title, message=str(exc.detail))
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        resp = await call_next(request)
+        resp.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
+                                "style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'; "
+                                "form-action 'self'; base-uri 'none'")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")  # incident URLs stay inside
+        if not request.url.path.startswith("/static/"):
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    # ---- unauthenticated --------------------------------------------------------------------
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(request: Request, next: str = "/incidents"):
+        return render(request, "login.html", next=next, reason=None)
+
+    @app.post("/login", include_in_schema=False)
+    def login(request: Request, token: str = Form(""), csrf: str = Form(""), next: str = Form("/incidents")):
+        where = client(request)
+        if not csrf_ok(request.cookies.get(CSRF_COOKIE), csrf):
+            return render(request, "login.html", status=403, next=next,
+                          reason="the form expired (CSRF check failed): try again")
+        wait = c.limiter.retry_after(where)
+        if wait:
+            resp = render(request, "login.html", status=429, next=next,
+                          reason=f"too many failed logins from {where}: wait {wait} s")
+            resp.headers["Retry-After"] = str(wait)
+            return resp
+        try:
+            e = c.tokens.verify(token.strip())
+        except AuthError as err:
+            c.limiter.failed(where)
+            log.warning("login failed", extra={"client": where, "reason": str(err)})
+            _audit("unknown", "login_failed", None, where)
+            return render(request, "login.html", status=401, next=next, reason=str(err))
+        _audit(e.name, "login", None, where)
+        safe_next = next if next.startswith("/") and not next.startswith("//") else "/incidents"
+        resp = RedirectResponse(safe_next, status_code=303)
+        resp.set_cookie(SESSION_COOKIE, c.sessions.issue(Identity(e.name, e.role, e.text, "session", e.id)),
+                        max_age=c.sessions.max_age, httponly=True, samesite="lax", secure=c.secure_cookies, path="/")
+        return resp
+
+    def _audit(actor: str, action: str, target: str | None, where: str | None) -> None:
+        try:
+            c.store.audit(actor, action, target, where)
+        except Exception as e:  # the audit log is the database: when it is down, the page says so
+            raise Unavailable(str(e).splitlines()[0][:300]) from None
+
+    # ---- pages ------------------------------------------------------------------------------
+
+    @app.post("/logout", include_in_schema=False)
+    def logout(request: Request, who: Identity = Depends(viewer), csrf: str = Form("")):
+        check_csrf(request, who, csrf)
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(SESSION_COOKIE, path="/")
+        return resp
+
+    @app.get("/", include_in_schema=False)
+    def root(who: Identity = Depends(viewer)):
+        return RedirectResponse("/incidents", status_code=303)
+
+    @app.get("/incidents", response_class=HTMLResponse, include_in_schema=False)
+    def incidents_page(request: Request, who: Identity = Depends(viewer), cursor: str | None = None):
+        f = _filter(request)
+        try:
+            page = db(list_incidents, f, PAGE_SIZE, cursor)
+        except ValueError as e:  # a cursor from elsewhere
+            raise HTTPException(400, str(e)) from None
+        options = db(facets)
+        query = f.query()
+        export = "/incidents/export.jsonl?" + urlencode(query)
+        return render(request, "list.html", page=page, f=f, options=options, query=query,
+                      next_url=("/incidents?" + urlencode({**query, "cursor": page.next_cursor})) if page.next_cursor else None,
+                      first_url=("/incidents?" + urlencode(query)) if cursor else None, export_url=export,
+                      count_url=lambda d: "/incidents?" + urlencode({**query, "detector": d}))
+
+    def load(s, alert_id: str):
+        from sqlalchemy import select
+
+        from monitor.store.schema import Alert, Incident, IncidentAlert
+
+        inc = s.scalars(select(Incident).join(IncidentAlert, IncidentAlert.incident_event_id == Incident.event_id)
+                        .where(IncidentAlert.alert_id == alert_id)).first()
+        alerts = list(s.scalars(select(Alert).where(Alert.alert_id == alert_id).order_by(Alert.revision)))
+        return inc, [a.event for a in alerts]
+
+    def incident_or_404(alert_id: str):
+        if len(alert_id) > 64:
+            raise HTTPException(404, f"no incident with alert id {alert_id[:64]}…")
+        inc, alerts = db(load, alert_id)
+        if inc is None:
+            extra = " (its alert events are stored; the incident event has not arrived yet)" if alerts else ""
+            raise HTTPException(404, f"no incident with alert id {alert_id}{extra}")
+        return inc, alerts
+
+    def audit_text(who: Identity, inc, request: Request) -> None:
+        if who.text and inc.event["data"]["trace"].get("text") is not None:
+            _audit(who.name, "view_text", ",".join(inc.alert_ids), client(request))
+
+    @app.get("/incidents/export.jsonl", include_in_schema=False)
+    def export_all(request: Request, who: Identity = Depends(triager),
+                   verdicts: str = Query("true_positive,false_positive", alias="verdict_in")):
+        return _export(request, who, _filter(request), verdicts)
+
+    def _export(request: Request, who: Identity, f: IncidentFilter, verdicts: str):
+        import io
+
+        from monitor.store.export import write_export
+
+        if not who.text:
+            raise Forbidden(f"{who.name} may not see conversation text, which is what an export contains")
+        wanted = tuple(v for v in verdicts.split(",") if v)
+        buf = io.StringIO()
+        try:
+            stats = db(lambda s: write_export(c.store, buf, wanted, f))
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        _audit(who.name, "export", json.dumps(f.query())[:500], client(request))
+        return PlainTextResponse(buf.getvalue(), media_type="application/x-ndjson", headers={
+            "Content-Disposition": 'attachment; filename="incidents-labelled.jsonl"',
+            "X-Exported": str(stats.written), "X-Skipped": json.dumps(stats.skipped)})
+
+    @app.get("/incidents/{alert_id}", response_class=HTMLResponse, include_in_schema=False)
+    def incident_page(request: Request, alert_id: str, who: Identity = Depends(viewer)):
+        inc, alerts = incident_or_404(alert_id)
+        view = incident_view(inc.event, show_text=who.text)
+        audit_text(who, inc, request)
+        history = db(lambda s: c.store.triage_history(inc.event_id))
+        links = _links(inc, view)
+        return render(request, "incident.html", inc=inc, d=inc.event["data"], v=view, alert_id=alert_id,
+                      history=history, links=links, alerts=alerts)
+
+    def _links(inc, view) -> dict:
+        t = inc.event_time
+        lo, hi = int((t - timedelta(minutes=30)).timestamp() * 1000), int((t + timedelta(minutes=30)).timestamp() * 1000)
+        links = {"runbook": f"{cfg.console.runbook_url}/misalignmentdetectorfired.md"}
+        if cfg.console.grafana_url:
+            links["grafana"] = (f"{cfg.console.grafana_url}/d/misalignment-monitor-detector?"
+                                + urlencode({"var-detector": view.primary.name, "from": lo, "to": hi}))
+        return links
+
+    @app.get("/incidents/{alert_id}/events.json", include_in_schema=False)
+    def raw_events(request: Request, alert_id: str, who: Identity = Depends(viewer)):
+        inc, alerts = incident_or_404(alert_id)
+        audit_text(who, inc, request)
+        event = inc.event if who.text else without_text(inc.event)
+        return JSONResponse({"incident": event, "alerts": alerts})
+
+    @app.get("/incidents/{alert_id}/export.jsonl", include_in_schema=False)
+    def export_one(request: Request, alert_id: str, who: Identity = Depends(triager)):
+        inc, _ = incident_or_404(alert_id)
+        if inc.verdict not in ("true_positive", "false_positive"):
+            raise HTTPException(400, "give this incident a verdict (true or false positive) before exporting it")
+        from monitor.store.export import labelled_record
+
+        if not who.text:
+            raise Forbidden(f"{who.name} may not see conversation text, which is what an export contains")
+        rec, why = labelled_record(inc.event, inc.verdict, inc.verdict_note)
+        if rec is None:
+            raise HTTPException(400, f"this incident cannot be exported: {why}")
+        _audit(who.name, "export", alert_id, client(request))
+        return PlainTextResponse(json.dumps(rec, ensure_ascii=False) + "\n", media_type="application/x-ndjson",
+                                 headers={"Content-Disposition": f'attachment; filename="incident-{quote(alert_id)}.jsonl"'})
+
+    @app.post("/incidents/{alert_id}/triage", include_in_schema=False)
+    def triage_form(request: Request, alert_id: str, who: Identity = Depends(triager), action: str = Form(...),
+                    verdict: str = Form(""), note: str = Form(""), csrf: str = Form("")):
+        check_csrf(request, who, csrf)
+        try:
+            req = TriageRequest(action=action, verdict=verdict or None, note=note.strip() or None)
+        except ValidationError as e:
+            raise HTTPException(400, "; ".join(err["msg"] for err in e.errors())) from None
+        _triage(request, who, alert_id, req)
+        return RedirectResponse(f"/incidents/{quote(alert_id)}", status_code=303)
+
+    def _triage(request: Request, who: Identity, alert_id: str, req: TriageRequest):
+        if req.action == "verdict" and req.verdict is None:
+            raise HTTPException(400, "choose a verdict: true positive, false positive or unsure")
+        try:
+            inc = c.store.triage(alert_id, who.name, req.action, req.verdict, req.note)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        except Exception as e:
+            from sqlalchemy.exc import DBAPIError
+
+            if isinstance(e, DBAPIError):
+                raise Unavailable(str(e.orig).splitlines()[0][:300]) from None
+            raise
+        if inc is None:
+            raise HTTPException(404, f"no incident with alert id {alert_id}")
+        _audit(who.name, "triage", f"{alert_id} {req.action} {req.verdict or ''}".strip(), client(request))
+        return inc
+
+    @app.get("/audit", response_class=HTMLResponse, include_in_schema=False)
+    def audit_page(request: Request, who: Identity = Depends(admin)):
+        return render(request, "audit.html", entries=db(lambda s: c.store.audit_log(500)))
+
+    # ---- JSON API -----------------------------------------------------------------------------
+
+    def summary(r) -> IncidentSummary:
+        return IncidentSummary(alert_ids=r.alert_ids, event_id=r.event_id, request_id=r.request_id, detectors=r.detectors,
+                               severity=r.severity, model=r.model, deployment=r.deployment, time=r.event_time,
+                               status=r.status, verdict=r.verdict, url=_url(f"/incidents/{quote(r.alert_ids[0])}"))
+
+    def _url(path: str) -> str:
+        return (cfg.console.base_url or "") + path
+
+    @app.get("/api/incidents", response_model=IncidentList, tags=["incidents"],
+             summary="Incidents, newest first, filtered", responses={400: {"description": "A malformed filter"},
+                                                                    401: {"description": "No or bad token"}})
+    def api_list(request: Request, who: Identity = Depends(viewer), cursor: str | None = None,
+                 limit: int = Query(PAGE_SIZE, ge=1, le=500),
+                 detector: str | None = None, concept: str | None = None, severity: str | None = None,
+                 model: str | None = None, deployment: str | None = None, status: str | None = None,
+                 verdict: str | None = None, since: str | None = None, until: str | None = None) -> IncidentList:
+        f = _filter(request)
+        try:
+            page = db(list_incidents, f, limit, cursor)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return IncidentList(items=[summary(r) for r in page.rows], total=page.total, counts=page.counts,
+                            next_cursor=page.next_cursor)
+
+    @app.get("/api/incidents/{alert_id}", response_model=IncidentDetail, tags=["incidents"],
+             summary="One incident, by any of its alert ids", responses={404: {"description": "Unknown alert id"}})
+    def api_incident(request: Request, alert_id: str, who: Identity = Depends(viewer)) -> IncidentDetail:
+        inc, alerts = incident_or_404(alert_id)
+        audit_text(who, inc, request)
+        history = db(lambda s: c.store.triage_history(inc.event_id))
+        return IncidentDetail(incident=inc.event if who.text else without_text(inc.event), alerts=alerts,
+                              status=inc.status, verdict=inc.verdict, verdict_note=inc.verdict_note,
+                              triage=[TriageEntry(action=h.action, verdict=h.verdict, note=h.note, actor=h.actor,
+                                                  at=h.at) for h in history])
+
+    @app.post("/api/incidents/{alert_id}/triage", tags=["incidents"], summary="Acknowledge, resolve, reopen, or give a verdict",
+              responses={403: {"description": "Not a triager, or a cookie session without the CSRF header"}})
+    def api_triage(request: Request, alert_id: str, body: TriageRequest, who: Identity = Depends(triager)) -> dict:
+        check_csrf(request, who, request.headers.get("x-csrf-token"))
+        inc = _triage(request, who, alert_id, body)
+        return {"status": inc.status, "verdict": inc.verdict, "verdict_note": inc.verdict_note,
+                "triaged_by": inc.triaged_by, "triaged_at": inc.triaged_at}
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi(who: Identity = Depends(viewer)) -> dict:
+        return app.openapi()
+
+    return app

@@ -1,0 +1,56 @@
+"""Run the console with uvicorn: the store (migrated when this process may), the tokens, the app."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from monitor.config.models import MonitorConfig
+from monitor.console.auth import AuthError, TokenStore
+
+log = logging.getLogger("monitor.console")
+
+
+class ConsoleError(RuntimeError):
+    """The console cannot start; the message says what to fix."""
+
+
+def build(cfg: MonitorConfig, base: Path | None, tokens_file: Path | None = None):
+    """The app, its store and its tokens (for `serve` and the tests)."""
+    from monitor.console.app import create_app
+    from monitor.store.db import Store, StoreError, store_url
+
+    path = tokens_file or (Path(cfg.console.tokens_file).expanduser() if cfg.console.tokens_file else None)
+    if path is not None and not path.is_absolute() and base is not None and tokens_file is None:
+        path = base / path
+    if path is None and not cfg.console.proxy.enabled:
+        raise ConsoleError("no way to log in: set console.tokens_file (make one with `monitor console token`) "
+                           "or console.proxy")
+    try:
+        tokens = TokenStore(path)
+    except AuthError as e:
+        raise ConsoleError(str(e)) from e
+    try:
+        store = Store(store_url(cfg.store, base), migrate=False)
+    except StoreError as e:
+        raise ConsoleError(str(e)) from e
+    try:
+        store.migrate()  # the ingester or the chart's Job normally has; a read-only user may not: pages say so
+    except Exception as e:  # a database that is down now may come up: the pages answer 503 until then
+        log.warning("store not migrated", extra={"database": store.name, "error": str(e).splitlines()[0][:300]})
+    return create_app(cfg, store, tokens), store
+
+
+def serve(cfg: MonitorConfig, base: Path | None, host: str | None = None, port: int | None = None,
+          tokens_file: Path | None = None) -> int:
+    import uvicorn
+
+    app, store = build(cfg, base, tokens_file)
+    host = host or cfg.console.host
+    port = port or cfg.console.port
+    log.info("console listening", extra={"url": f"http://{host}:{port}", "database": store.name})
+    # proxy_headers off: the client address is the TCP peer, which is what the proxy check trusts;
+    # uvicorn would otherwise take it from X-Forwarded-For.
+    uvicorn.run(app, host=host, port=port, proxy_headers=False, log_config=None, access_log=False)
+    store.close()
+    return 0

@@ -1,0 +1,338 @@
+"""What the incident page shows, computed from a stored incident event: plain words first, numbers after.
+
+Everything here is plain data for the templates (which only lay it out): the headline sentence, the
+token strip with each token's shade, the heatmap of every watched input, each detector's trajectory
+as SVG coordinates. One colour scale everywhere: one hue, light to dark (readable by colour-blind
+readers), the value always in text on hover.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from monitor.config.models import DetectorSpec, FeatureInput, ProbeInput
+from monitor.detectors.runtime import in_scope, token_scores
+
+SEVERITY_WORDS = {"critical": "Critical", "warning": "Warning", "info": "Info"}
+_ROLE_MARK = re.compile(r"<\|im_start\|>(\w+)|<\|start_header_id\|>(\w+)<\|end_header_id\|>")
+_SPECIAL = re.compile(r"^<\|[a-z_]+\|>$|^</?s>$")
+ROLE_WORDS = {"user": "the user's", "system": "the system prompt's", "assistant": "the model's", "tool": "a tool's"}
+
+
+def shade(x: float) -> str:
+    """A colour on the one-hue scale for x in [0, 1] (0: white-ish, 1: dark red)."""
+    x = 0.0 if not math.isfinite(x) else min(max(x, 0.0), 1.0)
+    return f"hsl(8, {round(30 + 55 * x)}%, {round(97 - 55 * x)}%)"
+
+
+def ink(x: float) -> str:
+    return "#fff" if x > 0.6 else "#1a1a1a"
+
+
+@dataclass
+class Token:
+    position: int
+    label: str  # the text as shown, or "#position"
+    score: float | None  # the primary detector's per-token score (None: outside its scope)
+    level: float  # 0..1 on the colour scale
+    completion: bool
+    evidence: bool
+    fired_here: bool
+    special: bool
+    token_id: int | None
+
+    @property
+    def background(self) -> str:
+        return shade(self.level) if self.score is not None else "transparent"
+
+    @property
+    def color(self) -> str:
+        return ink(self.level) if self.score is not None else "#777"
+
+
+@dataclass
+class Trajectory:
+    name: str
+    fired: bool
+    threshold: float
+    width: int
+    height: int
+    points: str  # SVG polyline points
+    threshold_y: float
+    fire_x: float | None
+    fire_y: float | None
+    y_max: float
+    first: int
+    last: int
+    boundary_x: float | None
+
+
+@dataclass
+class HeatRow:
+    label: str
+    explanation: str | None
+    cells: list[tuple[float, float, str]]  # (x, level, title)
+
+
+@dataclass
+class DetectorView:
+    name: str
+    concept: str
+    severity: str
+    fired: bool
+    alert_id: str | None
+    score: float | None
+    threshold: float
+    fired_at: int | None
+    description: str
+    space: str  # what the score means, in words
+    evidence: list[dict]
+    definition: dict
+    calibration: dict | None
+
+
+@dataclass
+class IncidentView:
+    headline: str
+    why: str
+    primary: DetectorView
+    detectors: list[DetectorView]
+    tokens: list[Token]
+    has_text: bool
+    text_hidden: bool
+    scale_max: float
+    scale_threshold: float
+    legend: list[tuple[str, str]]
+    trajectories: list[Trajectory]
+    heat: list[HeatRow]
+    heat_width: int
+    cell: float
+    context: dict[int, list[dict]]
+    prompt_tokens: int
+    coverage: dict
+    trimmed: dict | None
+    words: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # evidence position -> (before, token, after)
+    notes: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def input_words(name: str) -> str:
+        """A watched input in words when it has no explanation: `pii/score` -> "the pii probe"."""
+        head, _, col = name.partition("/")
+        return f"SAE {head}, feature {col}" if col.isdigit() else f"the {head} probe"
+
+
+def input_labels(spec: DetectorSpec, available: list[str]) -> list[str | None]:
+    """The trace's name of each input of a detector (`<sae>/<feature>`, `<probe>/<output>`)."""
+    out = []
+    for i in spec.inputs:
+        if isinstance(i, FeatureInput):
+            name = f"{i.sae}/{i.feature}"
+            out.append(name if name in available else None)
+        elif isinstance(i, ProbeInput):
+            if i.output:
+                name = f"{i.probe}/{i.output}"
+                out.append(name if name in available else None)
+            else:  # its first output: the first of the probe's columns in the trace
+                out.append(next((a for a in available if a.startswith(f"{i.probe}/")), None))
+    return out
+
+
+def _space(spec: DetectorSpec) -> str:
+    kind = spec.aggregation.kind
+    if kind == "count_above":
+        return "how many words scored above the token threshold"
+    if kind == "fraction_above":
+        return "the share of words that scored above the token threshold"
+    if all(isinstance(i, ProbeInput) for i in spec.inputs) and spec.combine != "weighted":
+        return "a probability (0 to 1) that the concept is present"
+    return "the strength of the watched features (activation units)"
+
+
+def _roles(texts: list[str]) -> list[str | None]:
+    """Which chat role each token belongs to, from the template's markers (None: unknown)."""
+    roles: list[str | None] = []
+    current = None
+    pending = ""
+    for t in texts:
+        pending = (pending + t)[-80:]
+        m = None
+        for m in _ROLE_MARK.finditer(pending):
+            pass
+        if m is not None:
+            current = m.group(1) or m.group(2)
+            pending = pending[m.end():]
+        roles.append(current)
+    return roles
+
+
+def _words(texts: list[str], j: int, span: int = 6) -> str:
+    lo, hi = max(0, j - span), min(len(texts), j + span + 1)
+    text = "".join(t for t in texts[lo:hi] if not _SPECIAL.match(t.strip()))
+    return " ".join(text.split())[:120]
+
+
+def detector_view(d: dict) -> DetectorView:
+    spec = DetectorSpec.model_validate(d["definition"])
+    return DetectorView(
+        name=d["name"], concept=d["concept"], severity=d["severity"], fired=d["fired"], alert_id=d["alert_id"],
+        score=d["score"], threshold=d["threshold"], fired_at=d["fired_at_position"], description=spec.description,
+        space=_space(spec), evidence=d["evidence"], definition=d["definition"],
+        calibration=d["definition"].get("calibration"))
+
+
+def _trajectory(d: DetectorView, running: dict | None, first: int, last: int, boundary: int,
+                width: int = 720, height: int = 120) -> Trajectory:
+    pos = (running or {}).get("positions", [])
+    vals = (running or {}).get("scores", [])
+    finite = [v for v in vals if v is not None and math.isfinite(v)]
+    y_max = max([d.threshold * 1.25, *finite, 1e-9]) if finite else max(d.threshold * 1.25, 1e-9)
+    span = max(last - first, 1)
+
+    def x(p: float) -> float:
+        return round(8 + (p - first) / span * (width - 16), 1)
+
+    def y(v: float) -> float:
+        return round(height - 8 - min(max(v, 0.0), y_max) / y_max * (height - 16), 1)
+
+    points = " ".join(f"{x(p)},{y(v)}" for p, v in zip(pos, vals) if v is not None and math.isfinite(v))
+    fire_x = fire_y = None
+    if d.fired_at is not None and d.fired_at in pos:
+        fire_x, fire_y = x(d.fired_at), y(vals[pos.index(d.fired_at)])
+    return Trajectory(name=d.name, fired=d.fired, threshold=d.threshold, width=width, height=height, points=points,
+                      threshold_y=y(d.threshold), fire_x=fire_x, fire_y=fire_y, y_max=y_max, first=first, last=last,
+                      boundary_x=x(boundary - 0.5) if first < boundary <= last else None)
+
+
+def incident_view(event: dict, show_text: bool) -> IncidentView:
+    data = event["data"]
+    trace = data["trace"]
+    positions = np.asarray(trace["positions"], dtype=np.int64)
+    n_prompt = data["prompt_tokens"]
+    texts = trace.get("text") if show_text else None
+    detectors = [detector_view(d) for d in data["detectors"]]
+    fired = [d for d in detectors if d.fired]
+    primary = max(fired or detectors, key=lambda d: ({"critical": 2, "warning": 1, "info": 0}[d.severity],
+                                                    (d.score or 0) / (d.threshold or 1)))
+    spec = DetectorSpec.model_validate(primary.definition)
+    inputs = trace["inputs"]
+    labels = input_labels(spec, list(inputs))
+    per_token = np.full(len(positions), np.nan)
+    if positions.size and all(labels):
+        cols = [np.asarray(inputs[lab], dtype=np.float64) for lab in labels]
+        per_token = np.asarray(token_scores(spec, cols), dtype=np.float64)
+        per_token[~in_scope(spec, positions, n_prompt)] = np.nan
+    kind = spec.aggregation.kind
+    scale_threshold = spec.aggregation.token_threshold if kind in ("count_above", "fraction_above") else primary.threshold
+    probability = all(isinstance(i, ProbeInput) for i in spec.inputs) and spec.combine != "weighted"
+    finite = per_token[np.isfinite(per_token)]
+    scale_max = 1.0 if probability else float(max(scale_threshold * 1.5, finite.max() if finite.size else 0, 1e-9))
+    evidence_pos = {e["position"] for e in primary.evidence}
+    tokens = []
+    for j, p in enumerate(positions.tolist()):
+        s = per_token[j]
+        raw = texts[j] if texts is not None else None
+        label = raw if raw is not None else f"#{p}"
+        tokens.append(Token(
+            position=p, label=label, score=None if not np.isfinite(s) else float(s),
+            level=0.0 if not np.isfinite(s) else float(s) / scale_max, completion=p >= n_prompt,
+            evidence=p in evidence_pos, fired_here=p == primary.fired_at,
+            special=raw is not None and bool(_SPECIAL.match(raw.strip())),
+            token_id=(trace.get("token_ids") or [None] * len(positions))[j] if show_text else None))
+    legend = [(f"{v:.2g}", shade(v / scale_max)) for v in np.linspace(0, scale_max, 6)]
+
+    # The headline: which detector, where, which words. Plain words; numbers follow in `why`.
+    where = "the prompt"
+    words = None
+    top = primary.evidence[0]["position"] if primary.evidence else primary.fired_at
+    if top is not None and top in trace["positions"]:
+        j = trace["positions"].index(top)
+        if texts is not None:
+            role = _roles(texts)[j]
+            where = f"{ROLE_WORDS.get(role, 'the ' + role)} message" if role else (
+                "the model's reply" if top >= n_prompt else "the prompt")
+            words = _words(texts, j)
+        else:
+            where = "the model's reply" if top >= n_prompt else "the prompt"
+    what = f"“{primary.concept}”"
+    if primary.fired:
+        headline = f"{primary.name} flagged this conversation for {what}"
+        headline += f": the strongest signal was on the words “{words}” in {where}." if words else \
+            f": the strongest signal was at token {top} of {len(positions)}, in {where}."
+    else:
+        headline = f"No detector fired on this conversation ({primary.name} was closest)."
+    score = "—" if primary.score is None else f"{primary.score:.3g}"
+    why = (f"Its score reached {score} against a threshold of {primary.threshold:.3g} ({primary.space})"
+           + (f", crossing it at token {primary.fired_at}." if primary.fired_at is not None else "."))
+    others = [d.name for d in fired if d is not primary]
+    if others:
+        why += f" Also fired: {', '.join(others)}."
+
+    first = int(positions.min()) if positions.size else 0
+    last = int(positions.max()) if positions.size else 0
+    trajectories = [_trajectory(d, trace["running"].get(d.name), first, last, n_prompt) for d in detectors]
+
+    # Heatmap: every watched input on the layer, one row each, each on its own scale.
+    explanations: dict[str, str] = {}
+    for d in detectors:
+        for e in d.evidence:
+            for i in e["inputs"]:
+                if i.get("explanation"):
+                    explanations[i["input"]] = i["explanation"]
+    heat_width = 720
+    cell = heat_width / max(len(positions), 1)
+    heat = []
+    for name, vals in inputs.items():
+        arr = np.asarray(vals, dtype=np.float64)
+        top_v = float(np.nanmax(np.abs(arr))) if arr.size else 0.0
+        cells = []
+        for j, (p, v) in enumerate(zip(positions.tolist(), arr.tolist())):
+            lvl = 0.0 if top_v <= 0 or not math.isfinite(v) else max(v, 0.0) / top_v
+            word = f" {texts[j]!r}" if texts is not None else ""
+            cells.append((round(j * cell, 2), lvl, f"{name} at token {p}{word}: {v:.3g}"))
+        heat.append(HeatRow(label=name, explanation=explanations.get(name), cells=cells))
+
+    words = {}
+    if texts is not None:
+        index = {p: j for j, p in enumerate(trace["positions"])}
+        for d in detectors:
+            for e in d.evidence:
+                j = index.get(e["position"])
+                if j is not None:
+                    before = "".join(texts[max(0, j - 4):j])
+                    after = "".join(texts[j + 1:j + 5])
+                    words[e["position"]] = (" ".join(before.split())[-40:] + (" " if before[-1:].isspace() else ""),
+                                            texts[j], (" " if after[:1].isspace() else "") + " ".join(after.split())[:40])
+
+    context: dict[int, list[dict]] = {}
+    for c in data["context"]:
+        context.setdefault(c["position"], []).extend({"sae": c["sae"], **f} for f in c["features"])
+    notes = []
+    if data["coverage"]["uncovered_positions"]:
+        notes.append(f"{data['coverage']['uncovered_positions']} token(s) came from vLLM's prefix cache and were "
+                     "never computed, so never scored.")
+    if data["coverage"]["untraced_tokens"]:
+        notes.append(f"{data['coverage']['untraced_tokens']} token(s) were scored but beyond the trace cap: not shown.")
+    if trace.get("trimmed"):
+        t = trace["trimmed"]
+        notes.append(f"The trace was trimmed to fit the event size: {t['kept_tokens']} tokens kept near the "
+                     f"evidence, {t['dropped_tokens']} dropped.")
+    return IncidentView(
+        headline=headline, why=why, primary=primary, detectors=detectors, tokens=tokens,
+        has_text=trace.get("text") is not None, text_hidden=trace.get("text") is not None and not show_text,
+        scale_max=scale_max, scale_threshold=scale_threshold, legend=legend, trajectories=trajectories, heat=heat,
+        heat_width=heat_width, cell=cell, context=context, prompt_tokens=n_prompt, coverage=data["coverage"],
+        trimmed=trace.get("trimmed"), words=words, notes=notes)
+
+
+def without_text(event: dict) -> dict:
+    """The event as someone without the text permission may see it: no token text, no token ids."""
+    trace = dict(event["data"]["trace"])
+    if trace.get("text") is not None:
+        trace["text"] = None
+    if trace.get("token_ids") is not None:
+        trace["token_ids"] = None
+    return {**event, "data": {**event["data"], "trace": trace}}

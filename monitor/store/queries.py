@@ -1,0 +1,172 @@
+"""The incident list's queries: typed filters, keyset pages, counts per detector.
+
+Filters come from people (the console's query string, the CLI), so every field is validated here
+with a message naming it. Pages are keyset pages on (event_time, event_id), newest first: the cost of
+a page does not grow with how deep it is, which an OFFSET would.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STATUSES = ("open", "acknowledged", "resolved")
+VERDICTS = ("true_positive", "false_positive", "unsure")
+_RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time(value: str, now: datetime | None = None) -> datetime:
+    """ISO 8601 (`2026-11-30T12:00:00Z`), epoch milliseconds (Grafana's `${__from}`), or an age (`15m`,
+    `24h`, `7d`, `2w`: that long before now)."""
+    value = value.strip()
+    if value.isdigit():
+        return datetime.fromtimestamp(int(value) / 1000, timezone.utc)
+    m = _RELATIVE.match(value)
+    if m:
+        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a time: use ISO 8601 (2026-11-30T12:00:00Z), epoch milliseconds, "
+                         "or an age such as 15m, 24h, 7d") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+class IncidentFilter(BaseModel):
+    """Which incidents to list. Empty fields do not filter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    detector: str | None = Field(None, max_length=128, description="A detector that fired on the incident.")
+    concept: str | None = Field(None, max_length=128, description="The concept of a detector that fired.")
+    severity: Literal["critical", "warning", "info"] | None = None
+    model: str | None = Field(None, max_length=256)
+    deployment: str | None = Field(None, max_length=256)
+    status: Literal["open", "acknowledged", "resolved"] | None = None
+    verdict: Literal["true_positive", "false_positive", "unsure", "none"] | None = Field(
+        None, description="`none`: no verdict yet.")
+    since: datetime | None = Field(None, description="ISO 8601, epoch milliseconds, or an age (24h).")
+    until: datetime | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, data):
+        if isinstance(data, dict):  # an HTML form sends every field, empty ones as ""
+            return {k: v for k, v in data.items() if not (isinstance(v, str) and not v.strip())}
+        return data
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _time(cls, v):
+        return parse_time(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _order(self) -> "IncidentFilter":
+        if self.since and self.until and self.since > self.until:
+            raise ValueError(f"since ({self.since:%Y-%m-%d %H:%M}) is after until ({self.until:%Y-%m-%d %H:%M})")
+        return self
+
+    def query(self) -> dict[str, str]:
+        """The filter as query-string parameters (for links)."""
+        out = {}
+        for k, v in self.model_dump(exclude_none=True).items():
+            out[k] = v.isoformat() if isinstance(v, datetime) else str(v)
+        return out
+
+
+@dataclass(frozen=True)
+class Cursor:
+    event_time: datetime
+    event_id: str
+
+    def encode(self) -> str:
+        return base64.urlsafe_b64encode(f"{self.event_time.isoformat()}|{self.event_id}".encode()).decode()
+
+    @classmethod
+    def decode(cls, token: str) -> "Cursor":
+        try:
+            when, event_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+            t = datetime.fromisoformat(when)
+            return cls(t if t.tzinfo else t.replace(tzinfo=timezone.utc), event_id)
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"cursor {token[:40]!r} is not one this console made; start from the first page") from None
+
+
+@dataclass
+class IncidentPage:
+    rows: list  # schema.Incident, without the `event` column loaded
+    total: int  # incidents matching the filter
+    counts: dict[str, int]  # per detector, under every filter but `detector`
+    next_cursor: str | None
+
+
+def _conditions(f: IncidentFilter, with_detector: bool = True) -> list:
+    from sqlalchemy import exists, select
+
+    from monitor.store.schema import Incident, IncidentDetector
+
+    cond = []
+    for col in ("severity", "model", "deployment", "status"):
+        if getattr(f, col) is not None:
+            cond.append(getattr(Incident, col) == getattr(f, col))
+    if f.verdict == "none":
+        cond.append(Incident.verdict.is_(None))
+    elif f.verdict is not None:
+        cond.append(Incident.verdict == f.verdict)
+    if f.since is not None:
+        cond.append(Incident.event_time >= f.since)
+    if f.until is not None:
+        cond.append(Incident.event_time <= f.until)
+    sub = []
+    if with_detector and f.detector is not None:
+        sub.append(IncidentDetector.detector == f.detector)
+    if f.concept is not None:
+        sub.append(IncidentDetector.concept == f.concept)
+    if sub:
+        cond.append(exists(select(IncidentDetector.incident_event_id).where(
+            IncidentDetector.incident_event_id == Incident.event_id, *sub)))
+    return cond
+
+
+def list_incidents(session, f: IncidentFilter, limit: int = 50, cursor: str | None = None) -> IncidentPage:
+    """One page of incidents matching `f`, newest first, with the total and the counts per detector."""
+    from sqlalchemy import and_, func, or_, select
+    from sqlalchemy.orm import defer
+
+    from monitor.store.schema import Incident, IncidentDetector
+
+    cond = _conditions(f)
+    q = select(Incident).options(defer(Incident.event)).where(*cond)
+    if cursor:
+        c = Cursor.decode(cursor)
+        q = q.where(or_(Incident.event_time < c.event_time,
+                        and_(Incident.event_time == c.event_time, Incident.event_id < c.event_id)))
+    rows = list(session.scalars(q.order_by(Incident.event_time.desc(), Incident.event_id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    total = session.scalar(select(func.count()).select_from(Incident).where(*cond))
+    counts_q = (select(IncidentDetector.detector, func.count())
+                .join(Incident, Incident.event_id == IncidentDetector.incident_event_id)
+                .where(*_conditions(f, with_detector=False)).group_by(IncidentDetector.detector))
+    counts = dict(sorted(session.execute(counts_q).all(), key=lambda kv: (-kv[1], kv[0])))
+    nxt = Cursor(rows[-1].event_time, rows[-1].event_id).encode() if more and rows else None
+    return IncidentPage(rows=rows, total=total, counts=counts, next_cursor=nxt)
+
+
+def facets(session) -> dict[str, list[str]]:
+    """The values each filter can take (for the console's drop-downs)."""
+    from sqlalchemy import select
+
+    from monitor.store.schema import Incident, IncidentDetector
+
+    def values(col) -> list[str]:
+        return list(session.scalars(select(col).distinct().order_by(col)))
+
+    return {"detector": values(IncidentDetector.detector), "concept": values(IncidentDetector.concept),
+            "model": values(Incident.model), "deployment": values(Incident.deployment)}
