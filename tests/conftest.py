@@ -29,3 +29,16 @@ def broker(tmp_path):
     b.create_topic(defaults.incident_topic)
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's), one for the session; tests make their own databases in it."""
+    from postgres_helpers import Postgres, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        pytest.fail("PostgreSQL is not installed: `make test` installs Debian's postgresql (make system-deps)")
+    pg = Postgres(bindir)
+    yield pg
+    pg.close()

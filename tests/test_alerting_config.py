@@ -93,7 +93,8 @@ def test_fire_reaches_the_pager_through_prometheus_and_alertmanager(tmp_path):
     receiver = WebhookReceiver()
     try:
         with Alertmanager(tmp_path / "am").start(local_alertmanager_config(receiver.url)) as am, \
-                Prometheus(tmp_path / "prom").start(local_prometheus_config(f"127.0.0.1:{port}", None, am.address)) as prom:
+                Prometheus(tmp_path / "prom").start(local_prometheus_config(
+                    f"127.0.0.1:{port}", None, am.address, console_url="https://monitor.example.com")) as prom:
             # Let Prometheus see the counter at 0 first: a fire is an increase from a known value.
             deadline = time.time() + 30
             while not prom.query('misalignment_monitor_detector_fires_total{detector="feat"}'):
@@ -113,8 +114,11 @@ def test_fire_reaches_the_pager_through_prometheus_and_alertmanager(tmp_path):
             assert alert["labels"]["alertname"] == "MisalignmentDetectorFired"
             assert alert["labels"]["detector"] == "feat" and alert["labels"]["severity"] == "critical"
             assert alert["annotations"]["runbook_url"].endswith("/misalignmentdetectorfired.md")
+            model = alert["labels"].get("model_name", "")
+            assert alert["annotations"]["console_url"] == f"https://monitor.example.com/incidents?detector=feat&model={model}"
             pd = [p for p in pager if "pagerduty" in p.path]
             assert pd and pd[0].body["event_action"] == "trigger" and pd[0].body["routing_key"] == "local-not-a-secret"
+            assert pd[0].body["payload"]["custom_details"]["console"] == alert["annotations"]["console_url"]
             # The watchdog reaches the dead man's switch; nothing went to the warning queue.
             assert any(p.receiver == "deadmansswitch" for p in receiver.received()), [(p.path, p.alertnames()) for p in receiver.received()]
             assert not any(p.receiver == "safety-queue" for p in receiver.received())

@@ -26,7 +26,6 @@ from monitor.sinks.incidents import IncidentBuilder
 from monitor.stack.kafka_broker import TansuBroker
 from monitor.store.db import Store, StoreError
 from monitor.store.ingest import Ingester
-from postgres_helpers import Postgres, binaries
 
 ALERTS, INCIDENTS = "misalignment-monitor.alerts", "misalignment-monitor.incidents"
 SPEC = DetectorSpec.model_validate({"name": "pii-probe", "concept": "pii", "inputs": [{"probe": "pii"}],
@@ -45,16 +44,6 @@ def events_for(request_id: str) -> tuple[dict, dict]:
     inc = Incident(update.req, request_id, update.external_id, 0, 4, (final,), trace,
                    (FeatureContext(3, "demo-l15", ((21, 3.5),)),), 0, 0, time.time())
     return EventBuilder(model="m", deployment="d").build(update), IncidentBuilder(model="m", deployment="d").build(inc)
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    bindir = binaries()
-    if bindir is None:
-        pytest.fail("PostgreSQL is not installed: `make test` installs Debian's postgresql (make system-deps)")
-    pg = Postgres(bindir)
-    yield pg
-    pg.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

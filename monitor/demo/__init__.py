@@ -55,18 +55,21 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
     with ExitStack() as stack:
         local.start_kafka(stack, say)
         local.metrics_port = port(9464)
+        local.console_port = port(8470) if local.broker else 0
         cfg_path = runtime_config(config, run, local.broker.bootstrap if local.broker else None, local.metrics_port,
-                                  tokenizer=model)
+                                  tokenizer=model, console_port=local.console_port or None)
         loaded = load_config(cfg_path)
         detectors = {d.spec.name: d.spec for d in loaded.detectors}
         topic = loaded.config.sinks.kafka.topic
-        consumer = stored = None
+        consumer = stored = console = None
         if local.broker is not None:
             consumer = checks.EventConsumer(local.broker.bootstrap, topic)
             stack.callback(consumer.close)
             local.start_ingester(stack, cfg_path, say)
             stored = checks.StoredIncidents(local.urls["incident_store"])
             stack.callback(stored.close)
+            local.start_console(stack, cfg_path, say)
+            console = checks.ConsoleClient(f"http://127.0.0.1:{local.console_port}", local.console_token)
         local.start_sidecar(stack, cfg_path, say)
         server = local.start_vllm(stack, model, loaded.config.model.name, cfg_path, eager, say)
         if alerting:
@@ -77,9 +80,11 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
         for r in requests:
             say(f"  {r.request_id}: {'ERROR ' + r.error if r.error else repr(r.answer[:60])}")
         exp = checks.expectations(requests, detectors, consumer is not None, local.prometheus is not None)
-        checks.wait(exp, consumer, stored, local.prometheus, local.receiver, timeout, say)
+        checks.wait(exp, consumer, stored, local.prometheus, local.receiver, timeout, say, console)
         summary = report.summary(exp, requests, model, consumer, stored, local.prometheus, local.receiver, topic,
                                  local.degraded, run, local.urls)
+        if console is not None:
+            summary["console"] = {"url": console.url, "token": local.console_token, "config": str(cfg_path)}
         report.show(summary)
         if summary_json:
             summary_json.parent.mkdir(parents=True, exist_ok=True)

@@ -65,11 +65,13 @@ class Expectations:
     benign_quiet: dict[str, bool] = field(default_factory=dict)  # request id -> no event about it
     # flagged request id -> what is wrong with its incident event (None: exactly one, its trace whole)
     incidents: dict[str, str | None] = field(default_factory=dict)
+    console: dict[str, bool] = field(default_factory=dict)  # flagged request id -> its page opens in the console
     skipped: list[str] = field(default_factory=list)
 
     def not_arrived(self) -> list[str]:
         out = [f"kafka event: {d} on {r}" for (r, d), ok in self.kafka.items() if not ok]
         out += [f"incident of {r}: {problem}" for r, problem in self.incidents.items() if problem]
+        out += [f"console page of {r}" for r, ok in self.console.items() if not ok]
         out += [f"prometheus alert: MisalignmentDetectorFired{{detector={d}}}" for d, ok in self.alerts.items() if not ok]
         return out + [f"page to {rcv}: {d}" for (rcv, d), ok in self.pages.items() if not ok]
 
@@ -78,6 +80,33 @@ class Expectations:
         out += [f"benign request {r} produced an alert or incident event" for r, ok in self.benign_quiet.items()
                 if not ok]
         return out + [f"skipped: {s}" for s in self.skipped]
+
+
+class ConsoleClient:
+    """The console's JSON API and pages, as the demo token sees them."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url, token
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return 0, b""
+
+    def pages_open(self) -> dict[str, int]:
+        """request id -> status of its incident page (for every incident the console lists)."""
+        status, body = self.get("/api/incidents?limit=500")
+        if status != 200:
+            return {}
+        return {i["request_id"]: self.get(f"/incidents/{i['alert_ids'][0]}")[0] for i in json.loads(body)["items"]}
 
 
 class StoredIncidents:
@@ -120,6 +149,7 @@ def expectations(requests: list[DemoRequest], detectors: dict[str, DetectorSpec]
             if kafka:
                 exp.kafka[(r.request_id, d)] = False
                 exp.incidents[r.request_id] = "not stored"
+                exp.console[r.request_id] = False
             if prometheus:
                 exp.alerts[d] = False
                 receiver = {"critical": "pager", "warning": "safety-queue"}.get(detectors[d].severity)
@@ -133,7 +163,7 @@ def expectations(requests: list[DemoRequest], detectors: dict[str, DetectorSpec]
 
 
 def check(exp: Expectations, consumer: EventConsumer | None, stored: StoredIncidents | None, prom: Prometheus | None,
-          receiver: WebhookReceiver | None) -> None:
+          receiver: WebhookReceiver | None, console: ConsoleClient | None = None) -> None:
     events = consumer.received() if consumer else []
     incidents = stored.received() if stored else []
     seen = {(e["subject"], e["data"]["detector"]) for e in events}
@@ -143,6 +173,10 @@ def check(exp: Expectations, consumer: EventConsumer | None, stored: StoredIncid
         exp.benign_quiet[rid] = not any(e["subject"] == rid for e in events + incidents)
     for rid in exp.incidents:
         exp.incidents[rid] = incident_problem([e for e in incidents if e["subject"] == rid])
+    if console is not None and exp.console and not all(exp.console.values()):
+        opened = console.pages_open()
+        for rid in exp.console:
+            exp.console[rid] = opened.get(rid) == 200
     if prom is not None:
         firing = {a["labels"].get("detector") for a in prom.alerts()
                   if a["labels"]["alertname"] == "MisalignmentDetectorFired" and a["state"] == "firing"}
@@ -155,14 +189,14 @@ def check(exp: Expectations, consumer: EventConsumer | None, stored: StoredIncid
             exp.pages[key] = key in got
 
 
-def wait(exp: Expectations, consumer, stored, prom, receiver, timeout: float, say) -> None:
+def wait(exp: Expectations, consumer, stored, prom, receiver, timeout: float, say, console=None) -> None:
     """Until every expected signal has arrived, or `timeout` seconds."""
     say("waiting for the signals: Kafka events consumed by group "
         f"'{CONSUMER_GROUP}', Prometheus alerts firing, pages received")
     deadline = time.time() + timeout
     last = None
     while True:
-        check(exp, consumer, stored, prom, receiver)
+        check(exp, consumer, stored, prom, receiver, console)
         pending = exp.not_arrived()
         if not pending or time.time() > deadline:
             break
@@ -171,7 +205,7 @@ def wait(exp: Expectations, consumer, stored, prom, receiver, timeout: float, sa
             say(f"  {len(pending)} signal(s) still to arrive")
         time.sleep(1)
     time.sleep(2)  # a benign request's (absent) event would have arrived with the others
-    check(exp, consumer, stored, prom, receiver)
+    check(exp, consumer, stored, prom, receiver, console)
 
 
 def wait_scraped(prom: Prometheus) -> None:

@@ -34,7 +34,8 @@ def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consume
               for a in (prom.alerts() if prom else []) if a["labels"]["alertname"] != "MisalignmentMonitorWatchdog"]
     pages = [{"receiver": p.receiver, "path": p.path,
               "alerts": [{"alertname": a["labels"].get("alertname"), "detector": a["labels"].get("detector"),
-                          "severity": a["labels"].get("severity"), "status": a.get("status")}
+                          "severity": a["labels"].get("severity"), "status": a.get("status"),
+                          "console_url": a.get("annotations", {}).get("console_url")}
                          for a in p.body.get("alerts", [])],
               "pagerduty_event": p.body.get("event_action")}
              for p in (receiver.received() if receiver else []) if p.receiver != "deadmansswitch"]
@@ -91,6 +92,11 @@ def show(s: dict) -> None:
               + (f", redacted: {', '.join(i['redacted_by'])}" if i["redacted_by"] else ""))
         for det, words in i["words_around_the_top_token"].items():
             print(f"      {det} fired around: {words!r}")
+    if s.get("console"):
+        c = s["console"]
+        print(f"\n=== console: {c['url']}/incidents (log in with the demo token {c['token']}) " + "=" * 4)
+        for i in s["incidents"]:
+            print(f"  {', '.join(i['detectors']):<40} {c['url']}/incidents/{i['alert_ids'][0]}")
     print("\n=== Prometheus alerts " + "=" * 55)
     for a in s["prometheus_alerts"]:
         labels = ", ".join(f"{k}={v}" for k, v in a["labels"].items() if k not in ("alertname",))

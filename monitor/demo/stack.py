@@ -19,6 +19,7 @@ from monitor.paths import project_dir
 from monitor.stack.alerting import (ALERTMANAGER_BIN, INSTALL_HINT, PROMETHEUS_BIN, Alertmanager, Prometheus,
                                     StackError, WebhookReceiver, find_binary, local_alertmanager_config,
                                     local_prometheus_config)
+from monitor.stack.console_process import ConsoleProcess
 from monitor.stack.ingester_process import IngesterProcess
 from monitor.stack.kafka_broker import TansuBroker
 from monitor.stack.sidecar_process import SidecarProcess
@@ -45,9 +46,11 @@ def port(preferred: int) -> int:
 
 # ---- the monitor config, relocated into the run folder ----------------------------------------
 
-def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: int, tokenizer: Path | None = None) -> Path:
+def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: int, tokenizer: Path | None = None,
+                   console_port: int | None = None) -> Path:
     """The demo config with its paths made absolute and the run's addresses filled in. With `tokenizer`
-    (the served model's folder) the demo keeps the text of flagged requests (`evidence.text: flagged`)."""
+    (the served model's folder) the demo keeps the text of flagged requests (`evidence.text: flagged`);
+    with `console_port`, alert events link to the console there, which reads the run's tokens file."""
     cfg = yaml.safe_load(src.read_text())
     base = src.parent
 
@@ -74,6 +77,9 @@ def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: in
     sinks.setdefault("prometheus", {}).update(enabled=True, host="127.0.0.1", port=metrics_port)
     if tokenizer is not None:
         cfg.setdefault("evidence", {}).update(text="flagged", tokenizer=str(tokenizer))
+    if console_port is not None:
+        cfg["console"] = {"port": console_port, "base_url": f"http://127.0.0.1:{console_port}",
+                          "tokens_file": str(run / "console-tokens.yaml")}
     out = run / "monitor.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
@@ -92,6 +98,8 @@ class LocalStack:
     alertmanager: Alertmanager | None = None
     receiver: WebhookReceiver | None = None
     metrics_port: int = 0
+    console_port: int = 0
+    console_token: str | None = None
 
     def _degrade(self, msg: str, say) -> None:
         say(f"WARNING: {msg}")
@@ -135,6 +143,19 @@ class LocalStack:
         self.urls["incident_store"] = f"sqlite:///{self.run / 'incidents.sqlite'}"
         say(f"incident ingester writing {self.run / 'incidents.sqlite'} (log: {self.run / 'ingester.log'})")
 
+    def start_console(self, stack: ExitStack, cfg: Path, say) -> None:
+        """The console over the run's store, with an admin token that may see text (printed: a local demo)."""
+        from monitor.console.tokens_file import add_token
+
+        self.console_token = add_token(self.run / "console-tokens.yaml", "demo", "admin", True, None)
+        try:
+            console = stack.enter_context(ConsoleProcess(cfg, self.console_port, self.run / "console.log"))
+        except RuntimeError as e:
+            raise SystemExit(str(e))
+        self.urls["console"] = f"{console.url}/incidents"
+        say(f"console {console.url}/incidents (log in with the demo token {self.console_token}; "
+            f"log: {self.run / 'console.log'})")
+
     def start_vllm(self, stack: ExitStack, model: Path, served_name: str, cfg: Path, eager: bool, say) -> VLLMServer:
         self.server = VLLMServer(model, served_name=served_name, monitor_config=cfg, port=port(8000), eager=eager,
                                  log_path=self.run / "vllm.log")
@@ -151,7 +172,8 @@ class LocalStack:
             local_alertmanager_config(self.receiver.url)))
         self.prometheus = stack.enter_context(Prometheus(self.run / "prometheus", port(9090)).start(
             local_prometheus_config(f"127.0.0.1:{self.metrics_port}", f"127.0.0.1:{self.server.port}",
-                                    self.alertmanager.address)))
+                                    self.alertmanager.address,
+                                    console_url=f"http://127.0.0.1:{self.console_port}" if self.console_token else None)))
         self.urls.update(prometheus=self.prometheus.url, prometheus_alerts=f"{self.prometheus.url}/alerts",
                          alertmanager=self.alertmanager.url, pager_receiver=self.receiver.url)
         say(f"Prometheus {self.prometheus.url} (rules: deploy/prometheus/rules.yml), Alertmanager "

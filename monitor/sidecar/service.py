@@ -148,7 +148,7 @@ def _attach_kafka(sidecar: Sidecar):
     from monitor.sinks.kafka import KafkaSink
 
     who = _who(lc)
-    builder = EventBuilder(**who)
+    builder = EventBuilder(**who, console_url=cfg.console.base_url)
     sink = KafkaSink(cfg.sinks.kafka, base_dir=lc.path.parent)
 
     def on_update(u) -> None:

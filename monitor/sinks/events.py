@@ -69,6 +69,8 @@ class AlertData(Strict):
     final: bool = Field(description="True when the request has finished: this is the verdict.")
     labels: dict[str, str]
     tokens: list[EvidenceToken] = Field(description="The tokens that drove the score, highest first. Never text.")
+    console_url: str | None = Field(None, exclude_if=lambda v: v is None,
+                                    description="The incident's page in the console (set when `console.base_url` is).")
 
 
 class AlertEvent(CloudEvent):
@@ -110,6 +112,7 @@ class EventBuilder:
     pod: str | None = None
     namespace: str | None = None
     explanations: FeatureExplanations = field(default_factory=FeatureExplanations)
+    console_url: str | None = None  # the console's base URL: events link to the incident page
     _revisions: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -138,7 +141,8 @@ class EventBuilder:
                 threshold=spec.threshold, aggregation=spec.aggregation, scope=spec.scope, fired_at_position=u.fired_at,
                 forward_pass_time=(rfc3339(datetime.fromtimestamp(u.step_time, timezone.utc))
                                    if u.step_time is not None else None),
-                final=u.final, labels=dict(spec.labels), tokens=tokens))
+                final=u.final, labels=dict(spec.labels), tokens=tokens,
+                console_url=f"{self.console_url}/incidents/{u.alert_id}" if self.console_url else None))
         return event.model_dump(mode="json")
 
 

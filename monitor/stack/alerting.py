@@ -66,12 +66,14 @@ def local_alertmanager_config(receiver_url: str, example: Path | None = None) ->
 
 
 def local_prometheus_config(sidecar: str, vllm: str | None, alertmanager: str, rules: Path | None = None,
-                            interval: str = "1s") -> dict:
+                            interval: str = "1s", console_url: str | None = None) -> dict:
+    """With `console_url`, the detector alerts' `console_url` annotation links to the console."""
     scrape = [{"job_name": "misalignment-monitor", "static_configs": [{"targets": [sidecar]}]}]
     if vllm:
         scrape.append({"job_name": "vllm", "static_configs": [{"targets": [vllm]}]})
     return {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "global": {"scrape_interval": interval, "evaluation_interval": interval,
+                   **({"external_labels": {"console_url": console_url}} if console_url else {})},
         "rule_files": [str(rules or rules_file())],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
         "scrape_configs": scrape,

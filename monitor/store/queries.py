@@ -22,14 +22,19 @@ _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def parse_time(value: str, now: datetime | None = None) -> datetime:
-    """ISO 8601 (`2026-11-30T12:00:00Z`), epoch milliseconds (Grafana's `${__from}`), or an age (`15m`,
-    `24h`, `7d`, `2w`: that long before now)."""
+    """ISO 8601 (`2026-11-30T12:00:00Z`), epoch milliseconds (Grafana's `${__from}`), an age (`15m`,
+    `24h`, `7d`, `2w`: that long before now), or Grafana's `now` / `now-6h`."""
     value = value.strip()
+    now = now or datetime.now(timezone.utc)
+    if value == "now":  # Grafana's time syntax, from the dashboard's links: now, now-6h
+        return now
+    if value.startswith("now-"):
+        value = value[4:]
     if value.isdigit():
         return datetime.fromtimestamp(int(value) / 1000, timezone.utc)
     m = _RELATIVE.match(value)
     if m:
-        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -108,6 +113,7 @@ class IncidentPage:
 
 def _conditions(f: IncidentFilter, with_detector: bool = True) -> list:
     from sqlalchemy import exists, select
+    from sqlalchemy.orm import aliased
 
     from monitor.store.schema import Incident, IncidentDetector
 
@@ -123,14 +129,15 @@ def _conditions(f: IncidentFilter, with_detector: bool = True) -> list:
         cond.append(Incident.event_time >= f.since)
     if f.until is not None:
         cond.append(Incident.event_time <= f.until)
+    d = aliased(IncidentDetector)  # the counts query joins incident_detectors itself: keep this one apart
     sub = []
     if with_detector and f.detector is not None:
-        sub.append(IncidentDetector.detector == f.detector)
+        sub.append(d.detector == f.detector)
     if f.concept is not None:
-        sub.append(IncidentDetector.concept == f.concept)
+        sub.append(d.concept == f.concept)
     if sub:
-        cond.append(exists(select(IncidentDetector.incident_event_id).where(
-            IncidentDetector.incident_event_id == Incident.event_id, *sub)))
+        cond.append(exists(select(d.incident_event_id).where(d.incident_event_id == Incident.event_id, *sub)
+                           .correlate(Incident)))
     return cond
 
 
