@@ -25,7 +25,8 @@ FREE_FORM = {
     "monitor.artifactsVolume", "monitor.resources", "monitor.securityContext", "monitor.livenessProbe",
     "monitor.readinessProbe", "serviceMonitor.additionalLabels", "podMonitor.additionalLabels",
     "prometheusRule.additionalLabels", "prometheusRule.rules", "grafanaDashboards.labels",
-    "grafanaDashboards.annotations", "monitoringSelector",
+    "grafanaDashboards.annotations", "monitoringSelector", "ingester.resources", "console.resources",
+    "console.proxy.roles", "console.ingress.annotations",
 }
 ENUMS = {
     "kafka.securityProtocol": ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
@@ -33,6 +34,8 @@ ENUMS = {
     "vllm.service.type": ["ClusterIP", "NodePort", "LoadBalancer"],
     "vllm.image.pullPolicy": ["Always", "IfNotPresent", "Never"],
     "monitor.image.pullPolicy": ["Always", "IfNotPresent", "Never"],
+    "console.service.type": ["ClusterIP", "NodePort", "LoadBalancer"],
+    "console.proxy.defaultRole": ["none", "viewer"],
 }
 INT_OR_STRING = {"shm.sizeLimit", "kafka.spool.sizeLimit"}  # Kubernetes quantities
 

@@ -1,6 +1,6 @@
 """The console over a real store (SQLite and PostgreSQL): filters, pages, triage, export, and who may
 do what (tokens, the proxy's header, sessions, CSRF, login limits). Over HTTP with Starlette's test
-client; the browser test (test_console_browser.py) drives the same app in Chromium."""
+client; test_demo.py drives the console in Chromium over the demo pipeline's own incidents."""
 
 from __future__ import annotations
 

@@ -338,3 +338,55 @@ def test_dashboards_check_catches_bad_queries():
         names = [v["name"] for v in board["templating"]["list"]]
         assert names[:2] == ["datasource", "model_name"]
         assert all(t["datasource"]["uid"] == "${datasource}" for p in board["panels"] for t in p.get("targets", []))
+
+
+def test_console_and_ingester_are_off_by_default():
+    objs = objects({})
+    assert not [o for o in objs if o["metadata"]["name"].endswith(("-console", "-ingester", "-migrations"))]
+
+
+def test_console_ingester_and_migrations_read_the_store_from_secrets(tmp_path):
+    """Database URL, tokens and session key from existing Secrets; migrations before install and upgrade;
+    the console's pods never match the vLLM Service's selector; the alert rules link to the console."""
+    from monitor.config.models import MonitorConfig
+
+    objs = objects(load(ROOT / "helm/ci/console-values.yaml"))
+    assert not any(o["kind"] == "Secret" for o in objs)
+    job = kind(objs, "Job", "-migrations")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    containers = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]
+                  for o in objs if o["kind"] in ("Deployment", "Job") and not o["metadata"]["name"].endswith("monitor")}
+    for name in ("mm-misalignment-monitor-migrations", "mm-misalignment-monitor-ingester", "mm-misalignment-monitor-console"):
+        env = {e["name"]: e for e in containers[name]["env"]}
+        assert env["MONITOR_STORE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "misalignment-monitor-store", "key": "url"}
+        assert containers[name]["securityContext"]["runAsNonRoot"] and containers[name]["securityContext"]["readOnlyRootFilesystem"]
+    assert containers["mm-misalignment-monitor-migrations"]["args"] == ["incidents", "migrate"]
+    console = kind(objs, "Deployment", "-console")["spec"]["template"]
+    vllm_selector = kind(objs, "Service", "monitor")["spec"]["selector"]
+    assert not vllm_selector.items() <= console["metadata"]["labels"].items()
+    assert kind(objs, "Service", "-console")["spec"]["selector"].items() <= console["metadata"]["labels"].items()
+    cfg = MonitorConfig.model_validate(yaml.safe_load(kind(objs, "ConfigMap", "-monitor")["data"]["monitor.yaml"]))
+    assert cfg.console.base_url == "https://monitor.example.com" and cfg.console.host == "0.0.0.0"
+    assert cfg.console.tokens_file == "/etc/misalignment-monitor/console-tokens/tokens.yaml"
+    assert cfg.console.proxy.enabled and cfg.console.proxy.roles == {"sre": "triager", "safety": "admin"}
+    mounts = {m["mountPath"] for m in console["spec"]["containers"][0]["volumeMounts"]}
+    assert {"/etc/misalignment-monitor/console-tokens", "/etc/misalignment-monitor/console-session"} <= mounts
+    ingress = kind(objs, "Ingress", "-console")
+    assert ingress["spec"]["rules"][0]["host"] == "monitor.example.com" and ingress["spec"]["tls"]
+    rules = {r["alert"]: r for g in kind(objs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    assert '{{ with "https://monitor.example.com" }}' in rules["MisalignmentDetectorFired"]["annotations"]["console_url"]
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": kind(objs, "PrometheusRule")["spec"]["groups"]}))
+    res = subprocess.run([binary("promtool"), "check", "rules", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    dash = kind(objs, "ConfigMap", "-dashboard-detector")["data"]["detector.json"]
+    assert "https://monitor.example.com" in dash and "127.0.0.1:8470" not in dash
+
+
+def test_store_parts_refuse_what_cannot_work():
+    with pytest.raises(helm.HelmError, match="store.existingSecret is required"):
+        render({"console": {"enabled": True, "tokens": {"existingSecret": "t"}}})
+    with pytest.raises(helm.HelmError, match="needs a way to log in"):
+        render({"store": {"existingSecret": "s"}, "console": {"enabled": True}})
+    with pytest.raises(helm.HelmError, match="needs kafka.enabled"):
+        render({"store": {"existingSecret": "s"}, "ingester": {"enabled": True}})

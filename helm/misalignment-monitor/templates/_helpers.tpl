@@ -20,6 +20,14 @@ app.kubernetes.io/name: {{ include "mm.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* A component's own name label, so the vLLM Deployment's and Service's selectors never pick its pods. */}}
+{{- define "mm.componentSelectorLabels" -}}
+{{- $top := index . 0 }}{{ $component := index . 1 -}}
+app.kubernetes.io/name: {{ include "mm.name" $top }}-{{ $component }}
+app.kubernetes.io/instance: {{ $top.Release.Name }}
+app.kubernetes.io/component: {{ $component }}
+{{- end }}
+
 {{- define "mm.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "mm.selectorLabels" . }}
@@ -60,6 +68,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- $_ = set $c "sinks" (dict "kafka" $kafka "prometheus" (dict "enabled" true "host" "0.0.0.0" "port" (int .Values.monitor.port))) }}
 {{- $_ = set $c "deployment" (dict "name" (include "mm.fullname" .) "namespace" .Release.Namespace) }}
+{{- $_ = set $c "store" (dict "retention_days" .Values.store.retentionDays) }}
+{{- with .Values.console }}
+{{- $console := dict "host" "0.0.0.0" "port" (int .port) }}
+{{- if .tokens.existingSecret }}{{ $_ = set $console "tokens_file" "/etc/misalignment-monitor/console-tokens/tokens.yaml" }}{{ end }}
+{{- if .baseUrl }}{{ $_ = set $console "base_url" .baseUrl }}{{ end }}
+{{- if .grafanaUrl }}{{ $_ = set $console "grafana_url" .grafanaUrl }}{{ end }}
+{{- if .sessionSecret.existingSecret }}{{ $_ = set $console "session_secret_file" "/etc/misalignment-monitor/console-session/secret" }}{{ end }}
+{{- if .proxy.enabled }}
+{{- $_ = set $console "proxy" (dict "enabled" true "trusted_proxies" .proxy.trustedProxies "user_header" .proxy.userHeader "groups_header" .proxy.groupsHeader "roles" .proxy.roles "text_groups" .proxy.textGroups "default_role" .proxy.defaultRole) }}
+{{- end }}
+{{- $_ = set $c "console" $console }}
+{{- end }}
 {{- toYaml $c }}
 {{- end }}
 
@@ -167,4 +187,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: artifacts
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/* The database URL, from the existing Secret, as the variable the store reads. */}}
+{{- define "mm.storeEnv" -}}
+- name: MONITOR_STORE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "store.existingSecret is required for the ingester, the console and the migrations" .Values.store.existingSecret }}
+      key: {{ .Values.store.urlKey }}
+{{- end }}
+
+{{/* A hardened container for the store's processes (ingester, console, migrations). */}}
+{{- define "mm.storeContainer" -}}
+image: {{ include "mm.monitorImage" . }}
+imagePullPolicy: {{ .Values.monitor.image.pullPolicy }}
+securityContext:
+  {{- toYaml .Values.monitor.securityContext | nindent 2 }}
 {{- end }}
