@@ -76,7 +76,7 @@ def _table(model: type[BaseModel]) -> str:
 SECTIONS = [
     ("The monitor config", [m.MonitorConfig, m.ModelSection, m.Tap, m.SAESource, m.ProbeSource, m.Scoring,
                             m.Transport, m.Sinks, m.Kafka, m.Prometheus, m.Incidents, m.Evidence, m.Redaction,
-                            m.StoreSettings, m.Deployment]),
+                            m.StoreSettings, m.Console, m.ProxyAuth, m.Deployment]),
     ("Detector files", [m.DetectorSpec, m.FeatureInput, m.ProbeInput]),
     ("Aggregations (`aggregation.kind`)", [m.Max, m.Mean, m.EmaMax, m.RollingMeanMax, m.CountAbove, m.FractionAbove]),
 ]
