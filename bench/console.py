@@ -5,9 +5,9 @@
 Fills a store with incidents (cloned from a few hundred made by the sidecar's own builders on real
 SmolLM2 chats: 2 alert events each, a tenth of them triaged), starts `monitor console` as its own
 process (uvicorn, one worker, as shipped) and sends `--requests` requests per case from
-`--concurrency` client threads: the incident list unfiltered, filtered by detector, by
-deployment + verdict + time, the second page, and the incident page itself. Reports p50/p99 per
-case. Client and server share this machine's cores, so the figures include the load generator's
+one client, then from `--concurrency` client threads: the incident list unfiltered, filtered by
+detector, by deployment + verdict + time, the second page, and the incident page itself. Reports
+p50/p99 per case and concurrency. Client and server share this machine's cores, so the figures include the load generator's
 contention; PostgreSQL is Debian's, started here with fsync off (as in the tests).
 """
 
@@ -60,13 +60,13 @@ def fill(url: str, n: int, base: list[tuple[list[dict], dict]], batch: int = 200
     from sqlalchemy import insert
 
     from monitor.store.db import Store
-    from monitor.store.schema import Alert, Incident, IncidentAlert, IncidentDetector
+    from monitor.store.schema import Alert, Incident, IncidentAlert, IncidentBody, IncidentDetector
 
     rng = random.Random(0)
     store = Store(url)
     now = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    rows: dict = {Incident: [], IncidentAlert: [], IncidentDetector: [], Alert: []}
+    rows: dict = {Incident: [], IncidentBody: [], IncidentAlert: [], IncidentDetector: [], Alert: []}
 
     def flush() -> None:
         with store.session() as s:
@@ -90,7 +90,8 @@ def fill(url: str, n: int, base: list[tuple[list[dict], dict]], batch: int = 200
             event_id=event["id"], request_id=data["request_id"], model=data["model"], deployment=data["deployment"],
             namespace=None, detectors=[d["name"] for d in fired], severity="critical" if any(
                 d["severity"] == "critical" for d in fired) else "warning", alert_ids=ids, text_policy=data["text_policy"],
-            event_time=when, received_at=when, event=event, status="resolved" if verdict else "open", verdict=verdict))
+            event_time=when, received_at=when, status="resolved" if verdict else "open", verdict=verdict))
+        rows[IncidentBody].append(dict(event_id=event["id"], event=event))
         rows[IncidentAlert] += [dict(alert_id=a, incident_event_id=event["id"]) for a in ids]
         rows[IncidentDetector] += [dict(incident_event_id=event["id"], detector=d["name"], concept=d["concept"],
                                         severity=d["severity"], event_time=when) for d in fired]
@@ -180,9 +181,12 @@ def measure(label: str, url: str, args, base, tmp: Path) -> dict:
         }
         for name, paths in cases.items():
             load(console.url, paths[:2], token, 1)  # warm
-            times = load(console.url, [paths[k % len(paths)] for k in range(args.requests)], token, args.concurrency)
-            out[name] = {"p50_ms": round(statistics.median(times), 1), "p99_ms": round(pct(times, 0.99), 1)}
-            print(f"  {name:<34} p50 {out[name]['p50_ms']:7.1f} ms   p99 {out[name]['p99_ms']:7.1f} ms")
+            out[name] = {}
+            for conc in (1, args.concurrency):
+                times = load(console.url, [paths[k % len(paths)] for k in range(args.requests)], token, conc)
+                out[name][f"c{conc}"] = {"p50_ms": round(statistics.median(times), 1), "p99_ms": round(pct(times, 0.99), 1)}
+            print(f"  {name:<34} " + "   ".join(
+                f"{k}: p50 {v['p50_ms']:6.1f} ms p99 {v['p99_ms']:6.1f} ms" for k, v in out[name].items()))
     return out
 
 

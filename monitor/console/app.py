@@ -303,7 +303,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
             page = db(list_incidents, f, PAGE_SIZE, cursor)
         except ValueError as e:  # a cursor from elsewhere
             raise HTTPException(400, str(e)) from None
-        options = db(facets)
+        options = filter_options()
         query = f.query()
         export = "/incidents/export.jsonl?" + urlencode(query)
         return render(request, "list.html", page=page, f=f, options=options, query=query,
@@ -311,13 +311,23 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
                       first_url=("/incidents?" + urlencode(query)) if cursor else None, export_url=export,
                       count_url=lambda d: "/incidents?" + urlencode({**query, "detector": d}))
 
+    options_cache: list = [0.0, None]
+
+    def filter_options() -> dict[str, list[str]]:
+        """The drop-downs' values: distinct scans of the whole store, so kept for 30 s (a new detector
+        or model shows up in them that much later; the list itself is always current)."""
+        import time
+
+        if options_cache[1] is None or time.monotonic() - options_cache[0] > 30:
+            options_cache[:] = [time.monotonic(), db(facets)]
+        return options_cache[1]
+
     def load(s, alert_id: str):
         from sqlalchemy import select
 
-        from monitor.store.schema import Alert, Incident, IncidentAlert
+        from monitor.store.schema import Alert
 
-        inc = s.scalars(select(Incident).join(IncidentAlert, IncidentAlert.incident_event_id == Incident.event_id)
-                        .where(IncidentAlert.alert_id == alert_id)).first()
+        inc = Store.incident_by_alert(s, alert_id)
         alerts = list(s.scalars(select(Alert).where(Alert.alert_id == alert_id).order_by(Alert.revision)))
         return inc, [a.event for a in alerts]
 

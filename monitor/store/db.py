@@ -69,6 +69,9 @@ class Store:
         from alembic.config import Config
         from sqlalchemy.exc import OperationalError
 
+        import logging
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to an operator
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         try:
@@ -107,7 +110,7 @@ class Store:
         return self._insert(session, Alert, row)
 
     def add_incident(self, session, event: dict) -> bool:
-        from monitor.store.schema import Incident, IncidentAlert, IncidentDetector
+        from monitor.store.schema import Incident, IncidentAlert, IncidentBody, IncidentDetector
 
         d = event["data"]
         fired = [x for x in d["detectors"] if x["fired"]]
@@ -115,14 +118,17 @@ class Store:
                    namespace=d.get("namespace"), detectors=[x["name"] for x in fired],
                    severity=max((x["severity"] for x in fired), key=SEVERITY_RANK.get, default="info"),
                    alert_ids=d["alert_ids"], text_policy=d["text_policy"], event_time=_when(event["time"]),
-                   received_at=datetime.now(timezone.utc), event=event)
+                   received_at=datetime.now(timezone.utc))
         new = self._insert(session, Incident, row)
+        if new:
+            self._insert(session, IncidentBody, {"event_id": event["id"], "event": event})
         if new and d["alert_ids"]:
             self._insert(session, IncidentAlert, [{"alert_id": a, "incident_event_id": event["id"]} for a in d["alert_ids"]])
         if new and fired:
-            self._insert(session, IncidentDetector, [dict(incident_event_id=event["id"], detector=x["name"],
-                                                          concept=x["concept"], severity=x["severity"],
-                                                          event_time=row["event_time"]) for x in fired])
+            self._insert(session, IncidentDetector, [dict(
+                incident_event_id=event["id"], detector=x["name"], concept=x["concept"], severity=x["severity"],
+                event_time=row["event_time"], model=row["model"], deployment=row["deployment"],
+                incident_severity=row["severity"], status="open", verdict=None) for x in fired])
         return new
 
     def dead_letter(self, session, topic: str, partition: int, offset: int, reason: str, raw: bytes) -> bool:
@@ -136,10 +142,11 @@ class Store:
         """Delete alert and incident events older than `before` (text included); returns how many."""
         from sqlalchemy import delete, select
 
-        from monitor.store.schema import Alert, Incident, IncidentAlert, IncidentDetector, TriageEvent
+        from monitor.store.schema import Alert, Incident, IncidentAlert, IncidentBody, IncidentDetector, TriageEvent
 
         with self.session() as s:
             old = select(Incident.event_id).where(Incident.event_time < before)
+            s.execute(delete(IncidentBody).where(IncidentBody.event_id.in_(old)))
             for table in (IncidentAlert, IncidentDetector, TriageEvent):  # the audit log outlives the events
                 s.execute(delete(table).where(table.incident_event_id.in_(old)))
             n = s.execute(delete(Incident).where(Incident.event_time < before)).rowcount
@@ -158,30 +165,41 @@ class Store:
         """The newest stored incident events, as received."""
         from sqlalchemy import select
 
-        from monitor.store.schema import Incident
+        from monitor.store.schema import Incident, IncidentBody
 
         with self.session() as s:
-            return list(s.scalars(select(Incident.event).order_by(Incident.event_time.desc()).limit(limit)))
+            return list(s.scalars(select(IncidentBody.event).join(Incident, Incident.event_id == IncidentBody.event_id)
+                                  .order_by(Incident.event_time.desc()).limit(limit)))
 
     def incident(self, alert_id: str):
-        """The incident an alert id belongs to, and that alert's events; (None, []) when unknown."""
+        """The incident an alert id belongs to (its event loaded), and that alert's events; (None, []) when unknown."""
         from sqlalchemy import select
 
-        from monitor.store.schema import Alert, Incident, IncidentAlert
+        from monitor.store.schema import Alert
 
         with self.session() as s:
             alerts = s.scalars(select(Alert).where(Alert.alert_id == alert_id).order_by(Alert.revision)).all()
-            incident = s.scalars(select(Incident).join(IncidentAlert, IncidentAlert.incident_event_id == Incident.event_id)
-                                 .where(IncidentAlert.alert_id == alert_id)).first()
-        return incident, list(alerts)
+            return self.incident_by_alert(s, alert_id), list(alerts)
+
+    @staticmethod
+    def incident_by_alert(session, alert_id: str):
+        """The incident (with its event) that an alert id belongs to, or None."""
+        from sqlalchemy import select
+        from sqlalchemy.orm import selectinload
+
+        from monitor.store.schema import Incident, IncidentAlert
+
+        return session.scalars(select(Incident).options(selectinload(Incident.body))
+                               .join(IncidentAlert, IncidentAlert.incident_event_id == Incident.event_id)
+                               .where(IncidentAlert.alert_id == alert_id)).first()
 
     def triage(self, alert_id: str, actor: str, action: str, verdict: str | None = None, note: str | None = None):
         """Acknowledge, resolve or reopen the incident an alert id belongs to, and/or give it a verdict.
         Recorded in `triage_events` with who and when. Returns the updated incident (None: unknown id)."""
-        from sqlalchemy import select
+        from sqlalchemy import select, update
 
         from monitor.store.queries import VERDICTS
-        from monitor.store.schema import Incident, IncidentAlert, TriageEvent
+        from monitor.store.schema import Incident, IncidentAlert, IncidentDetector, TriageEvent
 
         status = {"acknowledge": "acknowledged", "resolve": "resolved", "reopen": "open", "verdict": None}
         if action not in status:
@@ -201,6 +219,8 @@ class Store:
             if verdict is not None:
                 inc.verdict, inc.verdict_note = verdict, note
             inc.triaged_by, inc.triaged_at = actor, now
+            s.execute(update(IncidentDetector).where(IncidentDetector.incident_event_id == inc.event_id)
+                      .values(status=inc.status, verdict=inc.verdict))
             s.add(TriageEvent(incident_event_id=inc.event_id, action=action, verdict=verdict, note=note, actor=actor,
                               at=now))
             s.commit()

@@ -85,15 +85,16 @@ def write_export(store, out: IO[str], verdicts: tuple[str, ...] = EXPORTABLE, f=
     from sqlalchemy import select
 
     from monitor.store.queries import IncidentFilter, _conditions
-    from monitor.store.schema import Incident
+    from monitor.store.schema import Incident, IncidentBody
 
     bad = [v for v in verdicts if v not in EXPORTABLE]
     if bad:
         raise ValueError(f"cannot export verdict(s) {bad}: only {', '.join(EXPORTABLE)} are labels")
     stats = ExportStats()
     cond = _conditions(f or IncidentFilter())
-    q = select(Incident.event, Incident.verdict, Incident.verdict_note).where(Incident.verdict.in_(verdicts), *cond) \
-        .order_by(Incident.event_time)
+    q = (select(IncidentBody.event, Incident.verdict, Incident.verdict_note)
+         .join(Incident, Incident.event_id == IncidentBody.event_id)
+         .where(Incident.verdict.in_(verdicts), *cond).order_by(Incident.event_time))
     with store.session() as s:
         for event, verdict, note in s.execute(q.execution_options(yield_per=batch)):
             rec, why = labelled_record(event, verdict, note)

@@ -105,14 +105,14 @@ class Cursor:
 
 @dataclass
 class IncidentPage:
-    rows: list  # schema.Incident, without the `event` column loaded
+    rows: list  # schema.Incident (their events not loaded)
     total: int  # incidents matching the filter
-    counts: dict[str, int]  # per detector, under every filter but `detector`
+    counts: dict[str, int]  # per detector, under every filter but `detector` (see count_incidents)
     next_cursor: str | None
 
 
 def _conditions(f: IncidentFilter, with_detector: bool = True) -> list:
-    from sqlalchemy import exists, select
+    from sqlalchemy import select
     from sqlalchemy.orm import aliased
 
     from monitor.store.schema import Incident, IncidentDetector
@@ -129,6 +129,8 @@ def _conditions(f: IncidentFilter, with_detector: bool = True) -> list:
         cond.append(Incident.event_time >= f.since)
     if f.until is not None:
         cond.append(Incident.event_time <= f.until)
+    # An uncorrelated IN: the matching incidents are found once through the (detector|concept, time)
+    # index, not looked up again for every candidate row.
     d = aliased(IncidentDetector)  # the counts query joins incident_detectors itself: keep this one apart
     sub = []
     if with_detector and f.detector is not None:
@@ -136,32 +138,77 @@ def _conditions(f: IncidentFilter, with_detector: bool = True) -> list:
     if f.concept is not None:
         sub.append(d.concept == f.concept)
     if sub:
-        cond.append(exists(select(d.incident_event_id).where(d.incident_event_id == Incident.event_id, *sub)
-                           .correlate(Incident)))
+        if f.since is not None:
+            sub.append(d.event_time >= f.since)
+        if f.until is not None:
+            sub.append(d.event_time <= f.until)
+        cond.append(Incident.event_id.in_(select(d.incident_event_id).where(*sub)))
     return cond
 
 
-def list_incidents(session, f: IncidentFilter, limit: int = 50, cursor: str | None = None) -> IncidentPage:
-    """One page of incidents matching `f`, newest first, with the total and the counts per detector."""
-    from sqlalchemy import and_, func, or_, select
-    from sqlalchemy.orm import defer
+def _per_detector(f: IncidentFilter, with_detector: bool = True) -> list:
+    """`f` on the per-detector rows, which carry every filter column."""
+    from monitor.store.schema import IncidentDetector as D
 
-    from monitor.store.schema import Incident, IncidentDetector
+    cond = []
+    if with_detector and f.detector is not None:
+        cond.append(D.detector == f.detector)
+    for name, col in (("concept", D.concept), ("severity", D.incident_severity), ("model", D.model),
+                      ("deployment", D.deployment), ("status", D.status)):
+        if getattr(f, name) is not None:
+            cond.append(col == getattr(f, name))
+    if f.verdict == "none":
+        cond.append(D.verdict.is_(None))
+    elif f.verdict is not None:
+        cond.append(D.verdict == f.verdict)
+    if f.since is not None:
+        cond.append(D.event_time >= f.since)
+    if f.until is not None:
+        cond.append(D.event_time <= f.until)
+    return cond
 
-    cond = _conditions(f)
-    q = select(Incident).options(defer(Incident.event)).where(*cond)
+
+def count_incidents(session, f: IncidentFilter) -> tuple[int, dict[str, int]]:
+    """(incidents matching `f`, incidents per detector under every filter but `detector`). Under a
+    `concept` filter the counts are of that concept's detectors."""
+    from sqlalchemy import distinct, func, select
+
+    from monitor.store.schema import Incident
+    from monitor.store.schema import IncidentDetector as D
+
+    if f.detector is not None:  # one row per incident and detector
+        total = session.scalar(select(func.count()).select_from(D).where(*_per_detector(f)))
+    elif f.concept is not None:  # an incident may have several detectors of one concept
+        total = session.scalar(select(func.count(distinct(D.incident_event_id))).where(*_per_detector(f)))
+    else:
+        total = session.scalar(select(func.count()).select_from(Incident).where(*_conditions(f)))
+    counts_q = select(D.detector, func.count()).where(*_per_detector(f, with_detector=False)).group_by(D.detector)
+    counts = dict(sorted(session.execute(counts_q).all(), key=lambda kv: (-kv[1], kv[0])))
+    return total, counts
+
+
+def list_incidents(session, f: IncidentFilter, limit: int = 50, cursor: str | None = None,
+                   counted: tuple[int, dict[str, int]] | None = None) -> IncidentPage:
+    """One page of incidents matching `f`, newest first, with the total and the counts per detector
+    (`counted`: those, when the caller already has them)."""
+    from sqlalchemy import and_, or_, select
+
+    from monitor.store.schema import Incident
+    from monitor.store.schema import IncidentDetector as D
+
+    if f.detector is not None:  # walk that detector's rows down its (detector, time, id) index
+        when, key = D.event_time, D.incident_event_id
+        q = select(Incident).join(D, D.incident_event_id == Incident.event_id).where(*_per_detector(f))
+    else:
+        when, key = Incident.event_time, Incident.event_id
+        q = select(Incident).where(*_conditions(f))
     if cursor:
         c = Cursor.decode(cursor)
-        q = q.where(or_(Incident.event_time < c.event_time,
-                        and_(Incident.event_time == c.event_time, Incident.event_id < c.event_id)))
-    rows = list(session.scalars(q.order_by(Incident.event_time.desc(), Incident.event_id.desc()).limit(limit + 1)))
+        q = q.where(or_(when < c.event_time, and_(when == c.event_time, key < c.event_id)))
+    rows = list(session.scalars(q.order_by(when.desc(), key.desc()).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
-    total = session.scalar(select(func.count()).select_from(Incident).where(*cond))
-    counts_q = (select(IncidentDetector.detector, func.count())
-                .join(Incident, Incident.event_id == IncidentDetector.incident_event_id)
-                .where(*_conditions(f, with_detector=False)).group_by(IncidentDetector.detector))
-    counts = dict(sorted(session.execute(counts_q).all(), key=lambda kv: (-kv[1], kv[0])))
+    total, counts = counted if counted is not None else count_incidents(session, f)
     nxt = Cursor(rows[-1].event_time, rows[-1].event_id).encode() if more and rows else None
     return IncidentPage(rows=rows, total=total, counts=counts, next_cursor=nxt)
 

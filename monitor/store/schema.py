@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class Base(DeclarativeBase):
@@ -13,7 +13,8 @@ class Base(DeclarativeBase):
 
 
 class Incident(Base):
-    """One incident event: a fired request, with its trace and evidence (the event as received)."""
+    """One incident: what the list shows and filters on. The event itself (its trace and evidence, up
+    to a megabyte) is in `incident_bodies`, so that scanning and counting incidents never reads it."""
 
     __tablename__ = "incidents"
 
@@ -28,7 +29,8 @@ class Incident(Base):
     text_policy: Mapped[str] = mapped_column(String(16))
     event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    event: Mapped[dict] = mapped_column(JSON)
+    # Loaded only where asked for (`selectinload(Incident.body)`); touching it otherwise raises.
+    body: Mapped["IncidentBody"] = relationship(lazy="raise", uselist=False)
     # Triage: the current state (the history is in `triage_events`).
     status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")  # open | acknowledged | resolved
     verdict: Mapped[str | None] = mapped_column(String(16))  # true_positive | false_positive | unsure
@@ -41,18 +43,42 @@ class Incident(Base):
                            for c in ("model", "deployment", "severity", "status", "verdict"))
 
 
+    @property
+    def event(self) -> dict:
+        """The incident event as received."""
+        return self.body.event
+
+
+class IncidentBody(Base):
+    """The incident event as received (a CloudEvent, schema incident.v1.json)."""
+
+    __tablename__ = "incident_bodies"
+
+    event_id: Mapped[str] = mapped_column(String(64), ForeignKey("incidents.event_id", ondelete="CASCADE"),
+                                          primary_key=True)
+    event: Mapped[dict] = mapped_column(JSON)
+
+
 class IncidentDetector(Base):
-    """One row per detector that fired on an incident: the indexed side of the console's filters and counts."""
+    """One row per detector that fired on an incident, carrying every filter of the incident list (the
+    incident's model, deployment, severity and triage state beside the detector's name, concept and
+    time): the list's totals, per-detector counts and detector-filtered pages read only this narrow
+    table. Triage updates it with the incident, in one transaction."""
 
     __tablename__ = "incident_detectors"
 
     incident_event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     detector: Mapped[str] = mapped_column(String(128), primary_key=True)
     concept: Mapped[str] = mapped_column(String(128))
-    severity: Mapped[str] = mapped_column(String(16))
+    severity: Mapped[str] = mapped_column(String(16))  # the detector's
     event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model: Mapped[str] = mapped_column(String(256))
+    deployment: Mapped[str] = mapped_column(String(256))
+    incident_severity: Mapped[str] = mapped_column(String(16))  # the incident's (its highest)
+    status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
+    verdict: Mapped[str | None] = mapped_column(String(16))
 
-    __table_args__ = (Index("ix_incident_detectors_detector_time", "detector", "event_time"),
+    __table_args__ = (Index("ix_incident_detectors_detector_time", "detector", "event_time", "incident_event_id"),
                       Index("ix_incident_detectors_concept_time", "concept", "event_time"))
 
 
