@@ -480,3 +480,18 @@ def test_console_config_rejects_bad_proxy_addresses_and_urls():
         MonitorConfig.model_validate({"console": {"proxy": {"trusted_proxies": ["proxy.local"]}}})
     with pytest.raises(ValidationError, match="not an http"):
         MonitorConfig.model_validate({"console": {"base_url": "monitor.example.com"}})
+
+
+def test_postgres_outage_is_a_503_page_and_the_console_recovers(tmp_path, corpus, postgres):
+    site = Site(tmp_path, postgres.create_database(f"c_{uuid.uuid4().hex[:12]}"), corpus)
+    c = site.client(site.viewer)
+    assert c.get("/incidents").status_code == 200
+    postgres.stop()
+    try:
+        page = c.get("/incidents")
+        assert page.status_code == 503 and "is not answering" in page.text and "Traceback" not in page.text
+        assert c.get(f"/api/incidents/{alert_of(corpus, 0)}").status_code == 503
+    finally:
+        postgres.start()
+    assert c.get("/incidents").status_code == 200  # no restart needed
+    site.store.close()

@@ -7,25 +7,28 @@ token strip and the heatmap, and every page reads the same with it off.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from monitor.config.models import MonitorConfig
 from monitor.console.auth import (CSRF_COOKIE, SESSION_COOKIE, AuthError, Identity, LoginLimiter, Sessions,
                                   TokenStore, csrf_ok, new_csrf, proxy_identity, session_secret)
 from monitor.console.views import incident_view, shade, without_text
 from monitor.store.db import Store, StoreError
+from monitor.store.export import EXPORTABLE, labelled_record, write_export
 from monitor.store.queries import STATUSES, VERDICTS, IncidentFilter, facets, list_incidents
 
 log = logging.getLogger("monitor.console")
@@ -152,12 +155,12 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
         s = c.sessions.read(cookie) if cookie else None
         if s is None:
             raise NeedLogin("log in with a console token")
-        if s.get("tid") is not None:  # a token's session ends when the token is removed or expires
-            e = c.tokens.entry(s["tid"])
-            if e is None:
-                raise NeedLogin("your token was removed or has expired")
-            return Identity(e.name, e.role, e.text, "session", e.id)
-        return Identity(s["name"], s["role"], s["text"], "session")
+        # Sessions come from a token's login: they end when the token is removed or expires, and take
+        # its current role and permission.
+        e = c.tokens.entry(s.get("tid") or "")
+        if e is None:
+            raise NeedLogin("your token was removed or has expired")
+        return Identity(e.name, e.role, e.text, "session", e.id)
 
     def viewer(request: Request) -> Identity:
         who = identify(request)
@@ -181,12 +184,10 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
             raise Forbidden("the form's CSRF token is missing or does not match: reload the page and try again")
 
     def db(fn, *args, **kw):
-        from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
-
         try:
             with c.store.session() as s:
                 return fn(s, *args, **kw)
-        except (OperationalError, ProgrammingError, DBAPIError, StoreError) as e:
+        except (DBAPIError, StoreError) as e:
             log.error("database unavailable", extra={"database": c.store.name, "error": str(e).splitlines()[0][:300]})
             raise Unavailable(str(getattr(e, "orig", e) or e).splitlines()[0][:300]) from None
 
@@ -217,7 +218,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
     @app.exception_handler(Unavailable)
     async def _unavailable(request: Request, exc: Unavailable):
         msg = (f"The incident database ({c.store.name}) is not answering: {exc}. Pages come back by themselves when "
-               "it does; if it persists, see the runbook for the incident store.")
+               "it does; if it persists, check the database and the console's log.")
         if wants_json(request):
             return JSONResponse({"detail": msg}, status_code=503, headers={"Retry-After": "10"})
         return render(request, "error.html", status=503, title="The incident database is unavailable", message=msg)
@@ -280,8 +281,8 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
     def _audit(actor: str, action: str, target: str | None, where: str | None) -> None:
         try:
             c.store.audit(actor, action, target, where)
-        except Exception as e:  # the audit log is the database: when it is down, the page says so
-            raise Unavailable(str(e).splitlines()[0][:300]) from None
+        except DBAPIError as e:  # the audit log is the database: when it is down, the page says so
+            raise Unavailable(str(e.orig).splitlines()[0][:300]) from None
 
     # ---- pages ------------------------------------------------------------------------------
 
@@ -300,7 +301,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
     def incidents_page(request: Request, who: Identity = Depends(viewer), cursor: str | None = None):
         f = _filter(request)
         try:
-            page = db(list_incidents, f, PAGE_SIZE, cursor)
+            page = page_of(f, PAGE_SIZE, cursor)
         except ValueError as e:  # a cursor from elsewhere
             raise HTTPException(400, str(e)) from None
         options = filter_options()
@@ -312,6 +313,25 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
                       count_url=lambda d: "/incidents?" + urlencode({**query, "detector": d}))
 
     options_cache: list = [0.0, None]
+    counts_cache: dict[str, tuple[float, tuple[int, dict[str, int]]]] = {}
+    COUNTS_TTL = 2.0
+
+    def page_of(f: IncidentFilter, limit: int, cursor: str | None):
+        """A page of the list. Its rows are always read fresh; the total and per-detector counts (a scan
+        of the filter's rows: the costly part at 100k incidents) are reused for 2 s per filter, so a
+        team watching the same list during an incident, or paging through it, does not recount it on
+        every request. Triage here drops them at once."""
+        import time
+
+        key = f.model_dump_json()
+        hit = counts_cache.get(key)
+        counted = hit[1] if hit and time.monotonic() - hit[0] < COUNTS_TTL else None
+        page = db(list_incidents, f, limit, cursor, counted)
+        if counted is None:
+            if len(counts_cache) > 256:
+                counts_cache.clear()
+            counts_cache[key] = (time.monotonic(), (page.total, page.counts))
+        return page
 
     def filter_options() -> dict[str, list[str]]:
         """The drop-downs' values: distinct scans of the whole store, so kept for 30 s (a new detector
@@ -344,22 +364,18 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
         if who.text and inc.event["data"]["trace"].get("text") is not None:
             _audit(who.name, "view_text", ",".join(inc.alert_ids), client(request))
 
+    def may_export(who: Identity) -> None:
+        if not who.text:
+            raise Forbidden(f"{who.name} may not see conversation text, which is what an export contains")
+
     @app.get("/incidents/export.jsonl", include_in_schema=False)
     def export_all(request: Request, who: Identity = Depends(triager),
                    verdicts: str = Query("true_positive,false_positive", alias="verdict_in")):
-        return _export(request, who, _filter(request), verdicts)
-
-    def _export(request: Request, who: Identity, f: IncidentFilter, verdicts: str):
-        import io
-
-        from monitor.store.export import write_export
-
-        if not who.text:
-            raise Forbidden(f"{who.name} may not see conversation text, which is what an export contains")
-        wanted = tuple(v for v in verdicts.split(",") if v)
+        may_export(who)
+        f = _filter(request)
         buf = io.StringIO()
         try:
-            stats = db(lambda s: write_export(c.store, buf, wanted, f))
+            stats = db(lambda s: write_export(c.store, buf, tuple(v for v in verdicts.split(",") if v), f))
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         _audit(who.name, "export", json.dumps(f.query())[:500], client(request))
@@ -395,13 +411,10 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
 
     @app.get("/incidents/{alert_id}/export.jsonl", include_in_schema=False)
     def export_one(request: Request, alert_id: str, who: Identity = Depends(triager)):
+        may_export(who)
         inc, _ = incident_or_404(alert_id)
-        if inc.verdict not in ("true_positive", "false_positive"):
+        if inc.verdict not in EXPORTABLE:
             raise HTTPException(400, "give this incident a verdict (true or false positive) before exporting it")
-        from monitor.store.export import labelled_record
-
-        if not who.text:
-            raise Forbidden(f"{who.name} may not see conversation text, which is what an export contains")
         rec, why = labelled_record(inc.event, inc.verdict, inc.verdict_note)
         if rec is None:
             raise HTTPException(400, f"this incident cannot be exported: {why}")
@@ -427,14 +440,11 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
             inc = c.store.triage(alert_id, who.name, req.action, req.verdict, req.note)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
-        except Exception as e:
-            from sqlalchemy.exc import DBAPIError
-
-            if isinstance(e, DBAPIError):
-                raise Unavailable(str(e.orig).splitlines()[0][:300]) from None
-            raise
+        except DBAPIError as e:
+            raise Unavailable(str(e.orig).splitlines()[0][:300]) from None
         if inc is None:
             raise HTTPException(404, f"no incident with alert id {alert_id}")
+        counts_cache.clear()
         _audit(who.name, "triage", f"{alert_id} {req.action} {req.verdict or ''}".strip(), client(request))
         return inc
 
@@ -462,7 +472,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
                  verdict: str | None = None, since: str | None = None, until: str | None = None) -> IncidentList:
         f = _filter(request)
         try:
-            page = db(list_incidents, f, limit, cursor)
+            page = page_of(f, limit, cursor)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return IncidentList(items=[summary(r) for r in page.rows], total=page.total, counts=page.counts,

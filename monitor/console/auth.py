@@ -171,7 +171,8 @@ class Sessions:
         self.max_age = int(hours * 3600)
 
     def issue(self, who: Identity) -> str:
-        return self._s.dumps({"name": who.name, "role": who.role, "text": who.text, "tid": who.token_id})
+        """A session for a token's holder: it names the token, whose entry decides role and permission."""
+        return self._s.dumps({"tid": who.token_id, "name": who.name})
 
     def read(self, cookie: str) -> dict | None:
         from itsdangerous import BadSignature

@@ -60,6 +60,9 @@ class Store:
             def _wal(conn, _record):  # readers (the CLI, the console) never block the ingester
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA busy_timeout=5000")
+                # WAL's usual pairing: a commit survives a crash of the process, syncs wait for checkpoints
+                # (a power loss may take the last commits; PostgreSQL is the store for that).
+                conn.execute("PRAGMA synchronous=NORMAL")
         if migrate:
             self.migrate()
 
@@ -152,7 +155,15 @@ class Store:
             n = s.execute(delete(Incident).where(Incident.event_time < before)).rowcount
             n += s.execute(delete(Alert).where(Alert.event_time < before)).rowcount
             s.commit()
+        self.optimize()
         return n
+
+    def optimize(self) -> None:
+        """Refresh the query planner's statistics where the database does not itself (SQLite; PostgreSQL's
+        autovacuum analyzes on its own). The ingester calls it with each retention pass."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA optimize")
 
     def incidents(self, f=None, limit: int = 50, cursor: str | None = None):
         """A page of incidents (`queries.list_incidents`), newest first."""
