@@ -160,7 +160,7 @@ def measure(label: str, url: str, args, base, tmp: Path) -> dict:
     token = add_token(tokens, "bench", "admin", True, None)
     cfg = tmp / f"{label}.yaml"
     cfg.write_text(yaml.safe_dump({"store": {"url_file": str(tmp / f"{label}.url")},
-                                   "console": {"tokens_file": str(tokens)}}))
+                                   "console": {"tokens_file": str(tokens), "workers": args.workers}}))
     out = {"fill_s": round(fill_s, 1)}
     with ConsoleProcess(cfg, free_port(), tmp / f"{label}-console.log") as console:
         h = {"Authorization": f"Bearer {token}"}
@@ -201,6 +201,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--templates", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=1, help="console.workers")
     ap.add_argument("--skip-postgres", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -209,6 +210,7 @@ def main() -> int:
     size = len(json.dumps(base[0][1]))
     print(f"  an incident event is ~{size / 1024:.1f} KiB")
     result = {"incidents": args.incidents, "requests": args.requests, "concurrency": args.concurrency,
+              "workers": args.workers,
               "event_kib": round(size / 1024, 1)}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -286,7 +286,7 @@ def _console(args: argparse.Namespace) -> int:
     from monitor.console.serve import ConsoleError, serve
 
     try:
-        return serve(cfg, base, host=args.host, port=args.port, tokens_file=args.tokens_file)
+        return serve(cfg, base, host=args.host, port=args.port, tokens_file=args.tokens_file, config_path=args.config)
     except ConsoleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import subprocess
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -495,3 +496,25 @@ def test_postgres_outage_is_a_503_page_and_the_console_recovers(tmp_path, corpus
         postgres.start()
     assert c.get("/incidents").status_code == 200  # no restart needed
     site.store.close()
+
+
+def test_several_workers_share_logins(tmp_path, corpus):
+    """`console.workers: 2` (no session key configured): a login made by one process holds on the other."""
+    from monitor.stack.console_process import ConsoleProcess
+    from monitor.stack.vllm_server import free_port
+
+    fill(f"sqlite:///{tmp_path}/incidents.sqlite", corpus).close()
+    token = add_token(tmp_path / "tokens.yaml", "ada", "admin", True, None)
+    cfg = tmp_path / "monitor.yaml"
+    cfg.write_text(yaml.safe_dump({"store": {"sqlite_path": str(tmp_path / "incidents.sqlite")},
+                                   "console": {"tokens_file": str(tmp_path / "tokens.yaml"), "workers": 2}}))
+    with ConsoleProcess(cfg, free_port(), tmp_path / "console.log") as console:
+        import httpx
+
+        with httpx.Client(base_url=console.url) as c:
+            csrf = csrf_of(c.get("/login").text)
+            assert c.post("/login", data={"token": token, "csrf": csrf}).status_code == 303
+            codes = [c.get("/incidents", headers={"Connection": "close"}).status_code for _ in range(12)]
+        assert codes == [200] * 12, codes
+        children = subprocess.run(["pgrep", "-P", str(console.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2  # the two workers (and uvicorn's own helper, if any)

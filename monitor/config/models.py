@@ -252,6 +252,8 @@ class Console(Strict):
 
     host: str = Field("127.0.0.1", description="Bind address; loopback unless you expose it on purpose (behind TLS).")
     port: int = Field(8470, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="Server processes. One Python process answers one request at a "
+                         "time; more serve more people at once (each keeps its own login-failure counts).")
     base_url: str | None = Field(None, description="The console's public URL (e.g. https://monitor.example.com). "
                                  "Alert events carry `<base_url>/incidents/<alert_id>`; https here makes cookies "
                                  "Secure. Unset: no links in events.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from pathlib import Path
 
 from monitor.config.models import MonitorConfig
@@ -42,15 +44,47 @@ def build(cfg: MonitorConfig, base: Path | None, tokens_file: Path | None = None
 
 
 def serve(cfg: MonitorConfig, base: Path | None, host: str | None = None, port: int | None = None,
-          tokens_file: Path | None = None) -> int:
+          tokens_file: Path | None = None, config_path: Path | None = None) -> int:
     import uvicorn
 
-    app, store = build(cfg, base, tokens_file)
+    app, store = build(cfg, base, tokens_file)  # also checks, in this process, that the workers can start
     host = host or cfg.console.host
     port = port or cfg.console.port
-    log.info("console listening", extra={"url": f"http://{host}:{port}", "database": store.name})
+    workers = cfg.console.workers
+    log.info("console listening", extra={"url": f"http://{host}:{port}", "database": store.name, "workers": workers})
     # proxy_headers off: the client address is the TCP peer, which is what the proxy check trusts;
     # uvicorn would otherwise take it from X-Forwarded-For.
-    uvicorn.run(app, host=host, port=port, proxy_headers=False, log_config=None, access_log=False)
+    options = dict(host=host, port=port, proxy_headers=False, log_config=None, access_log=False)
+    if workers == 1:
+        uvicorn.run(app, **options)
+    else:
+        store.close()
+        # Worker processes build their own app from the same files; they must sign sessions alike.
+        os.environ[_CONFIG_ENV] = str(config_path) if config_path else ""
+        os.environ[_TOKENS_ENV] = str(tokens_file) if tokens_file else ""
+        if not cfg.console.session_secret_file and not os.environ.get(cfg.console.session_secret_env):
+            os.environ[cfg.console.session_secret_env] = secrets.token_urlsafe(32)
+        uvicorn.run("monitor.console.serve:worker_app", factory=True, workers=workers, **options)
     store.close()
     return 0
+
+
+_CONFIG_ENV = "MONITOR_CONSOLE_WORKER_CONFIG"
+_TOKENS_ENV = "MONITOR_CONSOLE_WORKER_TOKENS"
+
+
+def worker_app():
+    """One uvicorn worker's app (`console.workers` > 1), from the files the parent was started with."""
+    from monitor.config import load_config
+    from monitor.logs import configure
+
+    configure(logging.INFO, "json")  # a spawned worker starts with logging unset
+
+    path = os.environ.get(_CONFIG_ENV)
+    if path:
+        loaded = load_config(Path(path))
+        cfg, base = loaded.config, loaded.path.parent
+    else:
+        cfg, base = MonitorConfig(), None
+    tokens = os.environ.get(_TOKENS_ENV)
+    return build(cfg, base, Path(tokens) if tokens else None)[0]

@@ -68,13 +68,13 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration (idempotent)."""
+        import logging
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to an operator
         from alembic import command
         from alembic.config import Config
         from sqlalchemy.exc import OperationalError
 
-        import logging
-
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to an operator
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         try:
