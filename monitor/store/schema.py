@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
+
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+class UTC(TypeDecorator):
+    """A point in time, written in UTC and read back with its zone. PostgreSQL keeps zones; SQLite keeps
+    the wall time only, so everything goes in as UTC (comparisons stay right) and UTC is put back."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.astimezone(timezone.utc) if value is not None and value.tzinfo is not None else value
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):
@@ -27,8 +43,8 @@ class Incident(Base):
     severity: Mapped[str] = mapped_column(String(16))  # the highest severity among them
     alert_ids: Mapped[list] = mapped_column(JSON)
     text_policy: Mapped[str] = mapped_column(String(16))
-    event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    event_time: Mapped[datetime] = mapped_column(UTC(), index=True)
+    received_at: Mapped[datetime] = mapped_column(UTC())
     # Loaded only where asked for (`selectinload(Incident.body)`); touching it otherwise raises.
     body: Mapped["IncidentBody"] = relationship(lazy="raise", uselist=False)
     # Triage: the current state (the history is in `triage_events`).
@@ -36,7 +52,7 @@ class Incident(Base):
     verdict: Mapped[str | None] = mapped_column(String(16))  # true_positive | false_positive | unsure
     verdict_note: Mapped[str | None] = mapped_column(Text)
     triaged_by: Mapped[str | None] = mapped_column(String(256))
-    triaged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    triaged_at: Mapped[datetime | None] = mapped_column(UTC())
 
     # The console's filters, each newest first.
     __table_args__ = tuple(Index(f"ix_incidents_{c}_time", c, "event_time")
@@ -71,7 +87,7 @@ class IncidentDetector(Base):
     detector: Mapped[str] = mapped_column(String(128), primary_key=True)
     concept: Mapped[str] = mapped_column(String(128))
     severity: Mapped[str] = mapped_column(String(16))  # the detector's
-    event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    event_time: Mapped[datetime] = mapped_column(UTC())
     model: Mapped[str] = mapped_column(String(256))
     deployment: Mapped[str] = mapped_column(String(256))
     incident_severity: Mapped[str] = mapped_column(String(16))  # the incident's (its highest)
@@ -93,7 +109,7 @@ class TriageEvent(Base):
     verdict: Mapped[str | None] = mapped_column(String(16))
     note: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(256))
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UTC())
 
 
 class AuditEntry(Base):
@@ -103,7 +119,7 @@ class AuditEntry(Base):
     __tablename__ = "audit_log"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    at: Mapped[datetime] = mapped_column(UTC(), index=True)
     actor: Mapped[str] = mapped_column(String(256))
     action: Mapped[str] = mapped_column(String(32))  # view_text | export | triage | login | login_failed
     target: Mapped[str | None] = mapped_column(String(512))  # an alert id, or an export's filter
@@ -131,8 +147,8 @@ class Alert(Base):
     detector: Mapped[str] = mapped_column(String(128))
     severity: Mapped[str] = mapped_column(String(16))
     score: Mapped[float] = mapped_column(Float)
-    event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    event_time: Mapped[datetime] = mapped_column(UTC(), index=True)
+    received_at: Mapped[datetime] = mapped_column(UTC())
     event: Mapped[dict] = mapped_column(JSON)
 
 
@@ -147,6 +163,6 @@ class DeadLetter(Base):
     offset: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     raw: Mapped[str] = mapped_column(Text)  # the first 64 KiB of the message
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(UTC())
 
     __table_args__ = (Index("ix_dead_letters_source", "topic", "partition", "offset", unique=True),)
