@@ -111,37 +111,33 @@ class IncidentPage:
     next_cursor: str | None
 
 
-def _conditions(f: IncidentFilter, with_detector: bool = True) -> list:
+def _where(f: IncidentFilter, time=None, verdict=None, **columns) -> list:
+    """`f` as conditions on the given columns (filter name -> column); filters without a column are
+    not applied here."""
+    cond = [col == getattr(f, name) for name, col in columns.items() if getattr(f, name) is not None]
+    if verdict is not None and f.verdict is not None:
+        cond.append(verdict.is_(None) if f.verdict == "none" else verdict == f.verdict)
+    if time is not None and f.since is not None:
+        cond.append(time >= f.since)
+    if time is not None and f.until is not None:
+        cond.append(time <= f.until)
+    return cond
+
+
+def _conditions(f: IncidentFilter) -> list:
+    """`f` on the incidents table; detector and concept through the per-detector rows."""
     from sqlalchemy import select
     from sqlalchemy.orm import aliased
 
     from monitor.store.schema import Incident, IncidentDetector
 
-    cond = []
-    for col in ("severity", "model", "deployment", "status"):
-        if getattr(f, col) is not None:
-            cond.append(getattr(Incident, col) == getattr(f, col))
-    if f.verdict == "none":
-        cond.append(Incident.verdict.is_(None))
-    elif f.verdict is not None:
-        cond.append(Incident.verdict == f.verdict)
-    if f.since is not None:
-        cond.append(Incident.event_time >= f.since)
-    if f.until is not None:
-        cond.append(Incident.event_time <= f.until)
-    # An uncorrelated IN: the matching incidents are found once through the (detector|concept, time)
-    # index, not looked up again for every candidate row.
-    d = aliased(IncidentDetector)  # the counts query joins incident_detectors itself: keep this one apart
-    sub = []
-    if with_detector and f.detector is not None:
-        sub.append(d.detector == f.detector)
-    if f.concept is not None:
-        sub.append(d.concept == f.concept)
-    if sub:
-        if f.since is not None:
-            sub.append(d.event_time >= f.since)
-        if f.until is not None:
-            sub.append(d.event_time <= f.until)
+    cond = _where(f, time=Incident.event_time, verdict=Incident.verdict, severity=Incident.severity,
+                  model=Incident.model, deployment=Incident.deployment, status=Incident.status)
+    if f.detector is not None or f.concept is not None:
+        # An uncorrelated IN: the matching incidents are found once through the (detector|concept, time)
+        # index, not looked up again for every candidate row.
+        d = aliased(IncidentDetector)
+        sub = _where(f, time=d.event_time, detector=d.detector, concept=d.concept)
         cond.append(Incident.event_id.in_(select(d.incident_event_id).where(*sub)))
     return cond
 
@@ -150,22 +146,9 @@ def _per_detector(f: IncidentFilter, with_detector: bool = True) -> list:
     """`f` on the per-detector rows, which carry every filter column."""
     from monitor.store.schema import IncidentDetector as D
 
-    cond = []
-    if with_detector and f.detector is not None:
-        cond.append(D.detector == f.detector)
-    for name, col in (("concept", D.concept), ("severity", D.incident_severity), ("model", D.model),
-                      ("deployment", D.deployment), ("status", D.status)):
-        if getattr(f, name) is not None:
-            cond.append(col == getattr(f, name))
-    if f.verdict == "none":
-        cond.append(D.verdict.is_(None))
-    elif f.verdict is not None:
-        cond.append(D.verdict == f.verdict)
-    if f.since is not None:
-        cond.append(D.event_time >= f.since)
-    if f.until is not None:
-        cond.append(D.event_time <= f.until)
-    return cond
+    return _where(f, time=D.event_time, verdict=D.verdict, concept=D.concept, severity=D.incident_severity,
+                  model=D.model, deployment=D.deployment, status=D.status,
+                  **({"detector": D.detector} if with_detector else {}))
 
 
 def count_incidents(session, f: IncidentFilter) -> tuple[int, dict[str, int]]:
