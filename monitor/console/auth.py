@@ -172,7 +172,7 @@ class Sessions:
 
     def issue(self, who: Identity) -> str:
         """A session for a token's holder: it names the token, whose entry decides role and permission."""
-        return self._s.dumps({"tid": who.token_id, "name": who.name})
+        return self._s.dumps({"tid": who.token_id})
 
     def read(self, cookie: str) -> dict | None:
         from itsdangerous import BadSignature

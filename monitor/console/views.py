@@ -104,7 +104,6 @@ class IncidentView:
     tokens: list[Token]
     has_text: bool
     text_hidden: bool
-    scale_max: float
     scale_threshold: float
     legend: list[tuple[str, str]]
     trajectories: list[Trajectory]
@@ -113,8 +112,6 @@ class IncidentView:
     cell: float
     context: dict[int, list[dict]]
     prompt_tokens: int
-    coverage: dict
-    trimmed: dict | None
     words: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # evidence position -> (before, token, after)
     notes: list[str] = field(default_factory=list)
 
@@ -323,9 +320,9 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
     return IncidentView(
         headline=headline, why=why, primary=primary, detectors=detectors, tokens=tokens,
         has_text=trace.get("text") is not None, text_hidden=trace.get("text") is not None and not show_text,
-        scale_max=scale_max, scale_threshold=scale_threshold, legend=legend, trajectories=trajectories, heat=heat,
-        heat_width=heat_width, cell=cell, context=context, prompt_tokens=n_prompt, coverage=data["coverage"],
-        trimmed=trace.get("trimmed"), words=words, notes=notes)
+        scale_threshold=scale_threshold, legend=legend, trajectories=trajectories, heat=heat,
+        heat_width=heat_width, cell=cell, context=context, prompt_tokens=n_prompt, words=words,
+        notes=notes)
 
 
 def without_text(event: dict) -> dict:
