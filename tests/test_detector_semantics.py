@@ -8,8 +8,63 @@ import numpy as np
 import pytest
 
 from monitor.config.models import DetectorSpec
-from monitor.detectors.aggregate import make_aggregator
-from monitor.detectors.runtime import CompiledDetector, InputRef, in_scope
+from monitor.detectors.aggregate import Ragged
+from monitor.detectors.aggregate import make_aggregator as make_vec
+from monitor.detectors.runtime import CompiledDetector, DetectorBank, InputRef, in_scope
+from monitor.detectors.updates import ranked
+
+
+class One:
+    """One request's aggregation, through the arrays the sidecar uses for many."""
+
+    def __init__(self, agg_spec) -> None:
+        self.agg = make_vec(agg_spec, capacity=1)
+
+    def update(self, values: np.ndarray) -> None:
+        self.agg.update(Ragged.of(np.array([0]), np.array([0]), np.array([len(values)])), values[None, :])
+
+    @property
+    def value(self) -> float:
+        return float(self.agg.value(np.array([0]))[0])
+
+
+def make_aggregator(agg_spec) -> One:
+    return One(agg_spec)
+
+
+class State:
+    """One request's detector state in a bank: update() says whether that update fired it."""
+
+    def __init__(self, det: CompiledDetector) -> None:
+        self.bank = DetectorBank(det, capacity=1)
+        self.running = None
+
+    def update(self, positions, columns, running: bool = False) -> bool:
+        batch = Ragged.of(np.array([0]), np.array([0]), np.array([len(positions)]))
+        scores = {"h": np.stack(columns, axis=1)}
+        step = self.bank.update(batch, np.asarray(positions), scores, running)
+        if running:
+            self.running = step.running[0]
+        return bool(len(step.fired))
+
+    @property
+    def score(self) -> float:
+        return float(self.bank.score[0])
+
+    @property
+    def fired(self) -> bool:
+        return bool(self.bank.fired[0])
+
+    @property
+    def fired_at(self) -> int:
+        return int(self.bank.fired_at[0])
+
+    @property
+    def alert_id(self) -> str | None:
+        return self.bank.alert_ids.get(0)
+
+    def evidence(self):
+        return ranked(self.bank.top(0))
 
 SEQ = np.array([0.1, 0.9, 0.2, 0.8, 0.7, 0.0, 1.0, 0.3])
 
@@ -70,8 +125,12 @@ def detector(threshold=0.5, combine="any", inputs=None, agg=None, scope="both"):
     return CompiledDetector(s, refs)
 
 
+def new_state(det: CompiledDetector) -> State:
+    return State(det)
+
+
 def test_fires_once_mid_stream_and_keeps_the_same_alert():
-    st = detector(threshold=0.8).new_state()
+    st = new_state(detector(threshold=0.8))
     assert st.update(np.array([1, 2]), [np.array([0.1, 0.2])]) is False
     assert st.update(np.array([3, 4]), [np.array([0.3, 0.85])]) is True  # fires mid-generation
     alert = st.alert_id
@@ -86,21 +145,21 @@ def test_combine_any_all_weighted():
     a, b = np.array([0.9, 0.1]), np.array([0.2, 0.3])
     pos = np.array([1, 2])
     for combine, want in (("any", 0.9), ("all", 0.3), ("weighted", 0.9 + 2 * 0.2)):
-        st = detector(combine=combine, inputs=two).new_state()
+        st = new_state(detector(combine=combine, inputs=two))
         st.update(pos, [a, b])
         assert st.score == pytest.approx(want), combine
 
 
 def test_probe_detector_reports_probability_of_mean_logit():
-    st = detector(inputs=[{"probe": "p"}], agg={"kind": "mean"}, threshold=0.5).new_state()
+    st = new_state(detector(inputs=[{"probe": "p"}], agg={"kind": "mean"}, threshold=0.5))
     logits = np.array([2.0, -1.0, 0.5])
     st.update(np.array([1, 2, 3]), [logits])
     assert st.score == pytest.approx(1 / (1 + math.exp(-logits.mean())))
 
 
 def test_probe_count_threshold_is_a_probability():
-    st = detector(inputs=[{"probe": "p"}], agg={"kind": "count_above", "token_threshold": 0.5, "min_tokens": 1},
-                  threshold=2).new_state()
+    st = new_state(detector(inputs=[{"probe": "p"}], agg={"kind": "count_above", "token_threshold": 0.5,
+                                                         "min_tokens": 1}, threshold=2))
     st.update(np.array([1, 2, 3]), [np.array([0.1, -0.1, 3.0])])  # p = .52, .48, .95
     assert st.score == 2.0 and st.fired
 
@@ -127,7 +186,7 @@ def test_running_score_is_the_score_after_each_token(agg, combine, probes):
         [{"sae": "s", "feature": 1}, {"sae": "s", "feature": 2, "weight": 0.5}]
     det = detector(combine=combine, inputs=inputs, agg=agg)
     cols = [rng.normal(size=20), rng.normal(size=20)]
-    chunked, one_by_one = det.new_state(), det.new_state()
+    chunked, one_by_one = new_state(det), new_state(det)
     running = []
     for a, b in ((0, 7), (7, 8), (8, 20)):
         chunked.update(np.arange(a, b) + 1, [c[a:b] for c in cols], running=True)

@@ -94,7 +94,7 @@ def test_benign_request_leaves_nothing(tmp_path):
     side.bus.on_incident(got.append)
     send(ring, "calm", [[0.0, 1.0, 2.0], [1.0]], n_prompt=3, finish=False)
     side.poll_once()
-    assert side.budget.used == 4 and side.requests["chatcmpl-calm-12345678"].trace.kept == 4
+    assert side.budget.used == 4 and side.traces.kept[side.requests["chatcmpl-calm-12345678"].slot] == 4
     ring.publish(9, SlotMeta((), ("chatcmpl-calm-12345678",)), None)
     side.poll_once()
     assert got == [] and side.budget.used == 0 and side.stats.incidents == 0
@@ -187,11 +187,22 @@ def test_flagged_needs_a_tokenizer_and_bad_rules_are_named(tmp_path):
 
 def test_trace_leaves_out_a_head_whose_columns_changed_mid_request():
     """A reload that changes an SAE's watched features mid-request: that head's rows no longer line up,
-    so the incident leaves it out instead of failing (the other heads stay)."""
-    from monitor.detectors.trace import RequestTrace, TraceBudget
+    so the incident leaves it out instead of failing (the other heads stay); a request that starts
+    after the change has it."""
+    from monitor.detectors.trace import TraceBudget, TraceStore
 
-    trace, budget = RequestTrace(window=0), TraceBudget(per_request=100, total=100)
-    trace.add(budget, np.array([0, 1]), None, {"sae:s": np.ones((2, 2)), "probe:p": np.zeros((2, 1))})
-    trace.add(budget, np.array([2]), None, {"sae:s": np.ones((1, 3)), "probe:p": np.zeros((1, 1))})
-    arrays = trace.arrays({"sae:s": ("s/1", "s/2", "s/3"), "probe:p": ("p/score",)})
+    store = TraceStore(TraceBudget(per_request=100, total=100), window=0, capacity=2)
+    one, two = np.array([0]), np.array([1])
+    store.open(one)
+    store.add(one, np.array([0]), np.array([2]), np.array([0, 1]), None,
+              {"sae:s": np.ones((2, 2)), "probe:p": np.zeros((2, 1))})
+    store.add(one, np.array([0]), np.array([1]), np.array([2]), None,
+              {"sae:s": np.ones((1, 3)), "probe:p": np.zeros((1, 1))})
+    store.open(two)
+    store.add(two, np.array([0]), np.array([1]), np.array([0]), None,
+              {"sae:s": np.full((1, 3), 2.0), "probe:p": np.ones((1, 1))})
+    columns = {"sae:s": ("s/1", "s/2", "s/3"), "probe:p": ("p/score",)}
+    arrays = store.arrays(0, columns)
     assert set(arrays.inputs) == {"p/score"} and arrays.inputs["p/score"].tolist() == [0, 0, 0]
+    later = store.arrays(1, columns)
+    assert later.inputs["s/3"].tolist() == [2.0] and later.positions.tolist() == [0]

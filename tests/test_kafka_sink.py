@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from monitor.config.models import DetectorSpec, Kafka
-from monitor.detectors.runtime import CompiledDetector, InputRef
+from monitor.detectors.aggregate import Ragged
+from monitor.detectors.runtime import CompiledDetector, DetectorBank, InputRef
 from monitor.sinks.events import EventBuilder, FeatureExplanations, alert_schema
 from monitor.sinks.incidents import incident_schema
 from monitor.detectors.updates import DetectorUpdate
@@ -25,20 +26,21 @@ TOPIC = "misalignment-monitor.alerts"
 INCIDENTS = "misalignment-monitor.incidents"
 
 
-def fired_state(seq: int):
-    """A detector's state on a request, after it fired."""
+def fired_state(seq: int) -> DetectorBank:
+    """A detector's state on a request (slot 0), after it fired."""
     spec = DetectorSpec.model_validate({
         "name": "pii-feature", "concept": "pii", "inputs": [{"sae": "demo-l15", "feature": 21}],
         "aggregation": {"kind": "max"}, "threshold": 1.0, "severity": "critical", "labels": {"seq": str(seq)}})
-    state = CompiledDetector(spec, [InputRef("sae:demo-l15", 0, 1.0, False, "demo-l15/21")]).new_state()
-    state.update(np.array([3, 4]), [np.array([0.5, 2.0 + seq])])
-    return state
+    bank = DetectorBank(CompiledDetector(spec, [InputRef("sae:demo-l15", 0, 1.0, False, "demo-l15/21")]), capacity=1)
+    bank.update(Ragged.of(np.array([0]), np.array([0]), np.array([2])), np.array([3, 4]),
+                {"sae:demo-l15": np.array([[0.5], [2.0 + seq]])})
+    return bank
 
 
 def fired_update(request_id: str, seq: int, final: bool = False, state=None) -> DetectorUpdate:
     """A detector that fired on a request (or, with `state` and `final`, that request's verdict)."""
     state = state or fired_state(seq)
-    return state.snapshot(f"chatcmpl-{request_id}-00000000", request_id, f"chatcmpl-{request_id}", 0,
+    return state.snapshot(0, f"chatcmpl-{request_id}-00000000", request_id, f"chatcmpl-{request_id}", 0,
                           fired_now=not final, final=final)
 
 

@@ -129,8 +129,8 @@ def test_preempted_rows_are_deduplicated_and_cache_hits_counted(setup):
     publish(ring, 1, [seg("b", 16, 4, 0, n_prompt=30)], rows([1, 1, 1, 1]))  # positions 0..15 were cached
     publish(ring, 2, [seg("b", 16, 4, 0, n_prompt=30)], rows([1, 1, 1, 1]))  # recomputed after preemption
     side.poll_once()
-    st = side.requests["b"]
-    assert st.uncovered == 16 and st.rows == 4 and side.stats.duplicate_rows == 4
+    slot = side.requests["b"].slot
+    assert side.table.uncovered[slot] == 16 and side.table.rows[slot] == 4 and side.stats.duplicate_rows == 4
 
 
 def test_idle_requests_are_released(setup):
@@ -155,7 +155,8 @@ def test_reload_changes_detectors_without_losing_requests(setup):
     (tmp / "det/p.yaml").unlink()
     side.reload(load_config(tmp / "m.yaml"))
     assert [d.spec.name for d in side.detectors.detectors] == ["feat"]
-    assert set(side.requests["d"].detectors) == {"feat"}
+    slot = side.requests["d"].slot
+    assert [name for name, bank in side.banks.items() if bank.active[slot]] == ["feat"]
     fired = []
     side.bus.on_detector(lambda u: fired.append(u) if u.fired_now else None)
     publish(ring, 2, [seg("d", 3, 1, 0)], rows([1.5]))

@@ -80,6 +80,24 @@ class Scoring(Strict):
     max_batch_rows: int = Field(4096, gt=0, description="Rows scored per pass; bounds the sidecar's memory per step.")
 
 
+class SamplingRule(Strict):
+    """Requests carrying `header` with one of `values` are always scored."""
+
+    header: str = Field(pattern=r"^[A-Za-z0-9-]+$", description="HTTP request header, e.g. `X-Tenant-Id`.")
+    values: list[str] = Field(min_length=1, description="Header values whose requests are always scored.")
+
+
+class Sampling(Strict):
+    """Which requests the sidecar scores: all by default. A request is scored whole or not at all."""
+
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of requests scored, chosen by a hash of the "
+                            "request id: the same id is always chosen (or not), by every sidecar.")
+    always: list[SamplingRule] = Field(default_factory=list, description="Requests always scored, whatever "
+                                       "`fraction` says (the vLLM middleware checks their headers).")
+    max_requests: int = Field(16384, ge=1, description="Requests tracked at once; a new request beyond it is not "
+                              "scored, and counted (`misalignment_monitor_requests_not_scored_total{reason=\"over_limit\"}`).")
+
+
 class Transport(Strict):
     """The shared-memory rings between the vLLM plugin and the sidecar."""
 
@@ -298,6 +316,7 @@ class MonitorConfig(Strict):
         default_factory=list, description="Detector pack folders (searched recursively for *.yaml) or files."
     )
     scoring: Scoring = Field(default_factory=Scoring)
+    sampling: Sampling = Field(default_factory=Sampling)
     transport: Transport = Field(default_factory=Transport)
     sinks: Sinks = Field(default_factory=Sinks)
     incidents: Incidents = Field(default_factory=Incidents)

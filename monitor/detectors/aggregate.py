@@ -1,148 +1,266 @@
-"""Streaming token aggregations: feed token scores as they arrive, read the request's score any time.
+"""Streaming token aggregations for many requests at once: state in arrays indexed by a request slot.
 
-Each aggregator holds O(window) state, so a request of any length costs bounded memory, and a
-verdict can be reached mid-generation.
+A poll hands every aggregator a `Ragged` batch: for each request with tokens in the poll, its new
+token scores as one row of a padded [requests, tokens] array. Each update is a few array
+operations over the whole batch (an accumulate along the token axis, a gather), never a Python loop
+over requests or tokens, so a decode step of hundreds of requests costs what one request costs.
+
+State per request is O(window) (the rolling mean keeps its last `window` scores), so a request of
+any length costs bounded memory and a verdict can be reached mid-generation. The semantics are the
+scalar ones the detectors always had; `tests/test_detector_bank.py` runs reference scalar
+implementations beside these on random streams and requires the same numbers.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
+from scipy.signal import lfilter
 
 from monitor.config.models import CountAbove, EmaMax, FractionAbove, Max, Mean, RollingMeanMax
 
 
-class Aggregator:
-    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
-        """Feed token scores; with `running`, return the aggregate as it stood after each of them
-        (what an incident's score trajectory shows)."""
+@dataclass(frozen=True)
+class Ragged:
+    """Tokens of several requests: request i's tokens are flat[index[i, :counts[i]]], in order.
+
+    `slots[i]` is request i's slot in the state arrays. Rows are padded to the longest request;
+    `mask` says which entries are real.
+    """
+
+    slots: np.ndarray  # [S] int64
+    counts: np.ndarray  # [S] int64, >= 1
+    index: np.ndarray  # [S, L] int64, into the flat per-token arrays (0 where padded)
+    mask: np.ndarray  # [S, L] bool
+
+    @classmethod
+    def of(cls, slots: np.ndarray, first: np.ndarray, counts: np.ndarray) -> "Ragged":
+        """Request i's tokens are flat[first[i] : first[i] + counts[i]]."""
+        width = int(counts.max()) if len(counts) else 0
+        steps = np.arange(width)
+        mask = steps < counts[:, None]
+        index = np.where(mask, first[:, None] + steps, 0)
+        return cls(slots, counts, index, mask)
+
+    def gather(self, flat: np.ndarray, pad: float = 0.0) -> np.ndarray:
+        """A flat per-token array as [S, L], `pad` where there is no token."""
+        return np.where(self.mask, flat[self.index], pad)
+
+    @property
+    def last(self) -> np.ndarray:
+        """Column of each request's last token."""
+        return self.counts - 1
+
+
+class VecAggregator:
+    """Aggregation state for `capacity` request slots; grows on demand."""
+
+    def __init__(self, capacity: int) -> None:
+        self.n = np.zeros(capacity, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.n)
+
+    def grow(self, capacity: int) -> None:
+        self.n = _grown(self.n, capacity, 0)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.n[slots] = 0
+
+    def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
+        """Feed `values` [S, L] (padding ignored); returns the aggregate after each token [S, L]
+        (padding: unspecified). The last real column is the aggregate now."""
         raise NotImplementedError
 
-    @property
-    def value(self) -> float:
-        """The aggregate so far; NaN before any token."""
+    def value(self, slots: np.ndarray) -> np.ndarray:
+        """The aggregate so far; NaN for a slot with no token yet."""
         raise NotImplementedError
 
 
-class MaxAgg(Aggregator):
-    def __init__(self) -> None:
-        self._n, self._max = 0, -np.inf
+class VecMax(VecAggregator):
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.max = np.full(capacity, -np.inf)
 
-    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
-        if not len(values):
-            return values.astype(np.float64) if running else None
-        out = np.maximum(np.maximum.accumulate(values.astype(np.float64)), self._max) if running else None
-        self._n += len(values)
-        self._max = max(self._max, float(values.max()))
-        return out
+    def grow(self, capacity: int) -> None:
+        super().grow(capacity)
+        self.max = _grown(self.max, capacity, -np.inf)
 
-    @property
-    def value(self) -> float:
-        return self._max if self._n else float("nan")
+    def reset(self, slots: np.ndarray) -> None:
+        super().reset(slots)
+        self.max[slots] = -np.inf
 
+    def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
+        s = batch.slots
+        run = np.maximum(np.maximum.accumulate(np.where(batch.mask, values, -np.inf), axis=1), self.max[s][:, None])
+        self.max[s] = run[:, -1]  # padding is -inf: the last column carries the maximum
+        self.n[s] += batch.counts
+        return run
 
-class MeanAgg(Aggregator):
-    def __init__(self) -> None:
-        self._n, self._sum = 0, 0.0
-
-    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
-        out = None
-        if running:
-            out = (self._sum + np.cumsum(values, dtype=np.float64)) / (self._n + np.arange(1, len(values) + 1))
-        self._n += len(values)
-        self._sum += float(values.sum(dtype=np.float64))
-        return out
-
-    @property
-    def value(self) -> float:
-        return self._sum / self._n if self._n else float("nan")
+    def value(self, slots: np.ndarray) -> np.ndarray:
+        return np.where(self.n[slots] > 0, self.max[slots], np.nan)
 
 
-class EmaMaxAgg(Aggregator):
-    """max over t of e_t, with e_1 = v_1 and e_t = alpha * v_t + (1 - alpha) * e_{t-1}."""
+class VecMean(VecAggregator):
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.sum = np.zeros(capacity)
 
-    def __init__(self, alpha: float) -> None:
+    def grow(self, capacity: int) -> None:
+        super().grow(capacity)
+        self.sum = _grown(self.sum, capacity, 0.0)
+
+    def reset(self, slots: np.ndarray) -> None:
+        super().reset(slots)
+        self.sum[slots] = 0.0
+
+    def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
+        s = batch.slots
+        total = np.cumsum(np.where(batch.mask, values, 0.0), axis=1) + self.sum[s][:, None]
+        seen = self.n[s][:, None] + np.arange(1, values.shape[1] + 1)
+        self.sum[s] = total[:, -1]
+        self.n[s] += batch.counts
+        return total / seen
+
+    def value(self, slots: np.ndarray) -> np.ndarray:
+        n = self.n[slots]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, self.sum[slots] / n, np.nan)
+
+
+class VecEmaMax(VecAggregator):
+    """max over t of e_t, with e_1 = v_1 and e_t = alpha * v_t + (1 - alpha) * e_{t-1}.
+
+    The recurrence runs along the token axis in scipy's `lfilter` (C), for all requests at once."""
+
+    def __init__(self, capacity: int, alpha: float) -> None:
+        super().__init__(capacity)
         self.alpha = alpha
-        self._n, self._ema, self._max = 0, 0.0, -np.inf
+        self.ema = np.zeros(capacity)
+        self.max = np.full(capacity, -np.inf)
 
-    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
-        out = []
-        for v in values.tolist():
-            self._ema = v if self._n == 0 else self.alpha * v + (1 - self.alpha) * self._ema
-            self._n += 1
-            self._max = max(self._max, self._ema)
-            out.append(self._max)
-        return np.asarray(out, dtype=np.float64) if running else None
+    def grow(self, capacity: int) -> None:
+        super().grow(capacity)
+        self.ema = _grown(self.ema, capacity, 0.0)
+        self.max = _grown(self.max, capacity, -np.inf)
 
-    @property
-    def value(self) -> float:
-        return self._max if self._n else float("nan")
+    def reset(self, slots: np.ndarray) -> None:
+        super().reset(slots)
+        self.ema[slots] = 0.0
+        self.max[slots] = -np.inf
+
+    def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
+        s, a = batch.slots, self.alpha
+        values = np.where(batch.mask, values, 0.0)
+        # A fresh request starts from e_0 = v_1, so that e_1 = a v_1 + (1 - a) v_1 = v_1.
+        start = np.where(self.n[s] > 0, self.ema[s], values[:, 0])
+        ema, _ = lfilter([a], [1.0, a - 1.0], values, axis=1, zi=((1.0 - a) * start)[:, None])
+        run = np.maximum(np.maximum.accumulate(np.where(batch.mask, ema, -np.inf), axis=1), self.max[s][:, None])
+        rows = np.arange(len(s))
+        self.ema[s] = ema[rows, batch.last]
+        self.max[s] = run[:, -1]
+        self.n[s] += batch.counts
+        return run
+
+    def value(self, slots: np.ndarray) -> np.ndarray:
+        return np.where(self.n[slots] > 0, self.max[slots], np.nan)
 
 
-class RollingMeanMaxAgg(Aggregator):
-    """max over full windows of the window mean; until `window` tokens have arrived, the mean so far."""
+class VecRollingMeanMax(VecAggregator):
+    """max over full windows of the window mean; until `window` tokens have arrived, the mean so far.
 
-    def __init__(self, window: int) -> None:
+    Each slot keeps its last `window` scores (right-aligned, zeros before the first), so window sums
+    of a batch are differences of one cumulative sum over [kept, new]."""
+
+    def __init__(self, capacity: int, window: int) -> None:
+        super().__init__(capacity)
         self.window = window
-        self._n, self._buf, self._sum, self._max = 0, deque(), 0.0, -np.inf
+        self.recent = np.zeros((capacity, window))
+        self.max = np.full(capacity, -np.inf)
 
-    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
-        out = []
-        for v in values.tolist():
-            self._buf.append(v)
-            self._sum += v
-            self._n += 1
-            if len(self._buf) > self.window:
-                self._sum -= self._buf.popleft()
-            if len(self._buf) == self.window:
-                self._max = max(self._max, self._sum / self.window)
-            out.append(self.value)
-        return np.asarray(out, dtype=np.float64) if running else None
+    def grow(self, capacity: int) -> None:
+        super().grow(capacity)
+        self.recent = _grown(self.recent, capacity, 0.0)
+        self.max = _grown(self.max, capacity, -np.inf)
 
-    @property
-    def value(self) -> float:
-        if self._n == 0:
-            return float("nan")
-        return self._max if self._n >= self.window else self._sum / self._n
+    def reset(self, slots: np.ndarray) -> None:
+        super().reset(slots)
+        self.recent[slots] = 0.0
+        self.max[slots] = -np.inf
+
+    def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
+        s, w = batch.slots, self.window
+        width = values.shape[1]
+        x = np.concatenate([self.recent[s], np.where(batch.mask, values, 0.0)], axis=1)  # [S, w + L]
+        csum = np.concatenate([np.zeros((len(s), 1)), np.cumsum(x, axis=1)], axis=1)
+        cols = np.arange(width)
+        window_sum = csum[:, w + 1 + cols] - csum[:, 1 + cols]  # the w scores ending at each new token
+        seen = self.n[s][:, None] + cols + 1
+        full = seen >= w
+        best = np.maximum(np.maximum.accumulate(np.where(full & batch.mask, window_sum / w, -np.inf), axis=1),
+                          self.max[s][:, None])
+        run = np.where(full, best, window_sum / seen)
+        self.recent[s] = np.take_along_axis(x, batch.counts[:, None] + np.arange(w), axis=1)
+        self.max[s] = best[:, -1]
+        self.n[s] += batch.counts
+        return run
+
+    def value(self, slots: np.ndarray) -> np.ndarray:
+        n = self.n[slots]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            so_far = self.recent[slots].sum(axis=1) / n  # before a full window, every score is still kept
+            return np.where(n == 0, np.nan, np.where(n >= self.window, self.max[slots], so_far))
 
 
-class CountAboveAgg(Aggregator):
-    def __init__(self, token_threshold: float, min_tokens: int, fraction: bool) -> None:
+class VecCountAbove(VecAggregator):
+    def __init__(self, capacity: int, token_threshold: float, min_tokens: int, fraction: bool) -> None:
+        super().__init__(capacity)
         self.token_threshold, self.min_tokens, self.fraction = token_threshold, min_tokens, fraction
-        self._n, self._above = 0, 0
+        self.above = np.zeros(capacity, dtype=np.int64)
 
-    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
-        out = None
-        above = values >= self.token_threshold
-        if running:
-            count = self._above + np.cumsum(above)
-            value = count / (self._n + np.arange(1, len(values) + 1)) if self.fraction else count.astype(np.float64)
-            out = np.where(count < self.min_tokens, 0.0, value)
-        self._n += len(values)
-        self._above += int(above.sum())
-        return out
+    def grow(self, capacity: int) -> None:
+        super().grow(capacity)
+        self.above = _grown(self.above, capacity, 0)
 
-    @property
-    def value(self) -> float:
-        if self._n == 0:
-            return float("nan")
-        if self._above < self.min_tokens:
-            return 0.0
-        return self._above / self._n if self.fraction else float(self._above)
+    def reset(self, slots: np.ndarray) -> None:
+        super().reset(slots)
+        self.above[slots] = 0
+
+    def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
+        s = batch.slots
+        count = self.above[s][:, None] + np.cumsum(batch.mask & (values >= self.token_threshold), axis=1)
+        seen = self.n[s][:, None] + np.arange(1, values.shape[1] + 1)
+        self.above[s] = count[:, -1]
+        self.n[s] += batch.counts
+        value = count / seen if self.fraction else count.astype(np.float64)
+        return np.where(count < self.min_tokens, 0.0, value)
+
+    def value(self, slots: np.ndarray) -> np.ndarray:
+        n, above = self.n[slots], self.above[slots]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = above / n if self.fraction else above.astype(np.float64)
+        return np.where(n == 0, np.nan, np.where(above < self.min_tokens, 0.0, value))
 
 
-def make_aggregator(spec, token_transform=None) -> Aggregator:
+def make_aggregator(spec, capacity: int, token_transform=None) -> VecAggregator:
     """`token_transform` maps a token threshold into score space (probe logits: logit(p))."""
     if isinstance(spec, Max):
-        return MaxAgg()
+        return VecMax(capacity)
     if isinstance(spec, Mean):
-        return MeanAgg()
+        return VecMean(capacity)
     if isinstance(spec, EmaMax):
-        return EmaMaxAgg(spec.alpha)
+        return VecEmaMax(capacity, spec.alpha)
     if isinstance(spec, RollingMeanMax):
-        return RollingMeanMaxAgg(spec.window)
+        return VecRollingMeanMax(capacity, spec.window)
     if isinstance(spec, (CountAbove, FractionAbove)):
         thr = spec.token_threshold if token_transform is None else token_transform(spec.token_threshold)
-        return CountAboveAgg(thr, spec.min_tokens, isinstance(spec, FractionAbove))
+        return VecCountAbove(capacity, thr, spec.min_tokens, isinstance(spec, FractionAbove))
     raise TypeError(f"unknown aggregation {spec!r}")
+
+
+def _grown(a: np.ndarray, capacity: int, fill) -> np.ndarray:
+    out = np.full((capacity,) + a.shape[1:], fill, dtype=a.dtype)
+    out[: len(a)] = a
+    return out

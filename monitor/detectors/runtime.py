@@ -1,4 +1,7 @@
-"""Detectors at run time: compile specs into one scorer, then keep streaming state per request.
+"""Detectors at run time: compile specs into one scorer, then keep streaming state for every request.
+
+Each detector's per-request state lives in a `DetectorBank`: arrays indexed by a request slot,
+updated for all requests of a poll in a few array operations (`monitor.detectors.aggregate`).
 
 Scores of a token, per input, in its head's space (`monitor.scoring.space`): an SAE feature's
 activation, or a probe output's logit. A detector whose inputs are all probes reports
@@ -16,8 +19,6 @@ attention sink with a huge norm) and carries no information; the probes are trai
 
 from __future__ import annotations
 
-import heapq
-import math
 import uuid
 from dataclasses import dataclass, field
 
@@ -26,8 +27,8 @@ import torch
 
 from monitor.config.load import LoadedConfig
 from monitor.config.models import CountAbove, DetectorSpec, FeatureInput, FractionAbove, ProbeInput
-from monitor.detectors.aggregate import Aggregator, make_aggregator
-from monitor.detectors.updates import DetectorUpdate, TokenEvidence, ranked
+from monitor.detectors.aggregate import Ragged, _grown, make_aggregator
+from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring import BatchedScorer, LinearProbe, WatchedEncoder
 from monitor.scoring.context import ContextEncoder
 from monitor.scoring.space import HeadInfo, logit, sigmoid
@@ -65,96 +66,155 @@ class CompiledDetector:
     def counts(self) -> bool:
         return isinstance(self.spec.aggregation, (CountAbove, FractionAbove))
 
-    def new_state(self) -> "DetectorState":
-        transform = logit if self.probe_only and self.spec.combine != "weighted" else None
-        n_aggs = 1 if self.spec.combine == "weighted" else len(self.inputs)
-        return DetectorState(self, [make_aggregator(self.spec.aggregation, transform) for _ in range(n_aggs)])
+    @property
+    def sigmoid_last(self) -> bool:
+        """Its score is the sigmoid of aggregated logits (probe-only, not counting, not weighted)."""
+        return self.probe_only and not self.counts and self.spec.combine != "weighted"
 
 
 @dataclass
-class DetectorState:
-    detector: CompiledDetector
-    aggs: list[Aggregator]
-    fired: bool = False
-    alert_id: str | None = None
-    fired_at: int | None = None  # position of the token that pushed it over
-    top: list[tuple[float, int, dict]] = field(default_factory=list)  # min-heap of (score, position, inputs)
-    running: np.ndarray | None = None  # with update(..., running=True): the score after each token of that call
-    running_positions: np.ndarray | None = None  # their positions (set by `feed`)
-    top_version: int = 0  # counts changes to `top`: a trace rebuilds its evidence windows only then
-    _score: float = float("nan")  # as of the last update (a reload keeps what a detector measures, so it holds)
+class BankStep:
+    """What one update did: the batch rows whose request the detector fired on, and running scores."""
 
-    def _combine_aggs(self) -> float:
-        vals = [a.value for a in self.aggs]
-        if any(math.isnan(v) for v in vals):
-            vals = [v for v in vals if not math.isnan(v)]
-            if not vals:
-                return float("nan")
-        spec = self.detector.spec
-        raw = min(vals) if spec.combine == "all" else max(vals)
-        if self.detector.probe_only and not self.detector.counts and spec.combine != "weighted":
-            return sigmoid(raw)
-        return raw
+    fired: np.ndarray  # [F] indices into the batch's requests
+    running: np.ndarray | None  # [S, L] the detector's score after each token (with `running`)
+    changed: np.ndarray  # [C] indices into the batch's requests whose top tokens changed
+
+
+class DetectorBank:
+    """One detector's state for every request in flight, in arrays indexed by request slot.
+
+    Semantics per request are those of a streaming detector: each update feeds the request's new
+    in-scope tokens, and the detector fires (once) when its score after the update reaches the
+    threshold; `fired_at` is then the last position of that update. The top `TOP_TOKENS` tokens by
+    token score are kept as evidence, with every input's value there.
+    """
+
+    def __init__(self, detector: CompiledDetector, capacity: int = 64) -> None:
+        self.detector = detector
+        spec = detector.spec
+        # Probe inputs are logits: a count's token threshold (a probability) is compared as one.
+        transform = logit if detector.probe_only and spec.combine != "weighted" else None
+        n_aggs = 1 if spec.combine == "weighted" else len(detector.inputs)
+        self.aggs = [make_aggregator(spec.aggregation, capacity, transform) for _ in range(n_aggs)]
+        k, n_in = TOP_TOKENS, len(detector.inputs)
+        self.active = np.zeros(capacity, dtype=bool)  # has seen an in-scope token
+        self.fired = np.zeros(capacity, dtype=bool)
+        self.fired_at = np.full(capacity, -1, dtype=np.int64)
+        self.score = np.full(capacity, np.nan)
+        self.top_score = np.full((capacity, k), -np.inf)
+        self.top_pos = np.full((capacity, k), -1, dtype=np.int64)
+        self.top_inputs = np.zeros((capacity, k, n_in))
+        self.top_version = np.zeros(capacity, dtype=np.int64)  # counts changes to the top tokens
+        self.alert_ids: dict[int, str] = {}
 
     @property
-    def score(self) -> float:
-        return self._score
+    def spec(self) -> DetectorSpec:
+        return self.detector.spec
 
-    def _combine_running(self, runs: list[np.ndarray]) -> np.ndarray:
-        """`_combine_aggs`, token by token: per aggregator [tokens] -> [tokens]."""
-        spec = self.detector.spec
-        if len(runs) == 1:
-            raw = runs[0]
+    @property
+    def capacity(self) -> int:
+        return len(self.active)
+
+    def grow(self, capacity: int) -> None:
+        for agg in self.aggs:
+            agg.grow(capacity)
+        self.active = _grown(self.active, capacity, False)
+        self.fired = _grown(self.fired, capacity, False)
+        self.fired_at = _grown(self.fired_at, capacity, -1)
+        self.score = _grown(self.score, capacity, np.nan)
+        self.top_score = _grown(self.top_score, capacity, -np.inf)
+        self.top_pos = _grown(self.top_pos, capacity, -1)
+        self.top_inputs = _grown(self.top_inputs, capacity, 0.0)
+        self.top_version = _grown(self.top_version, capacity, 0)
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Forget these slots' requests (finished, expired): the slots are then free for new ones."""
+        for agg in self.aggs:
+            agg.reset(slots)
+        self.active[slots] = False
+        self.fired[slots] = False
+        self.fired_at[slots] = -1
+        self.score[slots] = np.nan
+        self.top_score[slots] = -np.inf
+        self.top_pos[slots] = -1
+        self.top_inputs[slots] = 0.0
+        for s in np.asarray(slots).tolist():
+            self.alert_ids.pop(s, None)
+
+    def update(self, batch: Ragged, positions: np.ndarray, scores: dict[str, np.ndarray],
+               running: bool = False) -> BankStep:
+        """Feed each request of `batch` its in-scope tokens: `positions` and `scores` (head -> [rows, k])
+        are flat per-token arrays that `batch` indexes."""
+        det, spec, s = self.detector, self.detector.spec, batch.slots
+        columns = [batch.gather(scores[ref.head][:, ref.column].astype(np.float64)) for ref in det.inputs]
+        if spec.combine == "weighted":
+            weighted = sum(ref.weight * col for ref, col in zip(det.inputs, columns))
+            runs = [self.aggs[0].update(batch, weighted)]
+            raw = self.aggs[0].value(s)
         else:
-            raw = np.min(runs, axis=0) if spec.combine == "all" else np.max(runs, axis=0)
-        if self.detector.probe_only and not self.detector.counts and spec.combine != "weighted":
-            return sigmoid(raw)
-        return raw
-
-    def update(self, positions: np.ndarray, columns: list[np.ndarray], running: bool = False) -> bool:
-        """Feed in-scope tokens (`columns[i]` = input i's scores). Returns True when this call fired.
-
-        With `running`, `self.running` is then the detector's score after each of these tokens."""
-        if len(positions) == 0:
-            return False
-        det = self.detector
-        many = running and len(positions) > 1  # one token's running score is just the score after it
-        if det.spec.combine == "weighted":
-            runs = [self.aggs[0].update(sum(ref.weight * col for ref, col in zip(det.inputs, columns)), many)]
-        else:
-            runs = [agg.update(col, many) for agg, col in zip(self.aggs, columns)]
-        if many:
-            self.running = self._combine_running(runs)
-        scores = token_scores(det.spec, columns, det.probe_only)
-        for j in np.argsort(scores)[-TOP_TOKENS:]:
-            score = float(scores[j])
-            if len(self.top) == TOP_TOKENS and score <= self.top[0][0]:
-                continue
-            item = (score, int(positions[j]), {ref.label: float(col[j]) for ref, col in zip(det.inputs, columns)})
-            if len(self.top) < TOP_TOKENS:
-                heapq.heappush(self.top, item)
+            runs = [agg.update(batch, col) for agg, col in zip(self.aggs, columns)]
+            values = [agg.value(s) for agg in self.aggs]
+            raw = values[0] if len(values) == 1 else (np.min(values, 0) if spec.combine == "all" else np.max(values, 0))
+        score = sigmoid(raw) if det.sigmoid_last else raw
+        self.score[s] = score
+        self.active[s] = True
+        changed = self._merge_top(batch, batch.gather(positions, -1).astype(np.int64), columns)
+        fired = np.flatnonzero(~self.fired[s] & (score >= spec.threshold))
+        if len(fired):
+            slots = s[fired]
+            self.fired[slots] = True
+            rows = batch.index[fired, batch.last[fired]]
+            self.fired_at[slots] = positions[rows]
+            for slot in slots.tolist():
+                self.alert_ids[slot] = str(uuid.uuid4())
+        run = None
+        if running:
+            if len(runs) == 1:
+                run = runs[0]
             else:
-                heapq.heapreplace(self.top, item)
-            self.top_version += 1
-        score = self._score = self._combine_aggs()
-        if running and not many:
-            self.running = np.array([score])
-        if not self.fired and score >= det.spec.threshold:
-            self.fired = True
-            self.alert_id = str(uuid.uuid4())
-            self.fired_at = int(positions[-1])
-            return True
-        return False
+                run = np.min(runs, axis=0) if spec.combine == "all" else np.max(runs, axis=0)
+            if det.sigmoid_last:
+                run = sigmoid(run)
+        return BankStep(fired, run, np.flatnonzero(changed))
 
-    def evidence(self) -> list[TokenEvidence]:
-        return list(ranked(self.top))
+    def _merge_top(self, batch: Ragged, positions: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
+        s = batch.slots
+        token = np.where(batch.mask, token_scores(self.spec, columns, self.detector.probe_only), -np.inf)
+        cand_score = np.concatenate([self.top_score[s], token], axis=1)
+        # Kept tokens come first, so a new token must beat them (not tie) to displace one.
+        order = np.argsort(-cand_score, axis=1, kind="stable")[:, :TOP_TOKENS]
+        new_pos = np.take_along_axis(np.concatenate([self.top_pos[s], positions], axis=1), order, axis=1)
+        new_score = np.take_along_axis(cand_score, order, axis=1)
+        new_pos[np.isneginf(new_score)] = -1
+        inputs = np.concatenate([self.top_inputs[s], np.stack(columns, axis=-1)], axis=1)
+        changed = (new_pos != self.top_pos[s]).any(axis=1)
+        self.top_version[s] += changed
+        self.top_score[s] = new_score
+        self.top_pos[s] = new_pos
+        self.top_inputs[s] = np.take_along_axis(inputs, order[:, :, None], axis=1)
+        return changed
 
-    def snapshot(self, req: str, request_id: str, external_id: str, sample: int, *, fired_now: bool, final: bool,
-                 step_time: float | None = None) -> DetectorUpdate:
-        """The state as it is now, frozen: what sinks receive."""
-        # The heap's items are made once and never changed, so the snapshot may share them.
-        return DetectorUpdate(req, request_id, external_id, sample, self.detector.spec, self.score, self.fired,
-                              self.alert_id, self.fired_at, tuple(self.top), fired_now, final, step_time)
+    def top(self, slot: int) -> tuple[tuple[float, int, dict[str, float]], ...]:
+        """The evidence of one request: (score, position, {input label: value}), unsorted."""
+        labels = [ref.label for ref in self.detector.inputs]
+        return tuple((float(sc), int(p), dict(zip(labels, vals.tolist())))
+                     for sc, p, vals in zip(self.top_score[slot], self.top_pos[slot], self.top_inputs[slot]) if p >= 0)
+
+    def top_positions(self, slot: int) -> set[int]:
+        return {int(p) for p in self.top_pos[slot] if p >= 0}
+
+    def snapshot(self, slot: int, req: str, request_id: str, external_id: str, sample: int, *, fired_now: bool,
+                 final: bool, step_time: float | None = None) -> DetectorUpdate:
+        """One request's state as it is now, frozen: what sinks receive."""
+        fired = bool(self.fired[slot])
+        return DetectorUpdate(req, request_id, external_id, sample, self.spec, float(self.score[slot]), fired,
+                              self.alert_ids.get(slot), int(self.fired_at[slot]) if fired else None, self.top(slot),
+                              fired_now, final, step_time)
+
+    def adopt(self, detector: CompiledDetector) -> None:
+        """A reload kept what this detector measures: judge by the new definition from now on."""
+        self.detector = detector
 
 
 @dataclass
@@ -232,26 +292,34 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
     return DetectorSet(BatchedScorer(heads, dev, cfg.scoring.max_batch_rows), compiled, sorted(heads), infos, context)
 
 
-def feed(det: CompiledDetector, state: "DetectorState | None", positions: np.ndarray, n_prompt: int,
-         scores: dict[str, np.ndarray], running: bool = False) -> tuple["DetectorState | None", bool]:
-    """Give a detector one batch of a request's tokens (`scores`: head -> [n, k] for `positions`).
+def scope_batch(spec: DetectorSpec, slots: np.ndarray, first_row: np.ndarray, start: np.ndarray,
+                counts: np.ndarray, n_prompt: np.ndarray) -> tuple[Ragged, np.ndarray] | None:
+    """The in-scope tokens of each request: request i has rows first_row[i] ... with positions start[i] ...
+    (`counts[i]` of them, consecutive). Returns the batch and which requests are in it, or None."""
+    lo = np.maximum(start, 1)  # row 0 (the attention sink) never counts
+    hi = start + counts
+    if spec.scope == "prompt":
+        hi = np.minimum(hi, n_prompt)
+    elif spec.scope == "generation":
+        lo = np.maximum(lo, n_prompt)
+    n = hi - lo
+    which = np.flatnonzero(n > 0)
+    if not len(which):
+        return None
+    return Ragged.of(slots[which], (first_row + lo - start)[which], n[which]), which
 
-    The one place where a detector meets token scores: the sidecar and offline evaluation both call
-    it, so a detector is judged offline exactly as it is in production. Returns the state (created
-    on the first in-scope token), or None when no token of this batch is in scope, and whether this
-    batch fired it. With `running`, `state.running` holds the score after each in-scope token and
-    `state.running_positions` their positions.
-    """
-    mask = in_scope(det.spec, positions, n_prompt)
-    if not mask.any():
-        return None, False
-    if state is None:
-        state = det.new_state()
-    cols = [scores[ref.head][mask, ref.column].astype(np.float64) for ref in det.inputs]
-    fired = state.update(positions[mask], cols, running)
-    if running:
-        state.running_positions = positions[mask]
-    return state, fired
+
+def feed_one(bank: DetectorBank, positions: np.ndarray, n_prompt: int, scores: dict[str, np.ndarray],
+             slot: int = 0, running: bool = False) -> BankStep | None:
+    """Give one request's consecutive tokens (`positions`, with `scores` per row) to a detector's bank:
+    how offline evaluation meets a detector, through the sidecar's own code. None when none is in scope."""
+    if not len(positions):
+        return None
+    one = np.array([slot])
+    found = scope_batch(bank.spec, one, np.array([0]), positions[:1], np.array([len(positions)]), np.array([n_prompt]))
+    if found is None:
+        return None
+    return bank.update(found[0], positions, scores, running)
 
 
 def token_scores(spec: DetectorSpec, columns: list[np.ndarray], probe_only: bool | None = None) -> np.ndarray:

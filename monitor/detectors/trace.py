@@ -1,20 +1,24 @@
 """What a request leaves behind when a detector fires on it: its trace, assembled into an `Incident`.
 
-While a request runs, its `RequestTrace` keeps, per token: the position, the input token id, the
-score of every watched input on the request's layers, and each detector's running score; plus the
-residual rows of the tokens that currently drive a detector (and `window` tokens either side), so
-the incident can say what else the model represented there. Everything is bounded: tokens per
-request and tokens in total (a `TraceBudget` shared by all requests); tokens beyond a cap are not
-kept and are counted. Rows are kept only around evidence tokens, at most
-`detectors x TOP_TOKENS x (2 window + 1)` per request.
+While requests run, a `TraceStore` keeps, per token: the position, the input token id, the score of
+every watched input on the request's layers, and each detector's running score. Every traced request
+shares one columnar arena, appended once per poll for all requests together (a decode step of
+hundreds of requests is one array copy, not hundreds of small ones); a request's rows are found by
+its serial number when it becomes an incident, and space of finished requests is reclaimed by
+compacting the arena once half of it is dead. It also keeps the residual rows of the tokens that
+currently drive a detector (and `window` tokens either side), so the incident can say what else
+the model represented there: the last `window` rows of every request stay at hand in one array, and
+a token that becomes evidence is copied out, per request, only when a detector's top tokens change.
 
-A request that finishes without a fire releases its trace at once; nothing is kept past its end.
+Everything is bounded: tokens per request and tokens in total (a `TraceBudget` shared by all
+requests); tokens beyond a cap are not kept and are counted. Rows are kept only around evidence
+tokens, at most `detectors x TOP_TOKENS x (2 window + 1)` per request, plus `window` recent rows per
+request and context layer. A request that finishes without a fire releases its trace at once.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -33,17 +37,15 @@ class TraceBudget:
     capped_request: int = 0  # tokens not kept: their request's trace was full
     capped_total: int = 0  # tokens not kept: every trace together was full
 
-    def take(self, have: int, want: int) -> int:
-        """How many of `want` more tokens a trace holding `have` may keep (the rest are counted)."""
-        room_request = max(0, self.per_request - have)
-        room_total = max(0, self.total - self.used)
-        n = min(want, room_request, room_total)
-        if n < want:  # counted against the cap that bound
-            if room_request <= room_total:
-                self.capped_request += want - n
-            else:
-                self.capped_total += want - n
-        self.used += n
+    def take(self, have: np.ndarray, want: np.ndarray) -> np.ndarray:
+        """How many of `want[i]` more tokens each trace holding `have[i]` may keep, in order (earlier
+        requests get the room left first); the rest are counted against the cap that bound."""
+        allowed = np.minimum(want, np.maximum(0, self.per_request - have))
+        room = max(0, self.total - self.used)
+        n = np.clip(room - (np.cumsum(allowed) - allowed), 0, allowed)
+        self.capped_request += int((want - allowed).sum())
+        self.capped_total += int((allowed - n).sum())
+        self.used += int(n.sum())
         return n
 
     def give_back(self, n: int) -> None:
@@ -89,121 +91,236 @@ class Incident:
 
 
 class Column:
-    """A growable array: appending a decode step's one token adds no Python object per token (a list of
-    small arrays costs ~2.8 kB a token; this ~100 bytes with the demo's inputs and detectors)."""
+    """A growable array (rows appended, kept rows compacted): a decode step's tokens add no Python object."""
 
-    def __init__(self, dtype, width: int | None = None) -> None:
-        self.buf = np.empty((16,) if width is None else (16, width), dtype=dtype)
+    def __init__(self, dtype, width: int | None = None, fill=0) -> None:
+        self.buf = np.full((64,) if width is None else (64, width), fill, dtype=dtype)
+        self.fill = fill
         self.n = 0
+
+    @classmethod
+    def filled(cls, n: int, dtype, width: int | None, fill) -> "Column":
+        c = cls(dtype, width, fill)
+        c.extend(np.full((n,) if width is None else (n, width), fill, dtype=dtype))
+        return c
+
+    @property
+    def width(self) -> int | None:
+        return self.buf.shape[1] if self.buf.ndim == 2 else None
 
     def extend(self, values: np.ndarray) -> None:
         need = self.n + len(values)
         if need > len(self.buf):
-            grown = np.empty((max(need, 2 * len(self.buf)),) + self.buf.shape[1:], dtype=self.buf.dtype)
+            grown = np.full((max(need, 2 * len(self.buf)),) + self.buf.shape[1:], self.fill, dtype=self.buf.dtype)
             grown[: self.n] = self.buf[: self.n]
             self.buf = grown
         self.buf[self.n : need] = values
         self.n = need
 
+    def compact(self, keep: np.ndarray) -> None:
+        kept = self.buf[: self.n][keep]
+        self.buf[: len(kept)] = kept
+        self.n = len(kept)
+
     def view(self) -> np.ndarray:
         return self.buf[: self.n]
 
 
-@dataclass
-class RequestTrace:
-    window: int  # tokens kept either side of an evidence token, for feature context
-    positions: Column = field(default_factory=lambda: Column(np.int64))
-    token_ids: Column = field(default_factory=lambda: Column(np.int32))
-    has_ids: bool = True
-    scores: dict[str, Column] = field(default_factory=dict)  # head -> [tokens, columns]
-    bad_heads: set[str] = field(default_factory=set)  # a reload changed their columns mid-request
-    running: dict[str, tuple[Column, Column]] = field(default_factory=dict)  # detector -> (positions, scores)
-    kept: int = 0
-    untraced: int = 0
-    rows: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # position -> layer -> row
-    _wanted: set[int] = field(default_factory=set)  # evidence positions and their windows
-    _evidence_version: tuple | None = None
-    _recent: deque = field(default_factory=deque)  # (position, {layer: rows}, index) of the last `window` tokens
+class TraceStore:
+    """The traces of every request in flight, indexed by request slot (see the module's docstring)."""
 
-    def add(self, budget: TraceBudget, positions: np.ndarray, token_ids: np.ndarray | None,
-            scores: dict[str, np.ndarray]) -> int:
-        """Keep as many of these tokens as the caps allow; returns how many (the first ones)."""
-        n = budget.take(self.kept, len(positions))
-        self.untraced += len(positions) - n
-        if n == 0:
-            return 0
-        self.positions.extend(positions[:n])
+    def __init__(self, budget: TraceBudget, window: int, capacity: int = 64) -> None:
+        self.budget, self.window = budget, window
+        self.serial = np.full(capacity, -1, dtype=np.int64)  # the traced request in each slot; -1: none
+        self.kept = np.zeros(capacity, dtype=np.int64)
+        self.untraced = np.zeros(capacity, dtype=np.int64)
+        self.has_ids = np.ones(capacity, dtype=bool)
+        self._next_serial = 0
+        # The arena: one entry per traced token of every request.
+        self.owner = Column(np.int64, fill=-1)
+        self.positions = Column(np.int64)
+        self.token_ids = Column(np.int32)
+        self.scores: dict[str, Column] = {}  # head -> [tokens, columns]
+        self.head_bad: dict[str, set[int]] = {}  # a head's columns do not line up for these requests' serials
+        self.running: dict[str, Column] = {}  # detector -> score after each token (NaN: not in its scope)
+        self.dead = 0  # arena entries of released requests, reclaimed by `_compact`
+        # Residual rows for feature context.
+        self.rows: dict[int, dict[int, dict[int, torch.Tensor]]] = {}  # slot -> position -> layer -> row
+        self._wanted: dict[int, set[int]] = {}  # slot -> evidence positions and their windows
+        self.want_until = np.full(capacity, -1, dtype=np.int64)  # the last wanted position, per slot
+        self.recent: dict[int, torch.Tensor] = {}  # layer -> [slots, window, d]: each request's last rows
+        self.recent_pos = np.full((capacity, window), -1, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.serial)
+
+    def grow(self, capacity: int) -> None:
+        def grown(a: np.ndarray, fill) -> np.ndarray:
+            out = np.full((capacity,) + a.shape[1:], fill, dtype=a.dtype)
+            out[: len(a)] = a
+            return out
+
+        self.serial, self.kept, self.untraced = grown(self.serial, -1), grown(self.kept, 0), grown(self.untraced, 0)
+        self.has_ids, self.want_until = grown(self.has_ids, True), grown(self.want_until, -1)
+        self.recent_pos = grown(self.recent_pos, -1)
+        for layer, t in self.recent.items():
+            out = t.new_zeros((capacity,) + tuple(t.shape[1:]))
+            out[: len(t)] = t
+            self.recent[layer] = out
+
+    def open(self, slots: np.ndarray) -> None:
+        """New requests in these slots: their traces start empty."""
+        self.serial[slots] = self._next_serial + np.arange(len(slots))
+        self._next_serial += len(slots)
+        self.kept[slots] = 0
+        self.untraced[slots] = 0
+        self.has_ids[slots] = True
+        self.want_until[slots] = -1
+        self.recent_pos[slots] = -1
+
+    def add(self, slots: np.ndarray, first: np.ndarray, counts: np.ndarray, positions: np.ndarray,
+            token_ids: np.ndarray | None, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """Append each request's new tokens (flat rows first[i] ... first[i] + counts[i]) as far as the caps
+        allow (the first ones). Returns, per flat row, its arena entry (-1: not traced)."""
+        had = (self.serial >= 0) & (self.kept > 0)  # requests with tokens traced before this poll
+        n = self.budget.take(self.kept[slots], counts)
+        self.untraced[slots] += counts - n
+        self.kept[slots] += n
+        entry = np.full(len(positions), -1, dtype=np.int64)
+        total = int(n.sum())
+        if total == 0:
+            return entry
+        seg = np.repeat(np.arange(len(slots)), n)
+        rows = first[seg] + np.arange(total) - np.repeat(np.cumsum(n) - n, n)
+        entry[rows] = self.owner.n + np.arange(total)
+        base = self.owner.n
+        self.owner.extend(self.serial[slots][seg])
+        self.positions.extend(positions[rows])
         if token_ids is None:
-            self.has_ids = False
-        elif self.has_ids:
-            self.token_ids.extend(token_ids[:n])
+            self.has_ids[slots] = False
+            self.token_ids.extend(np.zeros(total, dtype=np.int32))
+        else:
+            self.token_ids.extend(token_ids[rows])
         for head, s in scores.items():
             col = self.scores.get(head)
-            if col is None:
-                col = self.scores[head] = Column(np.float32, s.shape[1])
-                if self.kept:  # a head that appeared mid-request (a reload) does not cover the trace
-                    self.bad_heads.add(head)
-            if s.shape[1] != col.buf.shape[1]:
-                self.bad_heads.add(head)
-                continue
-            col.extend(s[:n])
-        self.kept += n
-        return n
+            if col is None or col.width != s.shape[1]:  # new, or its columns changed (a reload)
+                col = self.scores[head] = Column.filled(base, np.float32, s.shape[1], np.nan)
+                self.head_bad[head] = set(self.serial[had].tolist())  # their earlier tokens lack it
+            col.extend(s[rows])
+        for col in self.running.values():
+            col.extend(np.full(total, np.nan))
+        for head, col in self.scores.items():  # a head not scored in this poll keeps its rows aligned
+            if col.n < self.owner.n:
+                col.extend(np.full((self.owner.n - col.n, col.width), np.nan, dtype=np.float32))
+        return entry
 
-    def add_running(self, detector: str, positions: np.ndarray, values: np.ndarray) -> None:
-        """A detector's running score at these positions (only positions the trace kept)."""
-        if not self.kept:
-            return
-        keep = positions <= self.positions.buf[self.positions.n - 1]
-        if keep.any():
-            pos, val = self.running.setdefault(detector, (Column(np.int64), Column(np.float64)))
-            pos.extend(positions[keep])
-            val.extend(values[keep])
+    def add_running(self, detector: str, entries: np.ndarray, values: np.ndarray) -> None:
+        """A detector's running score at these arena entries (-1: a token the trace did not keep)."""
+        col = self.running.get(detector)
+        if col is None:
+            col = self.running[detector] = Column.filled(self.owner.n, np.float64, None, np.nan)
+        ok = entries >= 0
+        col.buf[entries[ok]] = values[ok]
 
-    def keep_rows(self, positions: np.ndarray, rows: dict[int, torch.Tensor], version: tuple,
-                  evidence: Callable[[], set[int]]) -> None:
+    def keep_rows(self, slots: np.ndarray, first: np.ndarray, counts: np.ndarray, positions: np.ndarray,
+                  rows: dict[int, torch.Tensor], changed: set[int], evidence: Callable[[int], set[int]]) -> None:
         """Keep the rows of evidence tokens and their windows; let go of the rest.
 
-        `rows[layer][j]` is the row of `positions[j]`; the last `window` rows stay at hand, so a token
-        that becomes evidence still finds the rows just before it. `evidence()` is asked only when
-        `version` (the detectors' count of changes to their top tokens) moved."""
+        Request i's new rows are rows[layer][first[i] : first[i] + counts[i]]. `changed`: slots whose
+        detectors' top tokens moved in this poll (`evidence(slot)` then says where they are now)."""
         w = self.window
-        changed = version != self._evidence_version
-        if changed:
-            self._evidence_version = version
-            self._wanted = {p + d for p in evidence() for d in range(-w, w + 1)}
-        wanted = self._wanted
-        # A kept row is cloned: a view would hold on to the whole slot it came from.
-        for p, src, j in self._recent:
-            if p in wanted and p not in self.rows:
-                self.rows[p] = {layer: t[j].clone() for layer, t in src.items()}
-        plist = positions.tolist()
-        for j, p in enumerate(plist):
-            if p in wanted and p not in self.rows:
-                self.rows[p] = {layer: t[j].clone() for layer, t in rows.items()}
-        # The recent ones are only referenced: they are cloned if they become wanted, within `window` tokens.
-        for j in range(max(0, len(plist) - w), len(plist)):
-            self._recent.append((plist[j], rows, j))
-        while len(self._recent) > w:
-            self._recent.popleft()
-        if changed:
-            for p in [p for p in self.rows if p not in wanted]:
-                del self.rows[p]
+        if not rows:
+            return
+        starts = positions[first]
+        waiting = np.flatnonzero(self.want_until[slots] >= starts)  # a wanted token arrives in this poll
+        todo = {int(j) for j in waiting} | {j for j, s in enumerate(slots.tolist()) if s in changed}
+        for j in sorted(todo):
+            slot = int(slots[j])
+            kept = self.rows.setdefault(slot, {})
+            if slot in changed:
+                wanted = self._wanted[slot] = {p + d for p in evidence(slot) for d in range(-w, w + 1)}
+                self.want_until[slot] = max(wanted, default=-1)
+                for p in [p for p in kept if p not in wanted]:
+                    del kept[p]
+            wanted = self._wanted.get(slot, set())
+            # A kept row is cloned: a view would hold on to the whole slot it came from.
+            for k, p in enumerate(self.recent_pos[slot].tolist()):
+                if p in wanted and p not in kept:
+                    kept[p] = {layer: t[slot, k].clone() for layer, t in self.recent.items()}
+            for r in range(int(first[j]), int(first[j] + counts[j])):
+                p = int(positions[r])
+                if p in wanted and p not in kept:
+                    kept[p] = {layer: t[r].clone() for layer, t in rows.items()}
+        if w:
+            self._remember_recent(slots, first, counts, positions, rows)
 
-    def release(self, budget: TraceBudget) -> None:
-        budget.give_back(self.kept)
-        self.kept = 0
+    def _remember_recent(self, slots, first, counts, positions, rows) -> None:
+        """Each request's last `window` rows, for a token that becomes evidence after its neighbours passed."""
+        w = self.window
+        for layer, t in rows.items():
+            if layer not in self.recent:
+                self.recent[layer] = t.new_zeros((self.capacity, w, t.shape[1]))
+        old_pos = self.recent_pos[slots]
+        new_pos = np.empty_like(old_pos)
+        new_rows = {layer: torch.empty((len(slots), w, t.shape[1]), dtype=t.dtype) for layer, t in rows.items()}
+        idx = torch.from_numpy(slots)
+        for k in range(w):
+            src = counts - w + k  # >= 0: the request's new row src; < 0: its old recent column w + src
+            fresh = src >= 0
+            row = np.where(fresh, first + src, 0)
+            old = np.where(fresh, 0, w + src)
+            new_pos[:, k] = np.where(fresh, positions[row], old_pos[np.arange(len(slots)), old])
+            f = torch.from_numpy(fresh)[:, None]
+            for layer, t in rows.items():
+                previous = self.recent[layer][idx, torch.from_numpy(old)]
+                new_rows[layer][:, k] = torch.where(f, t[torch.from_numpy(row)], previous)
+        self.recent_pos[slots] = new_pos
+        for layer, t in new_rows.items():
+            self.recent[layer][idx] = t
 
-    def arrays(self, columns: dict[str, tuple[str, ...]]) -> TraceArrays:
-        """`columns`: head -> the label of each of its columns. A head whose columns changed mid-request
-        (a reload) is left out: its numbers no longer line up."""
-        ids = self.token_ids.view() if self.has_ids and self.token_ids.n else None
+    def arrays(self, slot: int, columns: dict[str, tuple[str, ...]]) -> TraceArrays:
+        """One request's trace. `columns`: head -> the label of each of its columns. A head whose columns
+        changed while the request ran (a reload) is left out: its numbers no longer line up."""
+        serial = int(self.serial[slot])
+        idx = np.flatnonzero(self.owner.view() == serial)
+        ids = self.token_ids.view()[idx] if self.has_ids[slot] and len(idx) else None
         inputs: dict[str, np.ndarray] = {}
         for head, col in self.scores.items():
             labels = columns.get(head, ())
-            if head in self.bad_heads or col.buf.shape[1] != len(labels):
+            if serial in self.head_bad[head] or col.width != len(labels):
                 continue
+            values = col.view()[idx]
             for j, label in enumerate(labels):
-                inputs[label] = col.view()[:, j]
-        running = {d: (p.view(), v.view()) for d, (p, v) in self.running.items()}
-        return TraceArrays(self.positions.view(), ids, inputs, running)
+                inputs[label] = values[:, j]
+        positions = self.positions.view()[idx]
+        running = {}
+        for det, col in self.running.items():
+            values = col.view()[idx]
+            ok = ~np.isnan(values)
+            if ok.any():
+                running[det] = (positions[ok], values[ok])
+        return TraceArrays(positions, ids, inputs, running)
+
+    def release(self, slots: np.ndarray) -> None:
+        """These requests ended: their tokens go back to the budget and their arena entries are dead."""
+        n = int(self.kept[slots].sum())
+        self.budget.give_back(n)
+        self.dead += n
+        self.kept[slots] = 0
+        ended = set(self.serial[slots].tolist())
+        for bad in self.head_bad.values():
+            bad -= ended
+        self.serial[slots] = -1
+        for s in np.asarray(slots).tolist():
+            self.rows.pop(s, None)
+            self._wanted.pop(s, None)
+        self.want_until[slots] = -1
+        if self.dead > max(65536, self.owner.n // 2):
+            self._compact()
+
+    def _compact(self) -> None:
+        keep = np.isin(self.owner.view(), self.serial[self.serial >= 0])
+        for col in [self.owner, self.positions, self.token_ids, *self.scores.values(), *self.running.values()]:
+            col.compact(keep)
+        self.dead = 0

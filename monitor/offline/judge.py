@@ -1,4 +1,4 @@
-"""Detectors on conversations without a server: the sidecar's scoring and `feed`, on offline rows.
+"""Detectors on conversations without a server: the sidecar's scoring and detector banks, on offline rows.
 
 `monitor eval`, `monitor calibrate` and the demo's prompt checks use this, so a detector is measured
 offline with the same scorer, scope and aggregation as in production.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from monitor.detectors.runtime import DetectorSet, DetectorState, feed
+from monitor.detectors.runtime import DetectorBank, DetectorSet, feed_one
 from monitor.offline.rows import ConversationRows
 
 
@@ -20,7 +20,7 @@ class Verdict:
     detector: str
     score: float  # NaN when no token was in scope
     fired: bool
-    state: DetectorState | None
+    evidence_positions: tuple[int, ...]  # the top tokens, highest score first
 
 
 def judge(detset: DetectorSet, conv: ConversationRows) -> dict[str, Verdict]:
@@ -30,7 +30,8 @@ def judge(detset: DetectorSet, conv: ConversationRows) -> dict[str, Verdict]:
     positions = np.arange(len(conv.token_ids))
     out = {}
     for det in detset.detectors:
-        state, _ = feed(det, None, positions, conv.n_prompt, scores)
-        score = state.score if state is not None else float("nan")
-        out[det.spec.name] = Verdict(det.spec.name, score, bool(state is not None and state.fired), state)
+        bank = DetectorBank(det, capacity=1)
+        feed_one(bank, positions, conv.n_prompt, scores)
+        top = sorted(bank.top(0), key=lambda t: (t[0], t[1]), reverse=True)
+        out[det.spec.name] = Verdict(det.spec.name, float(bank.score[0]), bool(bank.fired[0]), tuple(p for _, p, _ in top))
     return out

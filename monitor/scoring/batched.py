@@ -164,6 +164,7 @@ class BatchedScorer:
         if max_rows < 1:
             raise ScoringError(f"max_rows must be at least 1, got {max_rows}")
         self.max_rows = max_rows
+        self.device = torch.device(device)
         self.layers = {layer: LayerScorer(heads, device) for layer, heads in heads_by_layer.items()}
 
     def score(self, rows_by_layer: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""What scoring hands down the data path: one request's token scores, and the cost of a scored slot."""
+"""What scoring hands down the data path: a slot's token scores, and the cost of a scored slot."""
 
 from __future__ import annotations
 
@@ -9,14 +9,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TokenScores:
-    """Scores of some of one request's tokens, per head, in that head's space (`scoring.space`)."""
+    """Scores of a slot's new tokens (every request's), per head, in that head's space (`scoring.space`)."""
 
-    req: str
-    request_id: str
-    external_id: str
-    sample: int
-    positions: np.ndarray
-    is_prompt: np.ndarray
+    positions: np.ndarray  # [n]
+    is_prompt: np.ndarray  # [n] bool
     scores: dict[str, np.ndarray]  # head -> [n, k]: SAE activations, probe logits
 
 

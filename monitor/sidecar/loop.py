@@ -1,17 +1,24 @@
 """The sidecar's loop: read the rings, score rows, keep per-request detector state, publish.
 
-Per poll, each slot's rows (all requests of a step) are scored in one pass; rows are then split by
-request. Per-request state is bounded (detector aggregators are O(window), evidence is the top few
-tokens) and released when vLLM reports the request finished or after `transport.request_timeout_s`
-without rows. A request's positions arrive in order; rows for positions already seen (a preempted
-request being recomputed) are ignored, and positions never computed (prefix-cache hits) are
-counted as not covered rather than invented.
+Per poll, each slot's rows (all requests of a step) are scored in one pass, then split among its
+requests and fed to every detector with array operations over all of them at once: per-request
+state lives in arrays indexed by a request slot (`SlotTable`, `DetectorBank`, `TraceStore`), so a
+decode step of hundreds of requests costs a few operations per detector, not a few per request.
+Python touches a request on its own only when it starts, fires, ends or gains new evidence.
+
+Per-request state is bounded (detector aggregators are O(window), evidence is the top few tokens)
+and released when vLLM reports the request finished or after `transport.request_timeout_s` without
+rows; at most `sampling.max_requests` are tracked at once, and a request beyond that (or sampled
+out by `sampling`) is not scored at all, and counted. A request's positions arrive in order; rows
+for positions already seen (a preempted request being recomputed, a second copy of a row) are
+ignored, and positions never computed (prefix-cache hits) are counted as not covered rather than
+invented. Rows of a request that already ended are ignored and counted.
 
 With `incidents.enabled`, each request also keeps a bounded trace (`monitor.detectors.trace`); when a
 request on which a detector fired finishes, it becomes an `Incident`, with the strongest features of
 a full SAE encode at the tokens that drove each detector. Other traces are released at the end.
 
-Consumers subscribe to the `ScoreBus`: per-token scores as they arrive, detector updates, incidents.
+Consumers subscribe to the `ScoreBus`: each slot's token scores, detector fires and verdicts, incidents.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ import glob
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,35 +35,18 @@ import numpy as np
 import torch
 
 from monitor.config.load import LoadedConfig
-from monitor.detectors.runtime import DetectorSet, DetectorState, build_detector_set, feed
-from monitor.detectors.trace import FeatureContext, Incident, RequestTrace, TraceBudget
+from monitor.detectors.runtime import DetectorBank, DetectorSet, build_detector_set, scope_batch
+from monitor.detectors.trace import FeatureContext, Incident, TraceBudget, TraceStore
 from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring.tokens import SlotScored, TokenScores
+from monitor.sidecar.requests import RequestInfo, SlotTable
+from monitor.sidecar.sampling import Sampler
+from monitor.transport.pinned import PinnedReader
 from monitor.sinks.sources import LoopHealth, LoopSnapshot, LoopStats
-from monitor.transport.meta import Segment
+from monitor.transport.meta import SegmentTable
 from monitor.transport.ring import RingError, RingReader, RingTotals, Slot
 
 log = logging.getLogger("monitor.sidecar")
-
-
-@dataclass
-class RequestState:
-    req: str
-    request_id: str
-    external_id: str
-    sample: int
-    n_prompt: int
-    next_pos: int = 0
-    uncovered: int = 0  # positions never computed (prefix-cache hits)
-    rows: int = 0
-    last_seen: float = field(default_factory=time.monotonic)
-    detectors: dict[str, DetectorState] = field(default_factory=dict)
-    trace: RequestTrace | None = None
-    step_time: float | None = None  # end of the last forward pass that brought rows
-
-    def update(self, ds: DetectorState, *, fired_now: bool, final: bool, step_time: float | None = None) -> DetectorUpdate:
-        return ds.snapshot(self.req, self.request_id, self.external_id, self.sample, fired_now=fired_now, final=final,
-                           step_time=step_time)
 
 
 class ScoreBus:
@@ -106,17 +95,35 @@ class Sidecar:
         self.bus = ScoreBus()
         self.stats = LoopStats()
         self.readers: dict[str, RingReader] = {}
-        self.requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()  # reload vs. the loop
-        t = loaded.config.transport
+        cfg = loaded.config
+        t = cfg.transport
         self.pattern = str(Path(t.directory) / f"{t.name}-*.ring")
         self.timeout = t.request_timeout_s
+        self.table = SlotTable(cfg.sampling.max_requests)
+        self.table.on_grow.append(self._grow)
+        self.banks = {d.spec.name: DetectorBank(d, self.table.capacity) for d in self.detectors.detectors}
+        self.sampler = Sampler(cfg.sampling, PinnedReader(t.directory, t.name))
+        self.skipped: dict[str, float] = {}  # req -> last seen: requests not scored (sampled out, over the limit)
+        self._last_sweep = time.monotonic()
         # Fixed for the sidecar's life: traces in flight were made under them (a reload says so).
-        inc = self.incidents = loaded.config.incidents
+        inc = self.incidents = cfg.incidents
         self.budget = TraceBudget(inc.max_trace_tokens, inc.max_trace_tokens_total) if inc.enabled else None
+        self.traces = TraceStore(self.budget, inc.context_window, self.table.capacity) if inc.enabled else None
         # Counters of rings already detached (a restarted vLLM makes a new ring): totals never go back.
         self.retired = RingTotals()
         self.heartbeat = time.monotonic()  # the loop's last iteration: liveness
+
+    @property
+    def requests(self) -> dict[str, RequestInfo]:
+        """Requests tracked now, by the engine's id."""
+        return self.table.by_req
+
+    def _grow(self, capacity: int) -> None:
+        for bank in self.banks.values():
+            bank.grow(capacity)
+        if self.traces is not None:
+            self.traces.grow(capacity)
 
     # ---- rings -----------------------------------------------------------------------------
     def discover(self) -> None:
@@ -187,113 +194,181 @@ class Sidecar:
         self.stats.slots += 1
         meta = slot.meta
         if slot.rows and meta.segments:
-            n_rows = slot.rows[0].shape[0]
-            by_layer = {layer: slot.rows[i] for i, layer in enumerate(reader.spec.layers) if layer in self.detectors.layers}
-            t0 = time.perf_counter()
-            scores = {k: v.cpu().numpy() for k, v in self.detectors.scorer.score(by_layer).items()}
-            took = time.perf_counter() - t0
-            self.stats.tokens_scored += n_rows
-            self.bus.emit_slot(SlotScored(n_rows, took, meta.t))
-            rows = {layer: slot.rows[i] for i, layer in enumerate(reader.spec.layers)}
-            for seg in meta.segments:
-                self._segment(seg, scores, meta.t, rows, slot.token_ids)
+            self._rows(reader, slot)
         for req in meta.finished:
             self._finish(req)
 
-    def _state(self, seg: Segment) -> RequestState:
-        st = self.requests.get(seg.req)
-        if st is None:
-            st = RequestState(seg.req, seg.request_id, seg.external_id, seg.sample, seg.n_prompt)
-            if self.budget is not None:
-                st.trace = RequestTrace(self.incidents.context_window)
-            self.requests[seg.req] = st
-            self.stats.requests_seen += 1
-        return st
-
-    def _segment(self, seg: Segment, scores: dict[str, np.ndarray], step_time: float | None = None,
-                 slot_rows: dict[int, torch.Tensor] | None = None, token_ids: np.ndarray | None = None) -> None:
-        st = self._state(seg)
-        st.last_seen = time.monotonic()
-        st.step_time = step_time
-        start, n, row = seg.start, seg.n, seg.row
-        positions = np.arange(start, start + n)
-        keep = positions >= st.next_pos  # preemption re-sends positions already scored
-        self.stats.duplicate_rows += int((~keep).sum())
-        if not keep.any():
-            return
-        if start > st.next_pos:  # prefix-cache hit: these positions had no forward pass
-            st.uncovered += start - st.next_pos
-            self.stats.uncovered_positions += start - st.next_pos
-        positions = positions[keep]
-        rows = slice(row, row + n)
-        seg_scores = {head: s[rows][keep] for head, s in scores.items()}
-        st.next_pos = int(positions[-1]) + 1
-        st.rows += len(positions)
-        self.bus.emit_tokens(TokenScores(st.req, st.request_id, st.external_id, st.sample, positions,
-                                         positions < st.n_prompt, seg_scores))
-        trace = st.trace
-        if trace is not None:
-            trace.add(self.budget, positions, None if token_ids is None else token_ids[rows][keep], seg_scores)
-        for det in self.detectors.detectors:
-            ds, fired = feed(det, st.detectors.get(det.spec.name), positions, st.n_prompt, seg_scores,
-                             running=trace is not None)
-            if ds is None:
+    def _admit(self, seg: SegmentTable) -> np.ndarray:
+        """Each segment's request slot; -1 for a request that is not scored (sampled out, over the
+        limit, or already ended)."""
+        out = np.empty(len(seg), dtype=np.int64)
+        by_req, now = self.table.by_req, time.monotonic()
+        for i, req in enumerate(seg.req):
+            info = by_req.get(req)
+            if info is not None:
+                out[i] = info.slot
                 continue
-            if trace is not None:
-                trace.add_running(det.spec.name, ds.running_positions, ds.running)
-            st.detectors[det.spec.name] = ds
-            self.bus.emit_detector(st.update(ds, fired_now=fired, final=False, step_time=step_time))
-        if trace is not None and slot_rows and self.detectors.context:
-            sel = rows if keep.all() else torch.from_numpy(np.flatnonzero(keep) + row)
-            rows_here = {layer: r[sel] for layer, r in slot_rows.items() if layer in self.detectors.context_layers}
-            version = tuple(ds.top_version for ds in st.detectors.values())
-            trace.keep_rows(positions, rows_here, version,
-                            lambda: {p for ds in st.detectors.values() for _, p, _ in ds.top})
+            out[i] = -1
+            if req in self.skipped:
+                self.skipped[req] = now
+            elif req in self.table.ended:
+                self.stats.late_rows += int(seg.n[i])
+            elif not self.sampler.admit(seg.request_id[i]):
+                self.skipped[req] = now
+                self.stats.requests_sampled_out += 1
+            else:
+                info = self.table.open(req, seg.request_id[i], seg.external_id[i], int(seg.sample[i]),
+                                       int(seg.n_prompt[i]))
+                if info is None:
+                    self.skipped[req] = now
+                    self.stats.requests_over_limit += 1
+                    continue
+                out[i] = info.slot
+                self.stats.requests_seen += 1
+                for bank in self.banks.values():
+                    bank.reset(np.array([info.slot]))
+                if self.traces is not None:
+                    self.traces.open(np.array([info.slot]))
+        return out
+
+    def _rows(self, reader: RingReader, slot: Slot) -> None:
+        meta = slot.meta
+        seg = meta.table()
+        slots = self._admit(seg)
+        tracked = slots >= 0
+        if not tracked.any():
+            return
+        layers = reader.spec.layers
+        row, n = seg.row, seg.n
+        token_ids = slot.token_ids
+        rows_by_layer = {layer: slot.rows[i] for i, layer in enumerate(layers)}
+        if not tracked.all():  # score only the rows of requests that are tracked
+            row, n = row[tracked], n[tracked]
+            take = torch.from_numpy(_ranges(row, n))
+            rows_by_layer = {layer: t[take] for layer, t in rows_by_layer.items()}
+            token_ids = None if token_ids is None else token_ids[take.numpy()]
+            row = np.cumsum(n) - n
+        slots, start, n_prompt = slots[tracked], seg.start[tracked], seg.n_prompt[tracked]
+        n_rows = int(n.sum())
+        t0 = time.perf_counter()
+        scores = {k: v.cpu().numpy() for k, v in self.detectors.scorer.score(
+            {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.layers}).items()}
+        self.stats.tokens_scored += n_rows
+        self.bus.emit_slot(SlotScored(n_rows, time.perf_counter() - t0, meta.t))
+
+        # Split among requests: positions at or past each request's next one are new; earlier ones
+        # were scored already (preemption, a second copy); a gap was never computed (prefix cache).
+        table = self.table
+        expected = table.next_pos[slots]
+        first_pos = np.maximum(start, expected)
+        count = np.maximum(0, start + n - first_pos)
+        self.stats.duplicate_rows += int((n - count).sum())
+        gap = np.where(count > 0, np.maximum(0, start - expected), 0)
+        table.uncovered[slots] += gap
+        self.stats.uncovered_positions += int(gap.sum())
+        table.next_pos[slots] = np.where(count > 0, start + n, expected)
+        table.rows[slots] += count
+        table.last_seen[slots] = time.monotonic()
+        table.step_time[slots] = np.nan if meta.t is None else meta.t
+        positions = np.empty(n_rows, dtype=np.int64)
+        positions[_ranges(row, n)] = _ranges(start, n)
+        live = count > 0
+        if not live.all():
+            slots, first_pos, count, n_prompt, row, start = (a[live] for a in (slots, first_pos, count, n_prompt, row, start))
+        if not len(slots):
+            return
+        first = row + first_pos - start  # each request's first new row
+        new_rows = _ranges(first, count)
+        all_new = len(new_rows) == n_rows
+        self.bus.emit_tokens(TokenScores(
+            positions if all_new else positions[new_rows], (positions if all_new else positions[new_rows]) < np.repeat(n_prompt, count),
+            scores if all_new else {h: s[new_rows] for h, s in scores.items()}))
+
+        traces = self.traces
+        entries = None
+        if traces is not None:
+            entries = traces.add(slots, first, count, positions, token_ids, scores)
+        changed: set[int] = set()
+        for bank in self.banks.values():
+            found = scope_batch(bank.spec, slots, first, first_pos, count, n_prompt)
+            if found is None:
+                continue
+            batch, _ = found
+            step = bank.update(batch, positions, scores, running=traces is not None)
+            if traces is not None:
+                traces.add_running(bank.spec.name, entries[batch.index[batch.mask]], step.running[batch.mask])
+                changed.update(batch.slots[step.changed].tolist())
+            for k in step.fired.tolist():
+                info = table.info[int(batch.slots[k])]
+                self.bus.emit_detector(bank.snapshot(info.slot, info.req, info.request_id, info.external_id,
+                                                     info.sample, fired_now=True, final=False, step_time=meta.t))
+        if traces is not None and self.detectors.context:
+            context = {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.context_layers}
+            traces.keep_rows(slots, first, count, positions, context, changed, self._evidence_positions)
+
+    def _evidence_positions(self, slot: int) -> set[int]:
+        return set().union(*(b.top_positions(slot) for b in self.banks.values() if b.active[slot]))
 
     def _finish(self, req: str, expired: bool = False) -> None:
-        st = self.requests.pop(req, None)
-        if st is None:
+        info = self.table.by_req.get(req)
+        if info is None:
+            if self.skipped.pop(req, None) is not None:
+                self.table.remember_ended(req)
             return
         if expired:
             self.stats.requests_expired += 1
         else:
             self.stats.requests_finished += 1
-        verdicts = [st.update(ds, fired_now=False, final=True) for ds in st.detectors.values()]
+        slot = info.slot
+        step_time = float(self.table.step_time[slot])
+        verdicts = [bank.snapshot(slot, info.req, info.request_id, info.external_id, info.sample, fired_now=False,
+                                  final=True) for bank in self.banks.values() if bank.active[slot]]
         for u in verdicts:
             self.bus.emit_detector(u)
-        if st.trace is not None:
+        slots = np.array([slot])
+        if self.traces is not None:
             if any(u.fired for u in verdicts):
                 self.stats.incidents += 1
-                self.bus.emit_incident(self._incident(st, verdicts))
-            st.trace.release(self.budget)
+                self.bus.emit_incident(self._incident(info, verdicts, None if np.isnan(step_time) else step_time))
+            self.traces.release(slots)
+        for bank in self.banks.values():
+            bank.reset(slots)
+        self.table.close(req)
 
-    def _incident(self, st: RequestState, verdicts: list[DetectorUpdate]) -> Incident:
+    def _incident(self, info: RequestInfo, verdicts: list[DetectorUpdate], end_time: float | None) -> Incident:
         """The request's trace, and the strongest SAE features at the tokens that drove a detector that fired."""
-        trace, cfg = st.trace, self.incidents
+        traces, cfg, slot = self.traces, self.incidents, info.slot
+        kept_rows = traces.rows.get(slot, {})
         w = cfg.context_window
         wanted = sorted({e.position + d for u in verdicts if u.fired for e in u.evidence for d in range(-w, w + 1)}
-                        & set(trace.rows))
+                        & set(kept_rows))
         context: list[FeatureContext] = []
         for enc in self.detectors.context.values():
-            have = [p for p in wanted if enc.layer in trace.rows[p]]
+            have = [p for p in wanted if enc.layer in kept_rows[p]]
             if not have:
                 continue
             try:
-                values, indices = enc.top(torch.stack([trace.rows[p][enc.layer] for p in have]), cfg.top_features)
+                values, indices = enc.top(torch.stack([kept_rows[p][enc.layer] for p in have]), cfg.top_features)
             except Exception:  # noqa: BLE001 - the incident goes out without this SAE's context, never not at all
                 log.exception("feature context from SAE %s failed; the incident is sent without it", enc.name,
-                              extra={"sae": enc.name, "request_id": st.request_id})
+                              extra={"sae": enc.name, "request_id": info.request_id})
                 continue
             for p, vals, idx in zip(have, values.tolist(), indices.tolist()):
                 context.append(FeatureContext(p, enc.name, tuple((i, v) for i, v in zip(idx, vals) if v > 0)))
         columns = {name: head.columns for name, head in self.detectors.heads.items()}
-        return Incident(st.req, st.request_id, st.external_id, st.sample, st.n_prompt, tuple(verdicts),
-                        trace.arrays(columns), tuple(context), st.uncovered, trace.untraced, st.step_time)
+        return Incident(info.req, info.request_id, info.external_id, info.sample, info.n_prompt, tuple(verdicts),
+                        traces.arrays(slot, columns), tuple(context), int(self.table.uncovered[slot]),
+                        int(traces.untraced[slot]), end_time)
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for req in [r for r, st in self.requests.items() if now - st.last_seen > self.timeout]:
-            self._finish(req, expired=True)
+        table = self.table
+        for slot in np.flatnonzero(table.in_use & (now - table.last_seen > self.timeout)).tolist():
+            self._finish(table.info[slot].req, expired=True)
+        if now - self._last_sweep > 1.0:  # requests never scored leave no state but their name: swept now and then
+            self._last_sweep = now
+            for req in [r for r, seen in self.skipped.items() if now - seen > self.timeout]:
+                del self.skipped[req]
 
     # ---- reload -------------------------------------------------------------------------------
     def reload(self, loaded: LoadedConfig) -> None:
@@ -310,19 +385,21 @@ class Sidecar:
             if loaded.config.incidents != self.incidents:
                 log.warning("incidents settings changed: they apply after a sidecar restart",
                             extra={"running": self.incidents.model_dump()})
+            if loaded.config.sampling != self.loaded.config.sampling:
+                log.warning("sampling settings changed: they apply after a sidecar restart",
+                            extra={"running": self.loaded.config.sampling.model_dump()})
             if loaded.config.tapped_layers != self.loaded.config.tapped_layers:
                 log.warning("taps changed from %s to %s: restart vLLM for the tap to follow",
                             self.loaded.config.tapped_layers, loaded.config.tapped_layers)
-            by_name = {d.spec.name: d for d in new.detectors}
-            for st in self.requests.values():
-                kept = {}
-                for name, ds in st.detectors.items():
-                    nd = by_name.get(name)
-                    old = ds.detector.spec
-                    if nd is not None and all(getattr(nd.spec, k) == getattr(old, k) for k in measures):
-                        ds.detector = nd
-                        kept[name] = ds
-                st.detectors = kept
+            banks = {}
+            for det in new.detectors:
+                old = self.banks.get(det.spec.name)
+                if old is not None and all(getattr(det.spec, k) == getattr(old.spec, k) for k in measures):
+                    old.adopt(det)
+                    banks[det.spec.name] = old
+                else:
+                    banks[det.spec.name] = DetectorBank(det, self.table.capacity)
+            self.banks = banks
             self.detectors = new
             self.loaded = loaded
             self.stats.reloads_ok += 1
@@ -339,3 +416,8 @@ class Sidecar:
             r.close()
         self.readers.clear()
 
+
+def _ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(first[i], first[i] + counts[i])."""
+    total = int(counts.sum())
+    return np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(total)

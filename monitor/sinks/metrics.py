@@ -120,9 +120,9 @@ class MonitorCollector(Collector):
             fam.add_metric([model], value)
             return fam
 
-        info = GaugeMetricFamily(f"{PREFIX}_build_info", "Version of the monitor; always 1.",
-                                 labels=["version", "model_name"])
-        info.add_metric([m.version, model], 1)
+        info = GaugeMetricFamily(f"{PREFIX}_build_info", "Version of the monitor and where it scores (cpu, cuda); "
+                                 "always 1.", labels=["version", "model_name", "scoring_device"])
+        info.add_metric([m.version, model, snap.detectors.scorer.device.type], 1)
         yield info
         yield counter("tokens_scored", "Token rows scored by the sidecar (prompt and generated).", st.tokens_scored)
         yield counter("requests_scored", "Requests whose rows reached the sidecar.", st.requests_seen)
@@ -133,6 +133,11 @@ class MonitorCollector(Collector):
                       st.uncovered_positions)
         yield counter("duplicate_rows", "Rows for positions already scored (preempted requests recomputed); ignored.",
                       st.duplicate_rows)
+        yield by_label("requests_not_scored", "Requests never scored, by reason: left out by `sampling.fraction`, or "
+                       "over `sampling.max_requests` tracked at once.", "reason",
+                       {"sampled_out": st.requests_sampled_out, "over_limit": st.requests_over_limit})
+        yield counter("late_rows", "Rows of a request that had already ended (a late or second copy); ignored.",
+                      st.late_rows)
         yield counter("slots_read", "Ring slots read by the sidecar.", st.slots)
         yield counter("incidents", "Fired requests that finished and became an incident (with their trace).",
                       st.incidents)

@@ -25,6 +25,9 @@ class LoopStats:
     requests_finished: int = 0
     requests_expired: int = 0
     duplicate_rows: int = 0
+    late_rows: int = 0  # rows of a request that had already ended (a late or second copy): ignored
+    requests_sampled_out: int = 0  # not scored: left out by `sampling`
+    requests_over_limit: int = 0  # not scored: `sampling.max_requests` were tracked already
     uncovered_positions: int = 0
     incidents: int = 0  # fired requests that finished and became an incident
     reloads_ok: int = 0

@@ -16,6 +16,8 @@ import json
 import operator
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 META_VERSION = 1
 
 
@@ -44,6 +46,23 @@ _as_row = operator.attrgetter(*SEGMENT_FIELDS)
 
 
 @dataclass(frozen=True)
+class SegmentTable:
+    """A slot's segments as columns: what a reader splitting rows among many requests works on."""
+
+    req: list[str]
+    external_id: list[str]
+    request_id: list[str]
+    sample: np.ndarray  # [S] int64, and so on for every numeric field of `Segment`
+    start: np.ndarray
+    n: np.ndarray
+    n_prompt: np.ndarray
+    row: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.req)
+
+
+@dataclass(frozen=True)
 class SlotMeta:
     segments: tuple[Segment, ...] = ()
     finished: tuple[str, ...] = ()  # internal ids of requests that finished (or were aborted) in this step
@@ -52,6 +71,14 @@ class SlotMeta:
     @property
     def n_rows(self) -> int:
         return sum(s.n for s in self.segments)
+
+    def table(self) -> SegmentTable:
+        if not self.segments:
+            empty = np.zeros(0, dtype=np.int64)
+            return SegmentTable([], [], [], empty, empty, empty, empty, empty)
+        req, external, request_id, sample, start, n, n_prompt, row = zip(*map(_as_row, self.segments))
+        ints = np.array([sample, start, n, n_prompt, row], dtype=np.int64)
+        return SegmentTable(list(req), list(external), list(request_id), *ints)
 
     def to_bytes(self) -> bytes:
         doc = {"v": META_VERSION, "segments": [_as_row(s) for s in self.segments], "finished": list(self.finished),
