@@ -21,11 +21,11 @@ class One:
         self.agg = make_vec(agg_spec, capacity=1)
 
     def update(self, values: np.ndarray) -> None:
-        self.agg.update(Ragged.of(np.array([0]), np.array([0]), np.array([len(values)])), values[None, :])
+        self.agg.update(Ragged.of(np.array([0]), np.array([0]), np.array([len(values)])), values[None, :, None])
 
     @property
     def value(self) -> float:
-        return float(self.agg.value(np.array([0]))[0])
+        return float(self.agg.value(np.array([0]))[0, 0])
 
 
 def make_aggregator(agg_spec) -> One:

@@ -206,3 +206,35 @@ def test_trace_leaves_out_a_head_whose_columns_changed_mid_request():
     assert set(arrays.inputs) == {"p/score"} and arrays.inputs["p/score"].tolist() == [0, 0, 0]
     later = store.arrays(1, columns)
     assert later.inputs["s/3"].tolist() == [2.0] and later.positions.tolist() == [0]
+
+
+def test_context_rows_are_capped_and_fired_requests_keep_theirs():
+    """`incidents.max_context_rows`: when full, the request held longest that has not fired gives its rows
+    back; a fired request's rows are never taken; what finds no room is counted."""
+    from monitor.detectors.trace import TraceBudget, TraceStore
+
+    budget = TraceBudget(per_request=100, total=100)
+    store = TraceStore(budget, window=0, capacity=4, max_context_rows=4)
+    fired = {2}
+    rows = {2: torch.arange(12, dtype=torch.float32).reshape(6, 2)}
+    positions = np.arange(6)
+    for slot in (0, 1, 2):
+        store.open(np.array([slot]))
+
+    def keep(slot, evidence):
+        store.keep_rows(np.array([slot]), np.array([0]), np.array([6]), positions, rows, {slot},
+                        lambda s: evidence, lambda s: s in fired)
+
+    keep(0, {0, 1})
+    keep(1, {2, 3})
+    assert budget.context_rows == 4
+    keep(2, {4, 5})  # full: request 0 (held longest, not fired) makes room
+    assert set(store.rows) == {1, 2} and budget.context_evicted == 2 and budget.context_rows == 4
+    assert store.rows[2][4][2].tolist() == [8.0, 9.0]
+    fired.add(1)
+    store.open(np.array([3]))
+    keep(3, {0})  # every holder has fired: nothing to take, the row is counted
+    assert 3 not in store.rows or not store.rows[3]
+    assert budget.context_dropped == 1 and budget.context_rows == 4
+    store.release(np.array([1, 2]))
+    assert budget.context_rows == 0

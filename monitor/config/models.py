@@ -211,6 +211,10 @@ class Incidents(Strict):
         "are counted, not kept.")
     context_window: int = Field(1, ge=0, le=8, description="Tokens either side of an evidence token that also get "
                                 "feature context.")
+    max_context_rows: int = Field(
+        32768, ge=0, description="Residual rows kept for feature context across every request in flight (each row is "
+        "d_model values per SAE layer: 8 KiB at 4096 in bfloat16). When full, the rows of the request held longest "
+        "that has not fired make room; rows that find none are counted, not kept.")
     top_features: int = Field(5, ge=1, le=64, description="Strongest SAE features reported per context token.")
     max_event_bytes: int = Field(900_000, ge=20_000, description="An incident event larger than this has its trace "
                                  "trimmed around the evidence (and says so). Keep it under the topic's max.message.bytes.")

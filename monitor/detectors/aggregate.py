@@ -1,7 +1,8 @@
 """Streaming token aggregations for many requests at once: state in arrays indexed by a request slot.
 
 A poll hands every aggregator a `Ragged` batch: for each request with tokens in the poll, its new
-token scores as one row of a padded [requests, tokens] array. Each update is a few array
+token scores as one row of a padded [requests, tokens, inputs] array (a detector's inputs side by
+side: one aggregator serves all of them). Each update is a few array
 operations over the whole batch (an accumulate along the token axis, a gather), never a Python loop
 over requests or tokens, so a decode step of hundreds of requests costs what one request costs.
 
@@ -44,8 +45,9 @@ class Ragged:
         return cls(slots, counts, index, mask)
 
     def gather(self, flat: np.ndarray, pad: float = 0.0) -> np.ndarray:
-        """A flat per-token array as [S, L], `pad` where there is no token."""
-        return np.where(self.mask, flat[self.index], pad)
+        """A flat per-token array ([n] or [n, W]) as [S, L] (or [S, L, W]), `pad` where there is no token."""
+        mask = self.mask if flat.ndim == 1 else self.mask[:, :, None]
+        return np.where(mask, flat[self.index], pad)
 
     @property
     def last(self) -> np.ndarray:
@@ -54,10 +56,11 @@ class Ragged:
 
 
 class VecAggregator:
-    """Aggregation state for `capacity` request slots; grows on demand."""
+    """Aggregation state for `capacity` request slots and `width` inputs; grows on demand."""
 
-    def __init__(self, capacity: int) -> None:
-        self.n = np.zeros(capacity, dtype=np.int64)
+    def __init__(self, capacity: int, width: int = 1) -> None:
+        self.width = width
+        self.n = np.zeros(capacity, dtype=np.int64)  # tokens seen: the same for every input
 
     @property
     def capacity(self) -> int:
@@ -70,19 +73,23 @@ class VecAggregator:
         self.n[slots] = 0
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
-        """Feed `values` [S, L] (padding ignored); returns the aggregate after each token [S, L]
-        (padding: unspecified). The last real column is the aggregate now."""
+        """Feed `values` [S, L, W] (padding ignored); returns the aggregate after each token [S, L, W]
+        (padding: unspecified)."""
         raise NotImplementedError
 
     def value(self, slots: np.ndarray) -> np.ndarray:
-        """The aggregate so far; NaN for a slot with no token yet."""
+        """The aggregate so far [S, W]; NaN for a slot with no token yet."""
         raise NotImplementedError
+
+    def _seen(self, batch: Ragged, width: int) -> np.ndarray:
+        """[S, L, 1]: tokens seen after each new one."""
+        return (self.n[batch.slots][:, None] + np.arange(1, width + 1))[:, :, None]
 
 
 class VecMax(VecAggregator):
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
-        self.max = np.full(capacity, -np.inf)
+    def __init__(self, capacity: int, width: int = 1) -> None:
+        super().__init__(capacity, width)
+        self.max = np.full((capacity, width), -np.inf)
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
@@ -94,19 +101,20 @@ class VecMax(VecAggregator):
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s = batch.slots
-        run = np.maximum(np.maximum.accumulate(np.where(batch.mask, values, -np.inf), axis=1), self.max[s][:, None])
+        run = np.maximum(np.maximum.accumulate(np.where(batch.mask[:, :, None], values, -np.inf), axis=1),
+                         self.max[s][:, None])
         self.max[s] = run[:, -1]  # padding is -inf: the last column carries the maximum
         self.n[s] += batch.counts
         return run
 
     def value(self, slots: np.ndarray) -> np.ndarray:
-        return np.where(self.n[slots] > 0, self.max[slots], np.nan)
+        return np.where(self.n[slots][:, None] > 0, self.max[slots], np.nan)
 
 
 class VecMean(VecAggregator):
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
-        self.sum = np.zeros(capacity)
+    def __init__(self, capacity: int, width: int = 1) -> None:
+        super().__init__(capacity, width)
+        self.sum = np.zeros((capacity, width))
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
@@ -118,14 +126,14 @@ class VecMean(VecAggregator):
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s = batch.slots
-        total = np.cumsum(np.where(batch.mask, values, 0.0), axis=1) + self.sum[s][:, None]
-        seen = self.n[s][:, None] + np.arange(1, values.shape[1] + 1)
+        total = np.cumsum(np.where(batch.mask[:, :, None], values, 0.0), axis=1) + self.sum[s][:, None]
+        seen = self._seen(batch, values.shape[1])
         self.sum[s] = total[:, -1]
         self.n[s] += batch.counts
         return total / seen
 
     def value(self, slots: np.ndarray) -> np.ndarray:
-        n = self.n[slots]
+        n = self.n[slots][:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n > 0, self.sum[slots] / n, np.nan)
 
@@ -135,11 +143,11 @@ class VecEmaMax(VecAggregator):
 
     The recurrence runs along the token axis in scipy's `lfilter` (C), for all requests at once."""
 
-    def __init__(self, capacity: int, alpha: float) -> None:
-        super().__init__(capacity)
+    def __init__(self, capacity: int, alpha: float, width: int = 1) -> None:
+        super().__init__(capacity, width)
         self.alpha = alpha
-        self.ema = np.zeros(capacity)
-        self.max = np.full(capacity, -np.inf)
+        self.ema = np.zeros((capacity, width))
+        self.max = np.full((capacity, width), -np.inf)
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
@@ -153,19 +161,19 @@ class VecEmaMax(VecAggregator):
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s, a = batch.slots, self.alpha
-        values = np.where(batch.mask, values, 0.0)
+        mask = batch.mask[:, :, None]
+        values = np.where(mask, values, 0.0)
         # A fresh request starts from e_0 = v_1, so that e_1 = a v_1 + (1 - a) v_1 = v_1.
-        start = np.where(self.n[s] > 0, self.ema[s], values[:, 0])
+        start = np.where(self.n[s][:, None] > 0, self.ema[s], values[:, 0])
         ema, _ = lfilter([a], [1.0, a - 1.0], values, axis=1, zi=((1.0 - a) * start)[:, None])
-        run = np.maximum(np.maximum.accumulate(np.where(batch.mask, ema, -np.inf), axis=1), self.max[s][:, None])
-        rows = np.arange(len(s))
-        self.ema[s] = ema[rows, batch.last]
+        run = np.maximum(np.maximum.accumulate(np.where(mask, ema, -np.inf), axis=1), self.max[s][:, None])
+        self.ema[s] = ema[np.arange(len(s)), batch.last]
         self.max[s] = run[:, -1]
         self.n[s] += batch.counts
         return run
 
     def value(self, slots: np.ndarray) -> np.ndarray:
-        return np.where(self.n[slots] > 0, self.max[slots], np.nan)
+        return np.where(self.n[slots][:, None] > 0, self.max[slots], np.nan)
 
 
 class VecRollingMeanMax(VecAggregator):
@@ -174,11 +182,11 @@ class VecRollingMeanMax(VecAggregator):
     Each slot keeps its last `window` scores (right-aligned, zeros before the first), so window sums
     of a batch are differences of one cumulative sum over [kept, new]."""
 
-    def __init__(self, capacity: int, window: int) -> None:
-        super().__init__(capacity)
+    def __init__(self, capacity: int, window: int, width: int = 1) -> None:
+        super().__init__(capacity, width)
         self.window = window
-        self.recent = np.zeros((capacity, window))
-        self.max = np.full(capacity, -np.inf)
+        self.recent = np.zeros((capacity, window, width))
+        self.max = np.full((capacity, width), -np.inf)
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
@@ -192,33 +200,34 @@ class VecRollingMeanMax(VecAggregator):
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s, w = batch.slots, self.window
-        width = values.shape[1]
-        x = np.concatenate([self.recent[s], np.where(batch.mask, values, 0.0)], axis=1)  # [S, w + L]
-        csum = np.concatenate([np.zeros((len(s), 1)), np.cumsum(x, axis=1)], axis=1)
-        cols = np.arange(width)
+        length = values.shape[1]
+        mask = batch.mask[:, :, None]
+        x = np.concatenate([self.recent[s], np.where(mask, values, 0.0)], axis=1)  # [S, w + L, W]
+        csum = np.concatenate([np.zeros((len(s), 1, x.shape[2])), np.cumsum(x, axis=1)], axis=1)
+        cols = np.arange(length)
         window_sum = csum[:, w + 1 + cols] - csum[:, 1 + cols]  # the w scores ending at each new token
-        seen = self.n[s][:, None] + cols + 1
+        seen = self._seen(batch, length)
         full = seen >= w
-        best = np.maximum(np.maximum.accumulate(np.where(full & batch.mask, window_sum / w, -np.inf), axis=1),
+        best = np.maximum(np.maximum.accumulate(np.where(full & mask, window_sum / w, -np.inf), axis=1),
                           self.max[s][:, None])
         run = np.where(full, best, window_sum / seen)
-        self.recent[s] = np.take_along_axis(x, batch.counts[:, None] + np.arange(w), axis=1)
+        self.recent[s] = np.take_along_axis(x, (batch.counts[:, None] + np.arange(w))[:, :, None], axis=1)
         self.max[s] = best[:, -1]
         self.n[s] += batch.counts
         return run
 
     def value(self, slots: np.ndarray) -> np.ndarray:
-        n = self.n[slots]
+        n = self.n[slots][:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             so_far = self.recent[slots].sum(axis=1) / n  # before a full window, every score is still kept
             return np.where(n == 0, np.nan, np.where(n >= self.window, self.max[slots], so_far))
 
 
 class VecCountAbove(VecAggregator):
-    def __init__(self, capacity: int, token_threshold: float, min_tokens: int, fraction: bool) -> None:
-        super().__init__(capacity)
+    def __init__(self, capacity: int, token_threshold: float, min_tokens: int, fraction: bool, width: int = 1) -> None:
+        super().__init__(capacity, width)
         self.token_threshold, self.min_tokens, self.fraction = token_threshold, min_tokens, fraction
-        self.above = np.zeros(capacity, dtype=np.int64)
+        self.above = np.zeros((capacity, width), dtype=np.int64)
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
@@ -230,37 +239,38 @@ class VecCountAbove(VecAggregator):
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s = batch.slots
-        count = self.above[s][:, None] + np.cumsum(batch.mask & (values >= self.token_threshold), axis=1)
-        seen = self.n[s][:, None] + np.arange(1, values.shape[1] + 1)
+        count = self.above[s][:, None] + np.cumsum(batch.mask[:, :, None] & (values >= self.token_threshold), axis=1)
         self.above[s] = count[:, -1]
+        seen = self._seen(batch, values.shape[1])
         self.n[s] += batch.counts
         value = count / seen if self.fraction else count.astype(np.float64)
         return np.where(count < self.min_tokens, 0.0, value)
 
     def value(self, slots: np.ndarray) -> np.ndarray:
-        n, above = self.n[slots], self.above[slots]
+        n, above = self.n[slots][:, None], self.above[slots]
         with np.errstate(invalid="ignore", divide="ignore"):
             value = above / n if self.fraction else above.astype(np.float64)
         return np.where(n == 0, np.nan, np.where(above < self.min_tokens, 0.0, value))
 
 
-def make_aggregator(spec, capacity: int, token_transform=None) -> VecAggregator:
-    """`token_transform` maps a token threshold into score space (probe logits: logit(p))."""
+def make_aggregator(spec, capacity: int, token_transform=None, width: int = 1) -> VecAggregator:
+    """`token_transform` maps a token threshold into score space (probe logits: logit(p)); `width`: inputs."""
     if isinstance(spec, Max):
-        return VecMax(capacity)
+        return VecMax(capacity, width)
     if isinstance(spec, Mean):
-        return VecMean(capacity)
+        return VecMean(capacity, width)
     if isinstance(spec, EmaMax):
-        return VecEmaMax(capacity, spec.alpha)
+        return VecEmaMax(capacity, spec.alpha, width)
     if isinstance(spec, RollingMeanMax):
-        return VecRollingMeanMax(capacity, spec.window)
+        return VecRollingMeanMax(capacity, spec.window, width)
     if isinstance(spec, (CountAbove, FractionAbove)):
         thr = spec.token_threshold if token_transform is None else token_transform(spec.token_threshold)
-        return VecCountAbove(capacity, thr, spec.min_tokens, isinstance(spec, FractionAbove))
+        return VecCountAbove(capacity, thr, spec.min_tokens, isinstance(spec, FractionAbove), width)
     raise TypeError(f"unknown aggregation {spec!r}")
 
 
 def _grown(a: np.ndarray, capacity: int, fill) -> np.ndarray:
+    """`a` with `capacity` rows: the old ones, then `fill`."""
     out = np.full((capacity,) + a.shape[1:], fill, dtype=a.dtype)
     out[: len(a)] = a
     return out

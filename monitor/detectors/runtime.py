@@ -95,8 +95,9 @@ class DetectorBank:
         spec = detector.spec
         # Probe inputs are logits: a count's token threshold (a probability) is compared as one.
         transform = logit if detector.probe_only and spec.combine != "weighted" else None
-        n_aggs = 1 if spec.combine == "weighted" else len(detector.inputs)
-        self.aggs = [make_aggregator(spec.aggregation, capacity, transform) for _ in range(n_aggs)]
+        # One aggregator over all inputs side by side (weighted: over their per-token sum).
+        width = 1 if spec.combine == "weighted" else len(detector.inputs)
+        self.agg = make_aggregator(spec.aggregation, capacity, transform, width)
         k, n_in = TOP_TOKENS, len(detector.inputs)
         self.active = np.zeros(capacity, dtype=bool)  # has seen an in-scope token
         self.fired = np.zeros(capacity, dtype=bool)
@@ -117,8 +118,7 @@ class DetectorBank:
         return len(self.active)
 
     def grow(self, capacity: int) -> None:
-        for agg in self.aggs:
-            agg.grow(capacity)
+        self.agg.grow(capacity)
         self.active = _grown(self.active, capacity, False)
         self.fired = _grown(self.fired, capacity, False)
         self.fired_at = _grown(self.fired_at, capacity, -1)
@@ -130,8 +130,7 @@ class DetectorBank:
 
     def reset(self, slots: np.ndarray) -> None:
         """Forget these slots' requests (finished, expired): the slots are then free for new ones."""
-        for agg in self.aggs:
-            agg.reset(slots)
+        self.agg.reset(slots)
         self.active[slots] = False
         self.fired[slots] = False
         self.fired_at[slots] = -1
@@ -147,19 +146,28 @@ class DetectorBank:
         """Feed each request of `batch` its in-scope tokens: `positions` and `scores` (head -> [rows, k])
         are flat per-token arrays that `batch` indexes."""
         det, spec, s = self.detector, self.detector.spec, batch.slots
-        columns = [batch.gather(scores[ref.head][:, ref.column].astype(np.float64)) for ref in det.inputs]
-        if spec.combine == "weighted":
-            weighted = sum(ref.weight * col for ref, col in zip(det.inputs, columns))
-            runs = [self.aggs[0].update(batch, weighted)]
-            raw = self.aggs[0].value(s)
+        refs = det.inputs
+        if len({ref.head for ref in refs}) == 1:  # the usual case: one column pick from one head's scores
+            flat = scores[refs[0].head][:, [ref.column for ref in refs]].astype(np.float64)
         else:
-            runs = [agg.update(batch, col) for agg, col in zip(self.aggs, columns)]
-            values = [agg.value(s) for agg in self.aggs]
-            raw = values[0] if len(values) == 1 else (np.min(values, 0) if spec.combine == "all" else np.max(values, 0))
+            flat = np.stack([scores[ref.head][:, ref.column] for ref in refs], axis=1).astype(np.float64)
+        inputs = batch.gather(flat)  # [S, L, inputs]
+        if spec.combine == "weighted":
+            weights = np.array([ref.weight for ref in refs])
+            run = self.agg.update(batch, (inputs @ weights)[:, :, None])[:, :, 0]
+            raw = self.agg.value(s)[:, 0]
+        else:
+            run = self.agg.update(batch, inputs)
+            values = self.agg.value(s)
+            if values.shape[1] == 1:
+                raw, run = values[:, 0], run[:, :, 0]
+            else:
+                raw = np.min(values, 1) if spec.combine == "all" else np.max(values, 1)
+                run = np.min(run, 2) if spec.combine == "all" else np.max(run, 2)
         score = sigmoid(raw) if det.sigmoid_last else raw
         self.score[s] = score
         self.active[s] = True
-        changed = self._merge_top(batch, batch.gather(positions, -1).astype(np.int64), columns)
+        changed = self._merge_top(batch, batch.gather(positions, -1).astype(np.int64), inputs)
         fired = np.flatnonzero(~self.fired[s] & (score >= spec.threshold))
         if len(fired):
             slots = s[fired]
@@ -168,32 +176,33 @@ class DetectorBank:
             self.fired_at[slots] = positions[rows]
             for slot in slots.tolist():
                 self.alert_ids[slot] = str(uuid.uuid4())
-        run = None
-        if running:
-            if len(runs) == 1:
-                run = runs[0]
-            else:
-                run = np.min(runs, axis=0) if spec.combine == "all" else np.max(runs, axis=0)
-            if det.sigmoid_last:
-                run = sigmoid(run)
+        run = (sigmoid(run) if det.sigmoid_last else run) if running else None
         return BankStep(fired, run, np.flatnonzero(changed))
 
-    def _merge_top(self, batch: Ragged, positions: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
-        s = batch.slots
+    def _merge_top(self, batch: Ragged, positions: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        """Merge each request's new tokens (`inputs`: [S, L, inputs]) into its top tokens; returns which
+        requests' top changed."""
+        columns = [inputs[:, :, j] for j in range(inputs.shape[2])]
         token = np.where(batch.mask, token_scores(self.spec, columns, self.detector.probe_only), -np.inf)
-        cand_score = np.concatenate([self.top_score[s], token], axis=1)
+        # Past the first few tokens most steps bring nothing that beats a request's weakest top token:
+        # only the requests with a contender are merged.
+        beats = token.max(axis=1) > self.top_score[batch.slots].min(axis=1)
+        rows = np.flatnonzero(beats)
+        if not len(rows):
+            return beats
+        s = batch.slots[rows]
+        cand_score = np.concatenate([self.top_score[s], token[rows]], axis=1)
         # Kept tokens come first, so a new token must beat them (not tie) to displace one.
         order = np.argsort(-cand_score, axis=1, kind="stable")[:, :TOP_TOKENS]
-        new_pos = np.take_along_axis(np.concatenate([self.top_pos[s], positions], axis=1), order, axis=1)
         new_score = np.take_along_axis(cand_score, order, axis=1)
+        new_pos = np.take_along_axis(np.concatenate([self.top_pos[s], positions[rows]], axis=1), order, axis=1)
         new_pos[np.isneginf(new_score)] = -1
-        inputs = np.concatenate([self.top_inputs[s], np.stack(columns, axis=-1)], axis=1)
-        changed = (new_pos != self.top_pos[s]).any(axis=1)
-        self.top_version[s] += changed
+        cand_inputs = np.concatenate([self.top_inputs[s], inputs[rows]], axis=1)
+        self.top_version[s] += 1
         self.top_score[s] = new_score
         self.top_pos[s] = new_pos
-        self.top_inputs[s] = np.take_along_axis(inputs, order[:, :, None], axis=1)
-        return changed
+        self.top_inputs[s] = np.take_along_axis(cand_inputs, order[:, :, None], axis=1)
+        return beats
 
     def top(self, slot: int) -> tuple[tuple[float, int, dict[str, float]], ...]:
         """The evidence of one request: (score, position, {input label: value}), unsorted."""

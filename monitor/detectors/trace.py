@@ -7,17 +7,19 @@ hundreds of requests is one array copy, not hundreds of small ones); a request's
 its serial number when it becomes an incident, and space of finished requests is reclaimed by
 compacting the arena once half of it is dead. It also keeps the residual rows of the tokens that
 currently drive a detector (and `window` tokens either side), so the incident can say what else
-the model represented there: the last `window` rows of every request stay at hand in one array, and
-a token that becomes evidence is copied out, per request, only when a detector's top tokens change.
+the model represented there: the rows of the last `HISTORY` polls stay at hand (one contiguous copy
+per poll) with each request pointing at its last `window` rows there, and a token that becomes
+evidence is copied out, per request, only when a detector's top tokens change.
 
 Everything is bounded: tokens per request and tokens in total (a `TraceBudget` shared by all
 requests); tokens beyond a cap are not kept and are counted. Rows are kept only around evidence
-tokens, at most `detectors x TOP_TOKENS x (2 window + 1)` per request, plus `window` recent rows per
-request and context layer. A request that finishes without a fire releases its trace at once.
+tokens, at most `detectors x TOP_TOKENS x (2 window + 1)` per request, plus the last `HISTORY` polls'
+rows per context layer. A request that finishes without a fire releases its trace at once.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +38,9 @@ class TraceBudget:
     used: int = 0
     capped_request: int = 0  # tokens not kept: their request's trace was full
     capped_total: int = 0  # tokens not kept: every trace together was full
+    context_rows: int = 0  # residual rows held for feature context
+    context_evicted: int = 0  # rows let go to make room (from requests that had not fired)
+    context_dropped: int = 0  # rows not kept: the budget was full of fired requests' rows
 
     def take(self, have: np.ndarray, want: np.ndarray) -> np.ndarray:
         """How many of `want[i]` more tokens each trace holding `have[i]` may keep, in order (earlier
@@ -126,11 +131,18 @@ class Column:
         return self.buf[: self.n]
 
 
+HISTORY = 16  # polls whose rows stay at hand for evidence neighbours (a step spanning more slots loses some)
+
+
 class TraceStore:
     """The traces of every request in flight, indexed by request slot (see the module's docstring)."""
 
-    def __init__(self, budget: TraceBudget, window: int, capacity: int = 64) -> None:
+    def __init__(self, budget: TraceBudget, window: int, capacity: int = 64, max_context_rows: int = 32768) -> None:
         self.budget, self.window = budget, window
+        self.max_context_rows = max_context_rows
+        # Slots holding context rows whose request has not fired, oldest first: they make room when the budget is full.
+        self._unfired_holders: OrderedDict[int, None] = OrderedDict()
+        self._fired: Callable[[int], bool] | None = None  # during keep_rows: has a detector fired on a slot
         self.serial = np.full(capacity, -1, dtype=np.int64)  # the traced request in each slot; -1: none
         self.kept = np.zeros(capacity, dtype=np.int64)
         self.untraced = np.zeros(capacity, dtype=np.int64)
@@ -148,8 +160,12 @@ class TraceStore:
         self.rows: dict[int, dict[int, dict[int, torch.Tensor]]] = {}  # slot -> position -> layer -> row
         self._wanted: dict[int, set[int]] = {}  # slot -> evidence positions and their windows
         self.want_until = np.full(capacity, -1, dtype=np.int64)  # the last wanted position, per slot
-        self.recent: dict[int, torch.Tensor] = {}  # layer -> [slots, window, d]: each request's last rows
+        # Each request's last `window` rows: their positions, and where they are in the history pool.
         self.recent_pos = np.full((capacity, window), -1, dtype=np.int64)
+        self.recent_from = np.full((capacity, window), -1, dtype=np.int64)  # the pool serial, -1: none
+        self.recent_row = np.zeros((capacity, window), dtype=np.int64)
+        self.history: dict[int, list[torch.Tensor | None]] = {}  # layer -> the last HISTORY polls' rows
+        self._history_serial = 0
 
     @property
     def capacity(self) -> int:
@@ -163,11 +179,8 @@ class TraceStore:
 
         self.serial, self.kept, self.untraced = grown(self.serial, -1), grown(self.kept, 0), grown(self.untraced, 0)
         self.has_ids, self.want_until = grown(self.has_ids, True), grown(self.want_until, -1)
-        self.recent_pos = grown(self.recent_pos, -1)
-        for layer, t in self.recent.items():
-            out = t.new_zeros((capacity,) + tuple(t.shape[1:]))
-            out[: len(t)] = t
-            self.recent[layer] = out
+        self.recent_pos, self.recent_from = grown(self.recent_pos, -1), grown(self.recent_from, -1)
+        self.recent_row = grown(self.recent_row, 0)
 
     def open(self, slots: np.ndarray) -> None:
         """New requests in these slots: their traces start empty."""
@@ -178,6 +191,7 @@ class TraceStore:
         self.has_ids[slots] = True
         self.want_until[slots] = -1
         self.recent_pos[slots] = -1
+        self.recent_from[slots] = -1
 
     def add(self, slots: np.ndarray, first: np.ndarray, counts: np.ndarray, positions: np.ndarray,
             token_ids: np.ndarray | None, scores: dict[str, np.ndarray]) -> np.ndarray:
@@ -224,17 +238,20 @@ class TraceStore:
         col.buf[entries[ok]] = values[ok]
 
     def keep_rows(self, slots: np.ndarray, first: np.ndarray, counts: np.ndarray, positions: np.ndarray,
-                  rows: dict[int, torch.Tensor], changed: set[int], evidence: Callable[[int], set[int]]) -> None:
+                  rows: dict[int, torch.Tensor], changed: set[int], evidence: Callable[[int], set[int]],
+                  fired: Callable[[int], bool] = lambda slot: False) -> None:
         """Keep the rows of evidence tokens and their windows; let go of the rest.
 
         Request i's new rows are rows[layer][first[i] : first[i] + counts[i]]. `changed`: slots whose
-        detectors' top tokens moved in this poll (`evidence(slot)` then says where they are now)."""
+        detectors' top tokens moved in this poll (`evidence(slot)` then says where they are now);
+        `fired(slot)`: whether a detector fired on it (its rows are then never evicted)."""
         w = self.window
         if not rows:
             return
         starts = positions[first]
         waiting = np.flatnonzero(self.want_until[slots] >= starts)  # a wanted token arrives in this poll
         todo = {int(j) for j in waiting} | {j for j, s in enumerate(slots.tolist()) if s in changed}
+        self._fired = fired
         for j in sorted(todo):
             slot = int(slots[j])
             kept = self.rows.setdefault(slot, {})
@@ -243,41 +260,86 @@ class TraceStore:
                 self.want_until[slot] = max(wanted, default=-1)
                 for p in [p for p in kept if p not in wanted]:
                     del kept[p]
+                    self.budget.context_rows -= 1
             wanted = self._wanted.get(slot, set())
+            has_fired = fired(slot)
+            if has_fired:
+                self._unfired_holders.pop(slot, None)
             # A kept row is cloned: a view would hold on to the whole slot it came from.
-            for k, p in enumerate(self.recent_pos[slot].tolist()):
-                if p in wanted and p not in kept:
-                    kept[p] = {layer: t[slot, k].clone() for layer, t in self.recent.items()}
+            for col, p in enumerate(self.recent_pos[slot].tolist()):
+                if p in wanted and p not in kept and self._room(slot):
+                    row = self._recent_row(slot, col)
+                    if row is not None:
+                        kept[p] = row
+                        self.budget.context_rows += 1
             for r in range(int(first[j]), int(first[j] + counts[j])):
                 p = int(positions[r])
-                if p in wanted and p not in kept:
+                if p in wanted and p not in kept and self._room(slot):
                     kept[p] = {layer: t[r].clone() for layer, t in rows.items()}
+                    self.budget.context_rows += 1
+            if kept and not has_fired and slot not in self._unfired_holders:
+                self._unfired_holders[slot] = None
+        self._fired = None
         if w:
             self._remember_recent(slots, first, counts, positions, rows)
 
     def _remember_recent(self, slots, first, counts, positions, rows) -> None:
-        """Each request's last `window` rows, for a token that becomes evidence after its neighbours passed."""
-        w = self.window
+        """Each request's last `window` rows, for a token that becomes evidence after its neighbours passed:
+        the poll's rows are copied once, whole (a contiguous copy), into a pool of the last `HISTORY`
+        slots, and each request points at its own rows there."""
+        w, k = self.window, self._history_serial
+        self._history_serial += 1
+        n = len(positions)
         for layer, t in rows.items():
-            if layer not in self.recent:
-                self.recent[layer] = t.new_zeros((self.capacity, w, t.shape[1]))
-        old_pos = self.recent_pos[slots]
-        new_pos = np.empty_like(old_pos)
-        new_rows = {layer: torch.empty((len(slots), w, t.shape[1]), dtype=t.dtype) for layer, t in rows.items()}
-        idx = torch.from_numpy(slots)
-        for k in range(w):
-            src = counts - w + k  # >= 0: the request's new row src; < 0: its old recent column w + src
+            pool = self.history.setdefault(layer, [None] * HISTORY)
+            buf = pool[k % HISTORY]
+            if buf is None or len(buf) < n:
+                buf = pool[k % HISTORY] = t.new_empty((max(n, 2 * (0 if buf is None else len(buf))), t.shape[1]))
+            buf[:n].copy_(t[:n])
+        if (counts >= w).all():  # every request brought `window` rows or more (decode, window 1): its last ones
+            last = _last_rows(first, counts, w)
+            self.recent_pos[slots] = positions[last]
+            self.recent_from[slots] = k
+            self.recent_row[slots] = last
+            return
+        old = (self.recent_pos[slots], self.recent_from[slots], self.recent_row[slots])
+        new = tuple(np.empty_like(a) for a in old)
+        everyone = np.arange(len(slots))
+        for col in range(w):
+            src = counts - w + col  # >= 0: the request's new row src; < 0: its old recent column w + src
             fresh = src >= 0
             row = np.where(fresh, first + src, 0)
-            old = np.where(fresh, 0, w + src)
-            new_pos[:, k] = np.where(fresh, positions[row], old_pos[np.arange(len(slots)), old])
-            f = torch.from_numpy(fresh)[:, None]
-            for layer, t in rows.items():
-                previous = self.recent[layer][idx, torch.from_numpy(old)]
-                new_rows[layer][:, k] = torch.where(f, t[torch.from_numpy(row)], previous)
-        self.recent_pos[slots] = new_pos
-        for layer, t in new_rows.items():
-            self.recent[layer][idx] = t
+            before = np.where(fresh, 0, w + src)
+            for target, was, now in zip(new, old, (positions[row], np.full(len(slots), k), row)):
+                target[:, col] = np.where(fresh, now, was[everyone, before])
+        self.recent_pos[slots], self.recent_from[slots], self.recent_row[slots] = new
+
+    def _room(self, slot: int) -> bool:
+        """Room for one more context row for `slot`: the budget has some, or an older request that has not
+        fired gives all of its rows back."""
+        b = self.budget
+        while b.context_rows >= self.max_context_rows:
+            victim = next((s for s in self._unfired_holders if s != slot), None)
+            if victim is None:
+                b.context_dropped += 1
+                return False
+            del self._unfired_holders[victim]
+            if self._fired(victim):  # fired since it was listed: its rows stay
+                continue
+            freed = len(self.rows.pop(victim, {}))
+            b.context_rows -= freed
+            b.context_evicted += freed
+            self._wanted.pop(victim, None)
+            self.want_until[victim] = -1
+        return True
+
+    def _recent_row(self, slot: int, col: int) -> dict[int, torch.Tensor] | None:
+        """The row a request's recent column points at, if its slot is still in the history pool."""
+        k = int(self.recent_from[slot, col])
+        if k < 0 or k < self._history_serial - HISTORY:
+            return None
+        r = int(self.recent_row[slot, col])
+        return {layer: pool[k % HISTORY][r].clone() for layer, pool in self.history.items()}
 
     def arrays(self, slot: int, columns: dict[str, tuple[str, ...]]) -> TraceArrays:
         """One request's trace. `columns`: head -> the label of each of its columns. A head whose columns
@@ -313,8 +375,9 @@ class TraceStore:
             bad -= ended
         self.serial[slots] = -1
         for s in np.asarray(slots).tolist():
-            self.rows.pop(s, None)
+            self.budget.context_rows -= len(self.rows.pop(s, {}))
             self._wanted.pop(s, None)
+            self._unfired_holders.pop(s, None)
         self.want_until[slots] = -1
         if self.dead > max(65536, self.owner.n // 2):
             self._compact()
@@ -324,3 +387,8 @@ class TraceStore:
         for col in [self.owner, self.positions, self.token_ids, *self.scores.values(), *self.running.values()]:
             col.compact(keep)
         self.dead = 0
+
+
+def _last_rows(first: np.ndarray, counts: np.ndarray, w: int) -> np.ndarray:
+    """[S, w]: the flat indices of each request's last `w` rows (every count >= w)."""
+    return (first + counts - w)[:, None] + np.arange(w)

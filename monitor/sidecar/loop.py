@@ -12,7 +12,8 @@ rows; at most `sampling.max_requests` are tracked at once, and a request beyond 
 out by `sampling`) is not scored at all, and counted. A request's positions arrive in order; rows
 for positions already seen (a preempted request being recomputed, a second copy of a row) are
 ignored, and positions never computed (prefix-cache hits) are counted as not covered rather than
-invented. Rows of a request that already ended are ignored and counted.
+invented. Rows of a request vLLM said had finished are ignored and counted (a second producer's
+copy, a late slot).
 
 With `incidents.enabled`, each request also keeps a bounded trace (`monitor.detectors.trace`); when a
 request on which a detector fired finishes, it becomes an `Incident`, with the strongest features of
@@ -24,6 +25,7 @@ Consumers subscribe to the `ScoreBus`: each slot's token scores, detector fires 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import glob
 import logging
 import threading
@@ -109,7 +111,8 @@ class Sidecar:
         # Fixed for the sidecar's life: traces in flight were made under them (a reload says so).
         inc = self.incidents = cfg.incidents
         self.budget = TraceBudget(inc.max_trace_tokens, inc.max_trace_tokens_total) if inc.enabled else None
-        self.traces = TraceStore(self.budget, inc.context_window, self.table.capacity) if inc.enabled else None
+        self.traces = TraceStore(self.budget, inc.context_window, self.table.capacity,
+                                 inc.max_context_rows) if inc.enabled else None
         # Counters of rings already detached (a restarted vLLM makes a new ring): totals never go back.
         self.retired = RingTotals()
         self.heartbeat = time.monotonic()  # the loop's last iteration: liveness
@@ -174,13 +177,18 @@ class Sidecar:
         n = 0
         with self._lock:
             for reader in list(self.readers.values()):
-                for slot in reader.poll():
+                # Slots are read 8 at a time into the reader's reused buffers: done with before the next poll.
+                for slot in reader.poll(8, reuse=True):
                     self._process(reader, slot)
                     n += 1
             self._expire()
         return n
 
     def run(self, stop: threading.Event, idle_sleep: float = 0.002, discover_every: float = 1.0) -> None:
+        # What exists now (torch, the SAEs and probes, the config) lives as long as the process: a full
+        # garbage collection need not walk it. Unfrozen, each one walked the whole heap, several times
+        # a second at decode rates (~3 ms a slot, measured: bench/fleet.py). vLLM does the same after start.
+        gc.freeze()
         last_discover = 0.0
         while not stop.is_set():
             now = self.heartbeat = time.monotonic()
@@ -193,7 +201,7 @@ class Sidecar:
     def _process(self, reader: RingReader, slot: Slot) -> None:
         self.stats.slots += 1
         meta = slot.meta
-        if slot.rows and meta.segments:
+        if slot.rows and meta.n_segments:
             self._rows(reader, slot)
         for req in meta.finished:
             self._finish(req)
@@ -304,7 +312,8 @@ class Sidecar:
                                                      info.sample, fired_now=True, final=False, step_time=meta.t))
         if traces is not None and self.detectors.context:
             context = {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.context_layers}
-            traces.keep_rows(slots, first, count, positions, context, changed, self._evidence_positions)
+            traces.keep_rows(slots, first, count, positions, context, changed, self._evidence_positions,
+                             lambda slot: any(b.fired[slot] for b in self.banks.values()))
 
     def _evidence_positions(self, slot: int) -> set[int]:
         return set().union(*(b.top_positions(slot) for b in self.banks.values() if b.active[slot]))
@@ -333,7 +342,7 @@ class Sidecar:
             self.traces.release(slots)
         for bank in self.banks.values():
             bank.reset(slots)
-        self.table.close(req)
+        self.table.close(req, ended=not expired)
 
     def _incident(self, info: RequestInfo, verdicts: list[DetectorUpdate], end_time: float | None) -> Incident:
         """The request's trace, and the strongest SAE features at the tokens that drove a detector that fired."""
@@ -405,6 +414,7 @@ class Sidecar:
             self.stats.reloads_ok += 1
             self.stats.last_reload_ok = True
             self.stats.config_loaded_at = time.time()
+            gc.freeze()  # the new detectors and weights, as at start
 
     def reload_failed(self) -> None:
         """A new config was rejected: the running one stays, and the failure is counted."""

@@ -32,6 +32,7 @@ class SlotTable:
 
     def __init__(self, limit: int, capacity: int = 64, forget_after: int = 65536) -> None:
         self.limit = limit
+        capacity = min(capacity, limit)
         self.by_req: dict[str, RequestInfo] = {}
         self.info: list[RequestInfo | None] = [None] * capacity
         self.next_pos = np.zeros(capacity, dtype=np.int64)
@@ -56,9 +57,9 @@ class SlotTable:
 
     def open(self, req: str, request_id: str, external_id: str, sample: int, n_prompt: int) -> RequestInfo | None:
         """A slot for a new request, or None when `limit` requests are already tracked."""
+        if len(self.by_req) >= self.limit:
+            return None
         if not self._free:
-            if self.capacity >= self.limit:
-                return None
             self._grow(min(self.limit, 2 * self.capacity))
         slot = self._free.pop()
         info = RequestInfo(req, request_id, external_id, sample, n_prompt, slot)
@@ -68,14 +69,17 @@ class SlotTable:
         self.in_use[slot] = True
         return info
 
-    def close(self, req: str) -> RequestInfo | None:
+    def close(self, req: str, ended: bool = True) -> RequestInfo | None:
+        """Free a request's slot. `ended`: vLLM said it finished, so rows arriving later are not a new
+        request (a request that timed out may yet send rows: it starts again)."""
         info = self.by_req.pop(req, None)
         if info is None:
             return None
         self.info[info.slot] = None
         self.in_use[info.slot] = False
         self._free.append(info.slot)
-        self.remember_ended(req)
+        if ended:
+            self.remember_ended(req)
         return info
 
     def remember_ended(self, req: str) -> None:

@@ -27,13 +27,20 @@ def _watched_files(sidecar: Sidecar) -> dict[Path, float]:
     return {f: f.stat().st_mtime for f in files if f.exists()}
 
 
+def one_scoring_thread() -> None:
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+
+
 def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Event | None = None,
                 watch_every: float = 2.0, incidents: Path | None = None) -> int:
     loaded = load_config(config)
     if "OMP_NUM_THREADS" not in os.environ:
         # The sidecar shares the machine with vLLM, whose OpenMP threads are pinned to cores; one
-        # scoring thread avoids fighting them and is plenty (bench: ~1.9M rows/s of scoring).
-        torch.set_num_threads(1)
+        # scoring thread avoids fighting them (torch's and numpy's BLAS: scoring may use either).
+        one_scoring_thread()
     sidecar = Sidecar(loaded)
     decision_log = DecisionLog(decisions) if decisions is not None else None
     if decision_log is not None:

@@ -146,6 +146,11 @@ class MonitorCollector(Collector):
             yield by_label("trace_tokens_dropped", "Scored tokens not kept in a trace, by the cap that was hit "
                            "(trace_cap: incidents.max_trace_tokens; total_cap: incidents.max_trace_tokens_total).",
                            "reason", {"trace_cap": snap.trace.capped_request, "total_cap": snap.trace.capped_total})
+            yield gauge("context_rows", "Residual rows held for incidents' feature context (`incidents.max_context_rows`).",
+                        snap.trace.context_rows)
+            yield by_label("context_rows_dropped", "Evidence rows not kept for feature context, by reason: evicted (a "
+                           "request that had not fired made room) or full (the budget held only fired requests' rows).",
+                           "reason", {"evicted": snap.trace.context_evicted, "full": snap.trace.context_dropped})
 
         # The producers' counters live in the rings' shared-memory headers.
         rings = snap.rings

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import operator
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import numpy as np
 
@@ -40,6 +41,7 @@ class Segment:
 
 
 SEGMENT_FIELDS = tuple(f.name for f in fields(Segment))
+_N_FIELDS = len(SEGMENT_FIELDS)
 # A segment as the array written in the slot; attrgetter, not dataclasses.astuple (a recursive deep
 # copy): this runs on vLLM's inference thread for every request of every step.
 _as_row = operator.attrgetter(*SEGMENT_FIELDS)
@@ -62,23 +64,51 @@ class SegmentTable:
         return len(self.req)
 
 
-@dataclass(frozen=True)
 class SlotMeta:
-    segments: tuple[Segment, ...] = ()
-    finished: tuple[str, ...] = ()  # internal ids of requests that finished (or were aborted) in this step
-    t: float | None = None  # wall-clock end of the step's forward pass: detection latency is measured from it
+    """A slot's metadata. Read from a ring, its segments stay as the decoded arrays until asked for:
+    a reader that splits rows by columns (`table()`) never builds hundreds of `Segment` objects."""
+
+    __slots__ = ("_segments", "_rows", "finished", "t")
+
+    def __init__(self, segments: Sequence[Segment] = (), finished: Sequence[str] = (), t: float | None = None) -> None:
+        self._segments: tuple[Segment, ...] | None = tuple(segments)
+        self._rows: list[list] | None = None
+        self.finished = tuple(finished)  # internal ids of requests that finished (or were aborted) in this step
+        self.t = t  # wall-clock end of the step's forward pass: detection latency is measured from it
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        if self._segments is None:
+            self._segments = tuple(Segment(*r) for r in self._rows)
+        return self._segments
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SlotMeta):
+            return NotImplemented
+        return (self.segments, self.finished, self.t) == (other.segments, other.finished, other.t)
+
+    def __repr__(self) -> str:
+        return f"SlotMeta(segments={self.segments!r}, finished={self.finished!r}, t={self.t!r})"
+
+    @property
+    def n_segments(self) -> int:
+        return len(self._rows) if self._segments is None else len(self._segments)
 
     @property
     def n_rows(self) -> int:
         return sum(s.n for s in self.segments)
 
     def table(self) -> SegmentTable:
-        if not self.segments:
+        rows = self._rows if self._rows is not None else [_as_row(s) for s in self._segments]
+        if not rows:
             empty = np.zeros(0, dtype=np.int64)
             return SegmentTable([], [], [], empty, empty, empty, empty, empty)
-        req, external, request_id, sample, start, n, n_prompt, row = zip(*map(_as_row, self.segments))
-        ints = np.array([sample, start, n, n_prompt, row], dtype=np.int64)
-        return SegmentTable(list(req), list(external), list(request_id), *ints)
+        req, external, request_id, *numbers = zip(*rows)
+        try:
+            ints = np.array(numbers, dtype=np.int64)
+        except (TypeError, ValueError) as e:
+            raise MetaError(f"slot metadata is malformed: a segment's numbers are not integers ({e})") from e
+        return SegmentTable(list(map(str, req)), list(map(str, external)), list(map(str, request_id)), *ints)
 
     def to_bytes(self) -> bytes:
         doc = {"v": META_VERSION, "segments": [_as_row(s) for s in self.segments], "finished": list(self.finished),
@@ -98,9 +128,13 @@ class SlotMeta:
             raise MetaError(f"slot metadata version {version!r} is not understood by this reader (version "
                             f"{META_VERSION}): run the vLLM plugin and the sidecar from the same release")
         try:
-            segments = tuple(Segment(*s) for s in doc["segments"])
+            rows = doc["segments"]
+            if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == _N_FIELDS for r in rows):
+                raise TypeError(f"each segment must be an array of {_N_FIELDS} fields {SEGMENT_FIELDS}")
             finished = tuple(str(r) for r in doc["finished"])
             t = doc.get("t")
         except (KeyError, TypeError) as e:
             raise MetaError(f"slot metadata is malformed ({e})") from e
-        return cls(segments, finished, None if t is None else float(t))
+        meta = cls((), finished, None if t is None else float(t))
+        meta._segments, meta._rows = None, rows
+        return meta
