@@ -1,6 +1,6 @@
 """Fleet scale: the whole sidecar loop at an 8B model's shape, and its memory with 10,000 requests in flight.
 
-    python bench/fleet.py [--rounds 3] [--device cpu|cuda] [--json OUT] [--skip-memory]
+    python bench/fleet.py [--rounds 3] [--device cpu|cuda] [--baseline DIR] [--json OUT] [--skip-memory]
 
 A synthetic producer writes real ring records (d_model 4096, bfloat16, one tapped layer) into a
 ring in /dev/shm; the real `Sidecar` reads them on one CPU thread with a 65,536-feature JumpReLU
@@ -12,8 +12,10 @@ probes over the generation). Shapes:
 - prefill: 4 new requests x 512 rows per slot, each finished in the next slot.
 
 Each timed cycle fills the ring (not timed), then the sidecar drains it (timed): rows/s is the
-loop's capacity, the rate a producer may write at without the ring ever filling. Incidents
-(traces) on and off alternate within each round; medians are reported. Thresholds are out of reach,
+loop's capacity, the rate a producer may write at without the ring ever filling. Each run is a
+fresh process. Incidents (traces) on and off alternate within each round; medians are reported.
+With `--baseline DIR` (a checkout of another commit, e.g. `git worktree add DIR <rev>`), that
+commit's sidecar runs the same shapes in the same rounds, so the two compare side by side. Thresholds are out of reach,
 so nothing fires: what a fire or an incident costs is in bench/incidents.py.
 
 Also the scoring pass alone (the floor under any loop: a 4096 x 67 float32 product per row).
@@ -97,6 +99,32 @@ def segments_decode(step: int, n_req: int = 256, n_prompt: int = 64):
                  for i in range(n_req))
 
 
+def use_checkout(root: str | None) -> None:
+    """Import `monitor` from another checkout (the editable install's finder would win over sys.path)."""
+    if root:
+        sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
+                            and "__editable__" not in type(f).__module__]
+        sys.path.insert(0, root)
+
+
+def one_thread() -> None:
+    try:
+        from monitor.sidecar.service import one_scoring_thread
+    except ImportError:  # an older checkout: torch's threads only
+        torch.set_num_threads(1)
+    else:
+        one_scoring_thread()
+
+
+def run_in_child(root: str | None, *args) -> float:
+    cmd = [sys.executable, __file__, "--child", *(str(a) for a in args)] + (["--root", root] if root else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"bench child failed:\n{proc.stderr[-3000:]}")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT:"))
+    return float(line[len("RESULT:"):])
+
+
 def loop_rate(folder: Path, shape: str, incidents: bool, device: str, cycles: int, slots_per_cycle: int) -> float:
     """Rows/s of the sidecar draining `cycles` fills of the ring (the first fill is a warm-up, not timed)."""
     from monitor.config import load_config
@@ -110,7 +138,10 @@ def loop_rate(folder: Path, shape: str, incidents: bool, device: str, cycles: in
         ring = RingWriter(Path(rings) / "fleet-bench.ring", RingSpec(
             slots=slots_per_cycle + 1, slot_rows=rows_per_slot, d_model=D, layers=(LAYER,), dtype=torch.bfloat16))
         side.discover()
-        gc.freeze()  # as `Sidecar.run` does
+        import monitor.sidecar.loop as loop
+
+        if "gc" in vars(loop):  # as `Sidecar.run` does (a baseline from before it did runs as it did)
+            gc.freeze()
         x = torch.randn(rows_per_slot, D, dtype=torch.bfloat16) * 3
         ids = np.arange(rows_per_slot, dtype=np.int32)
         step, elapsed, rows = 0, 0.0, 0
@@ -154,8 +185,8 @@ def status():
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
 
-from monitor.sidecar.service import one_scoring_thread
-one_scoring_thread()
+from fleet import one_thread
+one_thread()
 folder, n_req = Path(sys.argv[1]), int(sys.argv[3])
 out = {"start": status()}
 with tempfile.TemporaryDirectory(dir="/dev/shm") as rings:
@@ -226,11 +257,20 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--baseline", default=None, help="a checkout of another commit to run side by side")
+    ap.add_argument("--child", nargs=6, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from monitor.sidecar.service import one_scoring_thread
-
-    one_scoring_thread()  # as the sidecar does
+    if args.child:  # one measured run, in its own process
+        use_checkout(args.root)
+        one_thread()
+        folder, shape, mode, device, cycles, slots = args.child
+        rate = loop_rate(Path(folder), shape, mode == "on", device, int(cycles), int(slots))
+        print(f"RESULT:{rate}")
+        return
+    one_thread()  # as the sidecar does
     out: dict = {"device": args.device, "rows_per_s": {}, "rounds": {}}
+    versions = {"": None} | ({"baseline ": args.baseline} if args.baseline else {})
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         t = time.perf_counter()
@@ -241,12 +281,15 @@ def main() -> None:
         print(f"[bench] scoring pass alone: {out['scoring_only_rows_per_s']['256 rows']:,.0f} rows/s (256 rows), "
               f"{out['scoring_only_rows_per_s']['2048 rows']:,.0f} rows/s (2048 rows)", flush=True)
         for shape, slots in (("decode", 48), ("prefill", 6)):
-            runs: dict[str, list[float]] = {"off": [], "on": []}
+            runs: dict[str, list[float]] = {f"{v}{m}": [] for v in versions for m in ("off", "on")}
             for r in range(args.rounds):
-                for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                    runs[mode].append(loop_rate(folder, shape, mode == "on", args.device, args.cycles, slots))
-                print(f"[bench] {shape} round {r + 1}/{args.rounds}: incidents off {runs['off'][-1]:,.0f} rows/s, "
-                      f"on {runs['on'][-1]:,.0f} rows/s", flush=True)
+                order = list(runs) if r % 2 == 0 else list(reversed(runs))
+                for key in order:
+                    version, mode = key.rsplit(" ", 1) if " " in key else ("", key)
+                    root = versions[f"{version} " if version else ""]
+                    runs[key].append(run_in_child(root, folder, shape, mode, args.device, args.cycles, slots))
+                print(f"[bench] {shape} round {r + 1}/{args.rounds}: " + ", ".join(
+                    f"{k} {v[-1]:,.0f}" for k, v in runs.items()) + " rows/s", flush=True)
             out["rounds"][shape] = runs
             out["rows_per_s"][shape] = {k: statistics.median(v) for k, v in runs.items()}
         if not args.skip_memory:

@@ -186,9 +186,13 @@ def overview() -> dict:
         defaults={"custom": {"drawStyle": "bars"}}))
     p.append(L.panel("Requests in flight in the sidecar", [
         (f"sum(misalignment_monitor_requests_in_flight{{{M}}})", "in flight"),
-        (rate("misalignment_monitor_requests_completed_total", by="reason"), "completed/s {{reason}}")], w=8))
+        (rate("misalignment_monitor_requests_completed_total", by="reason"), "completed/s {{reason}}"),
+        (rate("misalignment_monitor_requests_not_scored_total", by="reason"), "not scored/s {{reason}}")], w=8,
+        description="Not scored: sampled_out is `sampling.fraction` at work; over_limit means more requests than "
+                    "`sampling.max_requests` (MisalignmentMonitorRequestsNotScored)."))
     p.append(L.panel("Build", [
-        (f"count by (version, model_name) (misalignment_monitor_build_info{{{M}}})", "{{version}} {{model_name}}")],
+        (f"count by (version, model_name, scoring_device) (misalignment_monitor_build_info{{{M}}})",
+         "{{version}} {{model_name}} {{scoring_device}}")],
         kind="table", w=8, options={"showHeader": True}))
     p.append(L.row("vLLM (beside the monitor)"))
     p.append(L.panel("Requests running / waiting", [

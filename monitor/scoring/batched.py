@@ -111,7 +111,8 @@ class LayerScorer:
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = x.to(self.device)
+        # From page-locked rows the copy to a GPU runs asynchronously; whoever reads the scores back waits for it.
+        x = x.to(self.device, non_blocking=x.is_pinned())
         out: dict[str, torch.Tensor] = {}
         if self.weight is not None:
             xf = _to_float32(x, self._scratch)

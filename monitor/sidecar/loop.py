@@ -134,7 +134,7 @@ class Sidecar:
             if path in self.readers:
                 continue
             try:
-                reader = RingReader(path)
+                reader = RingReader(path, pin_memory=self.detectors.scorer.device.type == "cuda")
             except (RingError, OSError, ValueError) as e:
                 log.warning("skipping ring %s: %s", path, e, extra={"ring": path, "error": str(e)})
                 continue
@@ -279,18 +279,22 @@ class Sidecar:
         table.last_seen[slots] = time.monotonic()
         table.step_time[slots] = np.nan if meta.t is None else meta.t
         positions = np.empty(n_rows, dtype=np.int64)
-        positions[_ranges(row, n)] = _ranges(start, n)
+        prompt_end = np.empty(n_rows, dtype=np.int64)
+        where = _ranges(row, n)
+        positions[where] = _ranges(start, n)
+        prompt_end[where] = np.repeat(n_prompt, n)
         live = count > 0
         if not live.all():
             slots, first_pos, count, n_prompt, row, start = (a[live] for a in (slots, first_pos, count, n_prompt, row, start))
         if not len(slots):
             return
         first = row + first_pos - start  # each request's first new row
-        new_rows = _ranges(first, count)
-        all_new = len(new_rows) == n_rows
-        self.bus.emit_tokens(TokenScores(
-            positions if all_new else positions[new_rows], (positions if all_new else positions[new_rows]) < np.repeat(n_prompt, count),
-            scores if all_new else {h: s[new_rows] for h, s in scores.items()}))
+        if int(count.sum()) == n_rows:  # every row is new (the usual case): no copies
+            self.bus.emit_tokens(TokenScores(positions, positions < prompt_end, scores))
+        else:
+            new = _ranges(first, count)
+            self.bus.emit_tokens(TokenScores(positions[new], positions[new] < prompt_end[new],
+                                             {h: s[new] for h, s in scores.items()}))
 
         traces = self.traces
         entries = None

@@ -278,8 +278,11 @@ class Slot:
 class RingReader:
     """The sidecar side. Attaches to an existing ring; a restarted reader resumes at the newest slot."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, pin_memory: bool = False) -> None:
+        """`pin_memory`: `poll(reuse=True)` copies into page-locked buffers, so a reader that scores on a GPU
+        copies them to the device without another staging copy (needs CUDA)."""
         self.path = Path(path)
+        self.pin_memory = pin_memory
         m = _Mapped(self.path, None, create=False)
         b = m.mm
         if bytes(b[0:8]) != MAGIC:
@@ -366,7 +369,8 @@ class RingReader:
     def _staging(self, k: int) -> torch.Tensor:
         while len(self._buffers) <= k:
             spec = self.spec
-            self._buffers.append(torch.empty((len(spec.layers), spec.slot_rows, spec.d_model), dtype=spec.dtype))
+            self._buffers.append(torch.empty((len(spec.layers), spec.slot_rows, spec.d_model), dtype=spec.dtype,
+                                             pin_memory=self.pin_memory))
         return self._buffers[k]
 
     def close(self) -> None:
