@@ -48,9 +48,7 @@ def stream(rng, n_requests: int):
         cuts = np.sort(rng.choice(np.arange(1, length), size=min(length - 1, int(rng.integers(0, 6))), replace=False))
         bounds = [0, *cuts.tolist(), length]
         chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        head = "probe:p"
-        out.append({"id": r, "n_prompt": n_prompt, "chunks": chunks, "scores": rng.normal(0, 1.5, (length, 2)),
-                    "head": head})
+        out.append({"id": r, "n_prompt": n_prompt, "chunks": chunks, "scores": rng.normal(0, 1.5, (length, 2))})
     return out
 
 

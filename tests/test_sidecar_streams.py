@@ -97,7 +97,8 @@ class Traffic:
                 end = min(len(r["x"]), max(begin, r["sent"]) + step)
                 if row + end - begin > 64 or self.rng.random() < 0.15:
                     continue  # not in this step
-                segs.append(Segment(r["req"], f"chatcmpl-{r['id']}", r["id"], 0, begin, end - begin, r["n_prompt"], row))
+                segs.append(Segment(r["req"], f"chatcmpl-{r['id']}", r["id"], 0, begin, end - begin, r["n_prompt"],
+                                    row))
                 rows.append(r["x"][begin:end])
                 self.batches[r["req"]].append(np.arange(begin, end))
                 row += end - begin

@@ -67,7 +67,7 @@ class VecAggregator:
         return len(self.n)
 
     def grow(self, capacity: int) -> None:
-        self.n = _grown(self.n, capacity, 0)
+        self.n = grown(self.n, capacity, 0)
 
     def reset(self, slots: np.ndarray) -> None:
         self.n[slots] = 0
@@ -93,7 +93,7 @@ class VecMax(VecAggregator):
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
-        self.max = _grown(self.max, capacity, -np.inf)
+        self.max = grown(self.max, capacity, -np.inf)
 
     def reset(self, slots: np.ndarray) -> None:
         super().reset(slots)
@@ -118,7 +118,7 @@ class VecMean(VecAggregator):
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
-        self.sum = _grown(self.sum, capacity, 0.0)
+        self.sum = grown(self.sum, capacity, 0.0)
 
     def reset(self, slots: np.ndarray) -> None:
         super().reset(slots)
@@ -151,8 +151,8 @@ class VecEmaMax(VecAggregator):
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
-        self.ema = _grown(self.ema, capacity, 0.0)
-        self.max = _grown(self.max, capacity, -np.inf)
+        self.ema = grown(self.ema, capacity, 0.0)
+        self.max = grown(self.max, capacity, -np.inf)
 
     def reset(self, slots: np.ndarray) -> None:
         super().reset(slots)
@@ -190,8 +190,8 @@ class VecRollingMeanMax(VecAggregator):
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
-        self.recent = _grown(self.recent, capacity, 0.0)
-        self.max = _grown(self.max, capacity, -np.inf)
+        self.recent = grown(self.recent, capacity, 0.0)
+        self.max = grown(self.max, capacity, -np.inf)
 
     def reset(self, slots: np.ndarray) -> None:
         super().reset(slots)
@@ -231,7 +231,7 @@ class VecCountAbove(VecAggregator):
 
     def grow(self, capacity: int) -> None:
         super().grow(capacity)
-        self.above = _grown(self.above, capacity, 0)
+        self.above = grown(self.above, capacity, 0)
 
     def reset(self, slots: np.ndarray) -> None:
         super().reset(slots)
@@ -269,7 +269,7 @@ def make_aggregator(spec, capacity: int, token_transform=None, width: int = 1) -
     raise TypeError(f"unknown aggregation {spec!r}")
 
 
-def _grown(a: np.ndarray, capacity: int, fill) -> np.ndarray:
+def grown(a: np.ndarray, capacity: int, fill) -> np.ndarray:
     """`a` with `capacity` rows: the old ones, then `fill`."""
     out = np.full((capacity,) + a.shape[1:], fill, dtype=a.dtype)
     out[: len(a)] = a

@@ -27,7 +27,7 @@ import torch
 
 from monitor.config.load import LoadedConfig
 from monitor.config.models import CountAbove, DetectorSpec, FeatureInput, FractionAbove, ProbeInput
-from monitor.detectors.aggregate import Ragged, _grown, make_aggregator
+from monitor.detectors.aggregate import Ragged, grown, make_aggregator
 from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring import BatchedScorer, LinearProbe, WatchedEncoder
 from monitor.scoring.context import ContextEncoder
@@ -106,7 +106,6 @@ class DetectorBank:
         self.top_score = np.full((capacity, k), -np.inf)
         self.top_pos = np.full((capacity, k), -1, dtype=np.int64)
         self.top_inputs = np.zeros((capacity, k, n_in))
-        self.top_version = np.zeros(capacity, dtype=np.int64)  # counts changes to the top tokens
         self.alert_ids: dict[int, str] = {}
 
     @property
@@ -119,14 +118,13 @@ class DetectorBank:
 
     def grow(self, capacity: int) -> None:
         self.agg.grow(capacity)
-        self.active = _grown(self.active, capacity, False)
-        self.fired = _grown(self.fired, capacity, False)
-        self.fired_at = _grown(self.fired_at, capacity, -1)
-        self.score = _grown(self.score, capacity, np.nan)
-        self.top_score = _grown(self.top_score, capacity, -np.inf)
-        self.top_pos = _grown(self.top_pos, capacity, -1)
-        self.top_inputs = _grown(self.top_inputs, capacity, 0.0)
-        self.top_version = _grown(self.top_version, capacity, 0)
+        self.active = grown(self.active, capacity, False)
+        self.fired = grown(self.fired, capacity, False)
+        self.fired_at = grown(self.fired_at, capacity, -1)
+        self.score = grown(self.score, capacity, np.nan)
+        self.top_score = grown(self.top_score, capacity, -np.inf)
+        self.top_pos = grown(self.top_pos, capacity, -1)
+        self.top_inputs = grown(self.top_inputs, capacity, 0.0)
 
     def reset(self, slots: np.ndarray) -> None:
         """Forget these slots' requests (finished, expired): the slots are then free for new ones."""
@@ -198,7 +196,6 @@ class DetectorBank:
         new_pos = np.take_along_axis(np.concatenate([self.top_pos[s], positions[rows]], axis=1), order, axis=1)
         new_pos[np.isneginf(new_score)] = -1
         cand_inputs = np.concatenate([self.top_inputs[s], inputs[rows]], axis=1)
-        self.top_version[s] += 1
         self.top_score[s] = new_score
         self.top_pos[s] = new_pos
         self.top_inputs[s] = np.take_along_axis(cand_inputs, order[:, :, None], axis=1)

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from monitor.detectors.aggregate import grown
 from monitor.detectors.updates import DetectorUpdate
 
 
@@ -172,15 +173,12 @@ class TraceStore:
         return len(self.serial)
 
     def grow(self, capacity: int) -> None:
-        def grown(a: np.ndarray, fill) -> np.ndarray:
-            out = np.full((capacity,) + a.shape[1:], fill, dtype=a.dtype)
-            out[: len(a)] = a
-            return out
-
-        self.serial, self.kept, self.untraced = grown(self.serial, -1), grown(self.kept, 0), grown(self.untraced, 0)
-        self.has_ids, self.want_until = grown(self.has_ids, True), grown(self.want_until, -1)
-        self.recent_pos, self.recent_from = grown(self.recent_pos, -1), grown(self.recent_from, -1)
-        self.recent_row = grown(self.recent_row, 0)
+        c = capacity
+        self.serial, self.kept = grown(self.serial, c, -1), grown(self.kept, c, 0)
+        self.untraced = grown(self.untraced, c, 0)
+        self.has_ids, self.want_until = grown(self.has_ids, c, True), grown(self.want_until, c, -1)
+        self.recent_pos, self.recent_from = grown(self.recent_pos, c, -1), grown(self.recent_from, c, -1)
+        self.recent_row = grown(self.recent_row, c, 0)
 
     def open(self, slots: np.ndarray) -> None:
         """New requests in these slots: their traces start empty."""

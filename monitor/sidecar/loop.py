@@ -285,7 +285,8 @@ class Sidecar:
         prompt_end[where] = np.repeat(n_prompt, n)
         live = count > 0
         if not live.all():
-            slots, first_pos, count, n_prompt, row, start = (a[live] for a in (slots, first_pos, count, n_prompt, row, start))
+            slots, first_pos, count = slots[live], first_pos[live], count[live]
+            n_prompt, row, start = n_prompt[live], row[live], start[live]
         if not len(slots):
             return
         first = row + first_pos - start  # each request's first new row

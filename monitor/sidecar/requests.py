@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from monitor.detectors.aggregate import grown
+
 
 @dataclass
 class RequestInfo:
@@ -88,17 +90,12 @@ class SlotTable:
             self.ended.popitem(last=False)
 
     def _grow(self, capacity: int) -> None:
-        old = self.capacity
-
-        def grown(a: np.ndarray, fill) -> np.ndarray:
-            out = np.full(capacity, fill, dtype=a.dtype)
-            out[:old] = a
-            return out
-
+        old, c = self.capacity, capacity
         self.info.extend([None] * (capacity - old))
-        self.next_pos, self.uncovered, self.rows = grown(self.next_pos, 0), grown(self.uncovered, 0), grown(self.rows, 0)
-        self.last_seen, self.step_time = grown(self.last_seen, 0.0), grown(self.step_time, np.nan)
-        self.in_use = grown(self.in_use, False)
+        self.next_pos, self.uncovered = grown(self.next_pos, c, 0), grown(self.uncovered, c, 0)
+        self.rows = grown(self.rows, c, 0)
+        self.last_seen, self.step_time = grown(self.last_seen, c, 0.0), grown(self.step_time, c, np.nan)
+        self.in_use = grown(self.in_use, c, False)
         self._free.extend(range(capacity - 1, old - 1, -1))
         for fn in self.on_grow:
             fn(capacity)
