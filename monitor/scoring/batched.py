@@ -14,8 +14,8 @@ full encoder and are run on their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from typing import Mapping, Union
 
 import numpy as np

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class SlotTable:
         # another producer, a late slot) must not start the request again.
         self.ended: OrderedDict[str, None] = OrderedDict()
         self.forget_after = forget_after
-        self.on_grow = []
+        self.on_grow: list[Callable[[int], None]] = []
 
     @property
     def capacity(self) -> int:
