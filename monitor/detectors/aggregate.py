@@ -56,21 +56,30 @@ class Ragged:
 
 
 class VecAggregator:
-    """Aggregation state for `capacity` request slots and `width` inputs; grows on demand."""
+    """Aggregation state for `capacity` request slots and `width` inputs; grows on demand.
+
+    Every state array is made by `_array`, which records its fresh value: growing and resetting slots
+    is then the same for every aggregation."""
 
     def __init__(self, capacity: int, width: int = 1) -> None:
-        self.width = width
-        self.n = np.zeros(capacity, dtype=np.int64)  # tokens seen: the same for every input
+        self._fresh: dict[str, object] = {}
+        self.n = self._array("n", capacity, (), 0, np.int64)  # tokens seen: the same for every input
+
+    def _array(self, name: str, capacity: int, tail: tuple[int, ...], fresh, dtype=np.float64) -> np.ndarray:
+        self._fresh[name] = fresh
+        return np.full((capacity, *tail), fresh, dtype=dtype)
 
     @property
     def capacity(self) -> int:
         return len(self.n)
 
     def grow(self, capacity: int) -> None:
-        self.n = grown(self.n, capacity, 0)
+        for name, fresh in self._fresh.items():
+            setattr(self, name, grown(getattr(self, name), capacity, fresh))
 
     def reset(self, slots: np.ndarray) -> None:
-        self.n[slots] = 0
+        for name, fresh in self._fresh.items():
+            getattr(self, name)[slots] = fresh
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         """Feed `values` [S, L, W] (padding ignored); returns the aggregate after each token [S, L, W]
@@ -89,15 +98,7 @@ class VecAggregator:
 class VecMax(VecAggregator):
     def __init__(self, capacity: int, width: int = 1) -> None:
         super().__init__(capacity, width)
-        self.max = np.full((capacity, width), -np.inf)
-
-    def grow(self, capacity: int) -> None:
-        super().grow(capacity)
-        self.max = grown(self.max, capacity, -np.inf)
-
-    def reset(self, slots: np.ndarray) -> None:
-        super().reset(slots)
-        self.max[slots] = -np.inf
+        self.max = self._array("max", capacity, (width,), -np.inf)
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s = batch.slots
@@ -114,15 +115,7 @@ class VecMax(VecAggregator):
 class VecMean(VecAggregator):
     def __init__(self, capacity: int, width: int = 1) -> None:
         super().__init__(capacity, width)
-        self.sum = np.zeros((capacity, width))
-
-    def grow(self, capacity: int) -> None:
-        super().grow(capacity)
-        self.sum = grown(self.sum, capacity, 0.0)
-
-    def reset(self, slots: np.ndarray) -> None:
-        super().reset(slots)
-        self.sum[slots] = 0.0
+        self.sum = self._array("sum", capacity, (width,), 0.0)
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s = batch.slots
@@ -146,18 +139,8 @@ class VecEmaMax(VecAggregator):
     def __init__(self, capacity: int, alpha: float, width: int = 1) -> None:
         super().__init__(capacity, width)
         self.alpha = alpha
-        self.ema = np.zeros((capacity, width))
-        self.max = np.full((capacity, width), -np.inf)
-
-    def grow(self, capacity: int) -> None:
-        super().grow(capacity)
-        self.ema = grown(self.ema, capacity, 0.0)
-        self.max = grown(self.max, capacity, -np.inf)
-
-    def reset(self, slots: np.ndarray) -> None:
-        super().reset(slots)
-        self.ema[slots] = 0.0
-        self.max[slots] = -np.inf
+        self.ema = self._array("ema", capacity, (width,), 0.0)
+        self.max = self._array("max", capacity, (width,), -np.inf)
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s, a = batch.slots, self.alpha
@@ -185,18 +168,8 @@ class VecRollingMeanMax(VecAggregator):
     def __init__(self, capacity: int, window: int, width: int = 1) -> None:
         super().__init__(capacity, width)
         self.window = window
-        self.recent = np.zeros((capacity, window, width))
-        self.max = np.full((capacity, width), -np.inf)
-
-    def grow(self, capacity: int) -> None:
-        super().grow(capacity)
-        self.recent = grown(self.recent, capacity, 0.0)
-        self.max = grown(self.max, capacity, -np.inf)
-
-    def reset(self, slots: np.ndarray) -> None:
-        super().reset(slots)
-        self.recent[slots] = 0.0
-        self.max[slots] = -np.inf
+        self.recent = self._array("recent", capacity, (window, width), 0.0)
+        self.max = self._array("max", capacity, (width,), -np.inf)
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s, w = batch.slots, self.window
@@ -227,15 +200,7 @@ class VecCountAbove(VecAggregator):
     def __init__(self, capacity: int, token_threshold: float, min_tokens: int, fraction: bool, width: int = 1) -> None:
         super().__init__(capacity, width)
         self.token_threshold, self.min_tokens, self.fraction = token_threshold, min_tokens, fraction
-        self.above = np.zeros((capacity, width), dtype=np.int64)
-
-    def grow(self, capacity: int) -> None:
-        super().grow(capacity)
-        self.above = grown(self.above, capacity, 0)
-
-    def reset(self, slots: np.ndarray) -> None:
-        super().reset(slots)
-        self.above[slots] = 0
+        self.above = self._array("above", capacity, (width,), 0, np.int64)
 
     def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
         s = batch.slots

@@ -66,15 +66,28 @@ class BulkHistogram:
             self._series.setdefault(labels, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
 
     def observe_many(self, labels: tuple[str, ...], values: np.ndarray) -> None:
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            return
-        idx = np.searchsorted(self.bounds, values, side="left")  # value <= bound[i] lands in bucket i
-        counts = np.bincount(idx, minlength=len(self.bounds) + 1)
+        self.observe_columns([labels], values.reshape(-1, 1))
+
+    def observe_columns(self, labels: list[tuple[str, ...]], values: np.ndarray) -> None:
+        """Column j of `values` [n, k] into the series `labels[j]`: one pass for every column (a slot's
+        64 watched features cost one searchsorted, not 64). Non-finite values are skipped."""
+        nb, k = len(self.bounds) + 1, values.shape[1]
+        finite = np.isfinite(values)
+        clean = np.where(finite, values, 0.0)
+        # value <= bound[i] lands in bucket i: the number of bounds below it. One comparison per bound
+        # (a dozen) is 2-3x quicker than a binary search per value (searchsorted) for thousands of values.
+        idx = np.zeros(values.shape, dtype=np.int64)
+        for bound in self.bounds:
+            idx += clean > bound
+        counts = np.bincount((idx + np.arange(k) * nb)[finite], minlength=nb * k).reshape(k, nb)
+        sums = clean.sum(axis=0, dtype=np.float64)
         with self._lock:
-            series = self._series.setdefault(labels, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
-            series[0] += counts
-            series[1] += float(values.sum())
+            for j, key in enumerate(labels):
+                series = self._series.get(key)
+                if series is None:
+                    series = self._series[key] = [np.zeros(nb, dtype=np.int64), 0.0]
+                series[0] += counts[j]
+                series[1] += float(sums[j])
 
     def collect(self) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(self.name, self.doc, labels=list(self.label_names))
@@ -280,8 +293,7 @@ class SidecarMetrics:
             if is_probe:
                 values = sigmoid(values)  # the probability histogram: one scale for every probe
             hist = self.probes if is_probe else self.features
-            for j, label in enumerate(head.columns):
-                hist.observe_many((self.model_name, label), values[:, j])
+            hist.observe_columns([(self.model_name, label) for label in head.columns], values)
 
     def on_delivered(self, seconds: float) -> None:
         if self.delivery_latency is not None:
