@@ -233,8 +233,7 @@ class Sidecar:
                     continue
                 out[i] = info.slot
                 self.stats.requests_seen += 1
-                for bank in self.banks.values():
-                    bank.reset(np.array([info.slot]))
+                # The banks need no reset here: a slot is freed only by `_finish`, which resets them.
                 if self.traces is not None:
                     self.traces.open(np.array([info.slot]))
         return out
