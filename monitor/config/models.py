@@ -111,6 +111,13 @@ class Transport(Strict):
     request_timeout_s: float = Field(
         300.0, gt=0, description="Per-request state is released after this long without rows or a finish."
     )
+    file_mode: Literal["0600", "0660"] = Field(
+        "0600", description="Permissions of the ring and pinned-request files. 0600: vLLM and the sidecar run as "
+        "one uid; 0660: they share a group instead (the chart's fsGroup), and nobody else may read them.")
+
+    @property
+    def mode(self) -> int:
+        return int(self.file_mode, 8)
 
 
 class Kafka(Strict):

@@ -13,6 +13,7 @@ and counted.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import queue
@@ -29,14 +30,25 @@ from monitor.config.models import MonitorConfig
 from monitor.plugin.attribution import split_segments, v1_segments, v2_segments
 from monitor.plugin.tap import install_taps
 from monitor.transport.meta import Segment, SlotMeta
-from monitor.transport.ring import RingSpec, RingWriter
+from monitor.transport.ring import RingError, RingSpec, RingWriter
 
 log = logging.getLogger("monitor.plugin")
 
 
+def _host() -> str:
+    return socket.gethostname().replace("/", "_")
+
+
 def ring_path(cfg: MonitorConfig, rank: int) -> Path:
-    host = socket.gethostname().replace("/", "_")
-    return Path(cfg.transport.directory) / f"{cfg.transport.name}-{host}-{os.getpid()}-r{rank}.ring"
+    return Path(cfg.transport.directory) / f"{cfg.transport.name}-{_host()}-{os.getpid()}-r{rank}.ring"
+
+
+def _write_off_marker(ring: Path, reason: str) -> None:
+    """`<ring>.off`: why this producer has no ring (the sidecar exports how many there are)."""
+    try:  # best effort: the disk that had no room for the ring may have none for this either
+        ring.with_suffix(".off").write_text(json.dumps({"reason": reason, "pid": os.getpid(), "t": time.time()}) + "\n")
+    except OSError:
+        pass
 
 
 class _Publisher:
@@ -143,7 +155,17 @@ class Capture:
         t = cfg.transport
         spec = RingSpec(slots=t.slots, slot_rows=t.slot_rows, d_model=d_model, layers=tuple(self.layers), dtype=dtype,
                         overwrite=t.overflow == "overwrite_oldest")
-        self.ring = RingWriter(ring_path(cfg, rank), spec)
+        path = ring_path(cfg, rank)
+        try:
+            self.ring = RingWriter(path, spec, cfg.transport.mode)
+        except RingError as e:
+            # Fail open: vLLM serves unwatched; the marker tells the sidecar (and its metrics) why.
+            self.active = False
+            log.error("misalignment-monitor tap disabled: %s", e)
+            _write_off_marker(path, str(e))
+            return
+        for marker in path.parent.glob(f"{cfg.transport.name}-{_host()}-*.off"):
+            marker.unlink(missing_ok=True)  # left by an earlier try on this host: this one has its ring
         self.publisher = _Publisher(self.ring)
         if device.type == "cuda":
             self.stager = _GpuStager(len(self.layers), max_tokens, d_model, dtype, device, self.publisher)

@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import glob
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from monitor.config.load import LoadedConfig
+from monitor.config.load import ConfigError, ConfigIssue, LoadedConfig
 from monitor.detectors.runtime import DetectorBank, DetectorSet, build_detector_set, scope_batch
 from monitor.detectors.trace import FeatureContext, Incident, TraceBudget, TraceStore
 from monitor.detectors.updates import DetectorUpdate
@@ -46,9 +47,13 @@ from monitor.sidecar.sampling import Sampler
 from monitor.transport.pinned import PinnedReader
 from monitor.sinks.sources import LoopHealth, LoopSnapshot, LoopStats
 from monitor.transport.meta import SegmentTable
-from monitor.transport.ring import RingError, RingReader, RingTotals, Slot
+from monitor.transport.ring import RingError, RingReader, RingTotals, Slot, peek_write_seq
 
 log = logging.getLogger("monitor.sidecar")
+
+# Config sections the sidecar reads once, at start: a reload that changes them says so.
+RESTART_ONLY = ("model", "scoring", "sampling", "transport", "sinks", "incidents", "evidence", "store", "console",
+                "deployment")
 
 
 class ScoreBus:
@@ -115,6 +120,10 @@ class Sidecar:
                                  inc.max_context_rows) if inc.enabled else None
         # Counters of rings already detached (a restarted vLLM makes a new ring): totals never go back.
         self.retired = RingTotals()
+        self.dead: dict[str, tuple[int, int] | None] = {}  # rings let go of because their producer died
+        self.bad_rings: dict[str, str] = {}  # rings that cannot be opened, with why (logged once)
+        self._usable: dict[tuple[int, int], str | None] = {}  # (reader, detector set) -> why it cannot be scored
+        self.taps_off = 0  # producers that could not make their ring (`.off` markers)
         self.heartbeat = time.monotonic()  # the loop's last iteration: liveness
 
     @property
@@ -131,30 +140,65 @@ class Sidecar:
     # ---- rings -----------------------------------------------------------------------------
     def discover(self) -> None:
         for path in glob.glob(self.pattern):
-            if path in self.readers:
-                continue
+            reader = self.readers.get(path)
+            if reader is not None:
+                if _inode(path) not in (None, reader.inode):  # a restarted producer replaced it under this name
+                    self._detach(path, "replaced")
+                else:
+                    continue
+            if path in self.dead and self.dead[path] == _ring_state(path):
+                continue  # its producer is gone and nothing changed since we let go of it
+            self.dead.pop(path, None)
             try:
                 reader = RingReader(path, pin_memory=self.detectors.scorer.device.type == "cuda")
             except (RingError, OSError, ValueError) as e:
-                log.warning("skipping ring %s: %s", path, e, extra={"ring": path, "error": str(e)})
+                if self.bad_rings.get(path) != str(e):  # once per ring and reason, not every second
+                    self.bad_rings[path] = str(e)
+                    log.error("cannot read ring %s: %s", path, e, extra={"ring": path, "error": str(e)})
                 continue
-            missing = set(self.detectors.layers) - set(reader.spec.layers)
-            if missing:
-                log.warning("ring %s carries layers %s; detectors need %s too", path, reader.spec.layers, sorted(missing),
-                            extra={"ring": path, "layers": list(reader.spec.layers), "missing_layers": sorted(missing)})
+            self.bad_rings.pop(path, None)
             self.readers[path] = reader
             log.info("attached to ring %s (layers %s)", path, list(reader.spec.layers),
                      extra={"ring": path, "layers": list(reader.spec.layers), "producer_pid": reader.producer_pid})
+            why = self._unusable(reader)
+            if why:
+                log.error("ring %s cannot feed the detectors: %s; its slots are skipped and counted", path, why,
+                          extra={"ring": path, "error": why})
+        for path in [p for p in self.bad_rings if not Path(p).exists()]:
+            del self.bad_rings[path]
         for path, reader in list(self.readers.items()):
             # A producer that exits unlinks its ring; our mapping stays valid, so drain it first.
             gone = reader.closed or not Path(path).exists()
-            counters = reader.counters()
-            if gone and counters["lag_slots"] == 0:
-                with self._lock:  # a scrape sees the ring's totals live or retired, never both or neither
-                    self.retired = self.retired + RingTotals.of(counters)
-                    del self.readers[path]
-                    reader.close()
-                log.info("detached from ring %s", path, extra={"ring": path})
+            if gone and reader.counters()["lag_slots"] == 0:
+                self._detach(path, "closed")
+            elif not gone and _producer_dead(reader, self.timeout):
+                # Killed without closing its ring (SIGKILL, OOM): nothing more will come.
+                self._detach(path, "producer_dead")
+                self.dead[path] = _ring_state(path)
+        self.taps_off = len(glob.glob(str(Path(self.pattern).with_suffix(".off"))))
+
+    def _detach(self, path: str, why: str) -> None:
+        reader = self.readers[path]
+        counters = reader.counters()
+        with self._lock:  # a scrape sees the ring's totals live or retired, never both or neither
+            self.retired = self.retired + RingTotals.of(counters)
+            del self.readers[path]
+            self._usable = {k: v for k, v in self._usable.items() if k[0] != id(reader)}
+            reader.close()
+        log.info("detached from ring %s (%s)", path, why, extra={"ring": path, "reason": why})
+
+    def _unusable(self, reader: RingReader, ds: DetectorSet | None = None) -> str | None:
+        """Why this ring's rows cannot be scored by `ds` (default: the detectors in force); None: they can."""
+        ds = ds or self.detectors
+        missing = sorted(set(ds.layers) - set(reader.spec.layers))
+        if missing:
+            return f"it carries layers {list(reader.spec.layers)}, the detectors need {missing} too (restart vLLM " \
+                   "with the taps of this config)"
+        for layer, scorer in ds.scorer.layers.items():
+            if scorer.d_in is not None and scorer.d_in != reader.spec.d_model:
+                return f"its rows are {reader.spec.d_model} wide, the heads of layer {layer} read {scorer.d_in} " \
+                       "(SAEs or probes of another model?)"
+        return None
 
     def health(self) -> LoopHealth:
         """Liveness without the lock: a loop stuck while holding it is still reported as stalled."""
@@ -165,12 +209,13 @@ class Sidecar:
         with self._lock:
             counters = [r.counters() for r in self.readers.values()]
             rings = sum((RingTotals.of(c) for c in counters), self.retired)
+            stats = dataclasses.replace(self.stats, slots_skipped=dict(self.stats.slots_skipped))
             return LoopSnapshot(
-                stats=dataclasses.replace(self.stats), requests_in_flight=len(self.requests), rings=rings,
+                stats=stats, requests_in_flight=len(self.requests), rings=rings,
                 rings_attached=len(counters), ring_lag_slots=sum(c["lag_slots"] for c in counters),
                 ring_capacity_slots=sum(r.spec.slots for r in self.readers.values()),
                 heartbeat_age_s=max(0.0, time.monotonic() - self.heartbeat), detectors=self.detectors,
-                trace=None if self.budget is None else dataclasses.replace(self.budget))
+                trace=None if self.budget is None else dataclasses.replace(self.budget), taps_off=self.taps_off)
 
     # ---- the loop ----------------------------------------------------------------------------
     def poll_once(self) -> int:
@@ -178,11 +223,36 @@ class Sidecar:
         with self._lock:
             for reader in list(self.readers.values()):
                 # Slots are read 8 at a time into the reader's reused buffers: done with before the next poll.
+                key = (id(reader), id(self.detectors))
+                if key not in self._usable:
+                    self._usable[key] = self._unusable(reader)
+                unusable = self._usable[key]
                 for slot in reader.poll(8, reuse=True):
-                    self._process(reader, slot)
                     n += 1
+                    if unusable:
+                        self._skip(slot, "unusable_ring", unusable)
+                        continue
+                    try:
+                        self._process(reader, slot)
+                    except Exception as e:  # noqa: BLE001 - one bad slot must not stop the monitor
+                        self._skip(slot, "error", f"{type(e).__name__}: {e}")
+                        if self.stats.slots_skipped.get("error", 0) <= 10:
+                            log.exception("scoring a slot failed; skipped")
             self._expire()
         return n
+
+    def _skip(self, slot: Slot, reason: str, why: str) -> None:
+        """A slot that cannot be scored: counted; its finished requests still end (and give their verdicts)."""
+        skipped = self.stats.slots_skipped
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if reason != "error" and (skipped[reason] <= 3 or skipped[reason] % 1000 == 0):
+            log.error("slot %d skipped (%s): %s", slot.seq, reason, why,
+                      extra={"reason": reason, "error": why, "skipped": skipped[reason]})
+        for req in slot.meta.finished:
+            try:
+                self._finish(req)
+            except Exception:  # noqa: BLE001
+                log.exception("finishing request %s failed", req)
 
     def run(self, stop: threading.Event, idle_sleep: float = 0.002, discover_every: float = 1.0) -> None:
         # What exists now (torch, the SAEs and probes, the config) lives as long as the process: a full
@@ -393,17 +463,18 @@ class Sidecar:
         next rows. Tapped layers cannot change here: that needs vLLM restarted.
         """
         new = build_detector_set(loaded, self.device)
+        self._check_scorable(loaded, new)
         measures = ("inputs", "aggregation", "combine", "scope")
+        running, edited = self.loaded.config, loaded.config
+        pending = [name for name in RESTART_ONLY if getattr(edited, name) != getattr(running, name)]
         with self._lock:
-            if loaded.config.incidents != self.incidents:
-                log.warning("incidents settings changed: they apply after a sidecar restart",
-                            extra={"running": self.incidents.model_dump()})
-            if loaded.config.sampling != self.loaded.config.sampling:
-                log.warning("sampling settings changed: they apply after a sidecar restart",
-                            extra={"running": self.loaded.config.sampling.model_dump()})
-            if loaded.config.tapped_layers != self.loaded.config.tapped_layers:
+            if pending:
+                log.warning("config reloaded, but %s changed: those settings apply after a sidecar restart "
+                            "(until then the running ones stay)", ", ".join(pending), extra={"restart_required": pending})
+            self.stats.restart_required = pending
+            if edited.tapped_layers != running.tapped_layers:
                 log.warning("taps changed from %s to %s: restart vLLM for the tap to follow",
-                            self.loaded.config.tapped_layers, loaded.config.tapped_layers)
+                            running.tapped_layers, edited.tapped_layers)
             banks = {}
             for det in new.detectors:
                 old = self.banks.get(det.spec.name)
@@ -420,6 +491,19 @@ class Sidecar:
             self.stats.config_loaded_at = time.time()
             gc.freeze()  # the new detectors and weights, as at start
 
+    def _check_scorable(self, loaded: LoadedConfig, new: DetectorSet) -> None:
+        """Refuse, before anything changes, detectors that the rings (or the running taps) cannot feed."""
+        issues = [ConfigIssue(loaded.path, "detectors", f"ring {path}: {why}")
+                  for path, reader in self.readers.items() if (why := self._unusable(reader, new))]
+        if not self.readers:
+            tapped = set(self.loaded.config.tapped_layers)
+            missing = sorted(set(new.layers) - tapped)
+            if missing:
+                issues.append(ConfigIssue(loaded.path, "detectors", f"they read layers {missing}, vLLM taps only "
+                                          f"{sorted(tapped)}: restart vLLM with this config's taps first"))
+        if issues:
+            raise ConfigError(issues)
+
     def reload_failed(self) -> None:
         """A new config was rejected: the running one stays, and the failure is counted."""
         self.stats.reloads_failed += 1
@@ -429,6 +513,38 @@ class Sidecar:
         for r in self.readers.values():
             r.close()
         self.readers.clear()
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _ring_state(path: str) -> tuple[int, int] | None:
+    """What says a ring moved on: its file and how many slots it has published."""
+    inode, seq = _inode(path), peek_write_seq(path)
+    return None if inode is None or seq is None else (inode, seq)
+
+
+PRODUCER_GRACE_S = 10.0
+
+
+def _producer_dead(reader: RingReader, timeout: float) -> bool:
+    """The producer's pid is gone and it has not published for a while. The pid is only meaningful when the
+    sidecar shares vLLM's pid namespace; when it does not, an idle ring is let go of and attached again,
+    where it was left, at its next slot (`dead` remembers its state)."""
+    c = reader.counters()
+    if time.time_ns() - max(c["heartbeat_ns"], reader.created_ns) < min(timeout, PRODUCER_GRACE_S) * 1e9:
+        return False
+    try:
+        os.kill(reader.producer_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def _ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:

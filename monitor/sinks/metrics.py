@@ -171,9 +171,17 @@ class MonitorCollector(Collector):
         yield counter("ring_rows_published", "Token rows the vLLM plugin wrote into the rings.", rings.published_rows)
         yield counter("ring_rows_dropped", "Token rows the plugin dropped, never scored: no free ring slot "
                       "(or GPU staging buffer) when the step ended.", rings.dropped_rows)
-        yield by_label("ring_slots_dropped", "Ring slots never scored, by reason: ring_full (dropped by the plugin) or "
-                       "overwritten (lapped before the sidecar read them, overwrite_oldest mode).", "reason",
-                       {"ring_full": rings.dropped_slots, "overwritten": rings.lost_slots})
+        yield by_label("ring_slots_dropped", "Ring slots never scored, by reason: ring_full (dropped by the plugin), "
+                       "overwritten (lapped before the sidecar read them, overwrite_oldest mode), corrupt (a slot "
+                       "header or metadata that could not be read).", "reason",
+                       {"ring_full": rings.dropped_slots, "overwritten": rings.lost_slots,
+                        "corrupt": rings.corrupt_slots})
+        yield by_label("slots_skipped", "Ring slots read but not scored, by reason: unusable_ring (the ring lacks a "
+                       "layer the detectors need, or its width differs) or error (scoring the slot raised; logged).",
+                       "reason", {"unusable_ring": st.slots_skipped.get("unusable_ring", 0),
+                                  "error": st.slots_skipped.get("error", 0)})
+        yield gauge("taps_disabled", "vLLM workers whose tap turned itself off because its ring could not be made "
+                    "(`<ring>.off` markers; e.g. /dev/shm too small).", snap.taps_off)
         yield counter("ring_producer_errors", "Capture errors in the vLLM plugin (the tap disables itself).", rings.errors)
         yield gauge("ring_lag_slots", "Slots written but not yet read, summed over rings.", snap.ring_lag_slots)
         yield gauge("ring_capacity_slots", "Slots in the attached rings.", snap.ring_capacity_slots)
@@ -184,6 +192,9 @@ class MonitorCollector(Collector):
                        {"success": st.reloads_ok, "failure": st.reloads_failed})
         yield gauge("config_last_reload_successful", "1 if the last config reload succeeded (or none was tried).",
                     1.0 if st.last_reload_ok else 0.0)
+        yield gauge("config_restart_required", "1 when the config file changes settings that apply only after a "
+                    "sidecar restart (the log names them); the running ones stay meanwhile.",
+                    1.0 if st.restart_required else 0.0)
         yield gauge("config_last_reload_success_timestamp_seconds", "When the running config was loaded.",
                     st.config_loaded_at)
         thr = GaugeMetricFamily(f"{PREFIX}_detector_threshold", "Each detector's firing threshold.",
@@ -195,13 +206,24 @@ class MonitorCollector(Collector):
         if m.kafka_stats is not None:
             c = m.kafka_stats()
             yield counter("kafka_events_sent", "Alert events acknowledged by Kafka (acks=all).", c.sent)
-            yield counter("kafka_events_spooled", "Alert events written to the disk spool (broker unreachable).", c.spooled)
-            yield by_label("kafka_events_dropped", "Alert events lost, by reason.", "reason",
-                           {"queue_full": c.dropped_queue_full, "spool_full": c.dropped_spool_full})
+            yield counter("kafka_events_spooled", "Alert events that waited in the disk spool because the broker "
+                          "was unreachable.", c.spooled)
+            yield by_label("kafka_events_dropped", "Alert events lost, by reason: queue_full (memory queue), "
+                           "spool_full (sinks.kafka.spool_max_bytes), disk_full (ENOSPC), each after a direct send "
+                           "failed too.", "reason",
+                           {"queue_full": c.dropped_queue_full, "spool_full": c.dropped_spool_full,
+                            "disk_full": c.dropped_disk_full})
             yield counter("kafka_send_errors", "Failed send attempts (each retried from the spool).", c.send_errors)
-            yield gauge("kafka_spool_events", "Alert events waiting in the disk spool.", c.spool_events)
-            yield gauge("kafka_spool_bytes", "Bytes in the disk spool.", c.spool_bytes)
-            yield gauge("kafka_queue_events", "Alert events waiting in memory for the sender.", c.queue_events)
+            yield counter("kafka_sender_errors", "Unexpected errors in the Kafka sender thread (it carries on; "
+                          "events wait in the spool).", c.sender_errors)
+            yield counter("kafka_spool_quarantined", "Spool files that could not be read, moved to the spool's "
+                          "quarantine/ folder (each an event, or a whole damaged spool database).", c.quarantined)
+            yield gauge("kafka_spool_events", "Alert events on disk, not yet acknowledged by Kafka.", c.spool_events)
+            yield gauge("kafka_spool_bytes", "Disk used by the spool (allocated blocks).", c.spool_bytes)
+            yield gauge("kafka_queue_events", "Alert events in memory, not yet on disk: what a SIGKILL now would "
+                        "lose.", c.queue_events)
+            yield gauge("kafka_sender_up", "1 while the Kafka sender thread is alive and turning.",
+                        1.0 if c.sender_up else 0.0)
         for h in m.bulk:
             yield h.collect()
 
@@ -339,9 +361,14 @@ class MetricsServer:
             if path in ("/healthz", "/readyz"):
                 h = health()
                 ok = h.heartbeat_age_s < self.stale_after
-                body = json.dumps({"status": "ok" if ok else "stalled",
-                                   "loop_heartbeat_age_seconds": round(h.heartbeat_age_s, 3),
-                                   "detectors": h.detectors}).encode()
+                doc = {"status": "ok" if ok else "stalled", "loop_heartbeat_age_seconds": round(h.heartbeat_age_s, 3),
+                       "detectors": h.detectors}
+                if metrics.kafka_stats is not None:
+                    # Detail, not a verdict: restarting the pod would not bring a broker back.
+                    k = metrics.kafka_stats()
+                    doc["kafka_sender"] = {"up": k.sender_up, "last_turn_age_seconds": round(k.sender_turn_age_s, 3),
+                                           "spool_events": k.spool_events, "queue_events": k.queue_events}
+                body = json.dumps(doc).encode()
                 start_response("200 OK" if ok else "503 Service Unavailable",
                                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
                 return [body]

@@ -30,10 +30,12 @@ class LoopStats:
     requests_over_limit: int = 0  # not scored: `sampling.max_requests` were tracked already
     uncovered_positions: int = 0
     incidents: int = 0  # fired requests that finished and became an incident
+    slots_skipped: dict[str, int] = field(default_factory=dict)  # slots not scored, by reason
     reloads_ok: int = 0
     reloads_failed: int = 0
     last_reload_ok: bool = True  # False while a rejected edit waits to be fixed (the old config runs)
     config_loaded_at: float = field(default_factory=time.time)
+    restart_required: list[str] = field(default_factory=list)  # config sections edited that apply only at a restart
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,4 @@ class LoopSnapshot:
     heartbeat_age_s: float  # seconds since the loop last iterated
     detectors: DetectorSet  # the set in force (replaced whole on reload, never mutated)
     trace: TraceBudget | None = None  # a copy: tokens traced now, and tokens not kept (per cap); None when off
+    taps_off: int = 0  # vLLM producers that could not make their ring (the tap is off there)

@@ -28,14 +28,16 @@ def pinned_path(directory: str | Path, name: str, pid: int | None = None) -> Pat
 class PinnedWriter:
     """The middleware's side: append a request id (one write, O_APPEND, never blocking on the sidecar)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
         self.path = path
+        self.mode = mode
         self._fd: int | None = None
 
     def add(self, request_id: str) -> None:
         line = request_id.replace("\n", " ").encode() + b"\n"
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.mode)
+            os.fchmod(self._fd, self.mode)
         os.write(self._fd, line)
         if os.fstat(self._fd).st_size > MAX_BYTES:
             os.close(self._fd)

@@ -32,6 +32,7 @@ producer writes the state last, after the payload.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
@@ -43,7 +44,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from monitor.transport.meta import SlotMeta
+from monitor.transport.meta import MetaError, SlotMeta
+
+log = logging.getLogger("monitor.ring")
 
 MAGIC = b"MMRING01"
 # 2: slot metadata became `SlotMeta` (versioned, segments as arrays). 3: a token id per row.
@@ -73,6 +76,7 @@ class RingTotals:
     dropped_rows: int = 0
     errors: int = 0
     lost_slots: int = 0  # lapped before the reader got to them (overwrite_oldest)
+    corrupt_slots: int = 0  # complete, but their header or metadata could not be read: skipped
 
     @classmethod
     def of(cls, counters: dict[str, int]) -> "RingTotals":
@@ -126,15 +130,32 @@ def _set_u64(buf, off: int, value: int) -> None:
     struct.pack_into("<Q", buf, off, value)
 
 
+def _reserve(fd: int, path: Path, size: int) -> None:
+    """Back every page now. A sparse file on a full tmpfs gets SIGBUS at the first write to an unbacked
+    page, which kills the writing process (vLLM's worker) with no Python exception to catch."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        st = os.statvfs(path.parent)
+        path.unlink(missing_ok=True)
+        raise RingError(f"cannot reserve {size / 2**20:.0f} MiB for the ring in {path.parent} "
+                        f"({st.f_bavail * st.f_frsize / 2**20:.0f} MiB free of {st.f_blocks * st.f_frsize / 2**20:.0f}; "
+                        f"{e.strerror}): lower transport.slots or transport.slot_rows, or give {path.parent} more room "
+                        "(the chart's shm.sizeLimit)") from None
+
+
 class _Mapped:
-    def __init__(self, path: Path, size: int | None, create: bool) -> None:
+    def __init__(self, path: Path, size: int | None, create: bool, mode: int = 0o600) -> None:
         self.path = path
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(path, flags, mode)
         try:
             if create:
+                os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
                 os.ftruncate(fd, size)
-            self.size = os.fstat(fd).st_size
+                _reserve(fd, path, size)
+            st = os.fstat(fd)
+            self.size, self.inode = st.st_size, st.st_ino
             self.mm = mmap.mmap(fd, self.size)
         finally:
             os.close(fd)
@@ -163,14 +184,16 @@ def _header_counters(b) -> dict[str, int]:
 class RingWriter:
     """The producer side, inside the vLLM worker. `publish` never waits."""
 
-    def __init__(self, path: str | Path, spec: RingSpec) -> None:
+    def __init__(self, path: str | Path, spec: RingSpec, mode: int = 0o600) -> None:
+        """`mode`: the file's permissions (0600: one uid reads it; 0660: a shared group). Raises RingError
+        when the ring's memory cannot be reserved (the tap then stays off)."""
         if len(spec.layers) > MAX_LAYERS:
             raise RingError(f"at most {MAX_LAYERS} tapped layers per ring")
         self.path = Path(path)
         self.spec = spec
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        m = _Mapped(tmp, spec.file_bytes, create=True)
+        m = _Mapped(tmp, spec.file_bytes, create=True, mode=mode)
         buf = m.mm
         buf[0:8] = MAGIC
         struct.pack_into("<II", buf, 8, VERSION, HEADER_BYTES)
@@ -266,6 +289,48 @@ class RingWriter:
             self.path.unlink(missing_ok=True)
 
 
+def _read_header(m: _Mapped, path) -> tuple[RingSpec, int]:
+    """The ring's geometry, checked against the file: a damaged or foreign header is a RingError, never a crash."""
+    b = m.mm
+    if m.size < HEADER_BYTES:
+        raise RingError(f"{path}: {m.size} bytes is too small for a ring header ({HEADER_BYTES}): truncated")
+    if bytes(b[0:8]) != MAGIC:
+        raise RingError(f"{path} is not a monitor ring")
+    version, header = struct.unpack_from("<II", b, 8)
+    if version != VERSION or header != HEADER_BYTES:
+        raise RingError(f"{path}: ring version {version} is not supported (want {VERSION}): run the vLLM plugin and "
+                        "the sidecar from the same release")
+    slots, d_model = struct.unpack_from("<II", b, 16)
+    slot_rows, meta_bytes = struct.unpack_from("<II", b, 24)
+    n_layers, dtype_code = struct.unpack_from("<II", b, 32)
+    pid, overwrite = struct.unpack_from("<II", b, 40)
+    if dtype_code not in DTYPES:
+        raise RingError(f"{path}: unknown row dtype code {dtype_code} (known: {sorted(DTYPES)})")
+    if not (0 < n_layers <= MAX_LAYERS) or not slots or not slot_rows or not d_model:
+        raise RingError(f"{path}: impossible geometry (slots {slots}, rows {slot_rows}, d_model {d_model}, "
+                        f"layers {n_layers})")
+    layers = struct.unpack_from(f"<{n_layers}I", b, 64)
+    spec = RingSpec(slots, slot_rows, d_model, tuple(layers), DTYPES[dtype_code], meta_bytes, bool(overwrite))
+    if _u64(b, 48) != spec.slot_bytes:
+        raise RingError(f"{path}: slot size in the header does not match its geometry")
+    if m.size < spec.file_bytes:
+        raise RingError(f"{path}: {m.size} bytes, its header describes {spec.file_bytes}: truncated")
+    return spec, pid
+
+
+def peek_write_seq(path: str | Path) -> int | None:
+    """How many slots a ring file has published, without mapping it (None: no such ring)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, 8, WRITE_SEQ)
+    finally:
+        os.close(fd)
+    return struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+
+
 @dataclass
 class Slot:
     seq: int
@@ -284,37 +349,29 @@ class RingReader:
         self.path = Path(path)
         self.pin_memory = pin_memory
         m = _Mapped(self.path, None, create=False)
+        try:
+            self.spec, self.producer_pid = _read_header(m, path)
+        except RingError:
+            m.close()
+            raise
         b = m.mm
-        if bytes(b[0:8]) != MAGIC:
-            m.close()
-            raise RingError(f"{path} is not a monitor ring")
-        version, header = struct.unpack_from("<II", b, 8)
-        if version != VERSION or header != HEADER_BYTES:
-            m.close()
-            raise RingError(f"{path}: ring version {version} is not supported (want {VERSION})")
-        slots, d_model = struct.unpack_from("<II", b, 16)
-        slot_rows, meta_bytes = struct.unpack_from("<II", b, 24)
-        n_layers, dtype_code = struct.unpack_from("<II", b, 32)
-        self.producer_pid, overwrite = struct.unpack_from("<II", b, 40)
-        layers = struct.unpack_from(f"<{n_layers}I", b, 64)
-        self.spec = RingSpec(slots, slot_rows, d_model, tuple(layers), DTYPES[dtype_code], meta_bytes, bool(overwrite))
-        if _u64(b, 48) != self.spec.slot_bytes:
-            m.close()
-            raise RingError(f"{path}: slot size in the header does not match its geometry")
         self._m = m
         self._rows = [m.rows_view(HEADER_BYTES + i * self.spec.slot_bytes + _rows_offset(self.spec), self.spec)
-                      for i in range(slots)]
-        self._ids = [m.ids_view(HEADER_BYTES + i * self.spec.slot_bytes + SLOT_HEADER + meta_bytes, self.spec)
-                     for i in range(slots)]
+                      for i in range(self.spec.slots)]
+        self._ids = [m.ids_view(HEADER_BYTES + i * self.spec.slot_bytes + SLOT_HEADER + self.spec.meta_bytes, self.spec)
+                     for i in range(self.spec.slots)]
         # Resume where the producer is now: slots written while no reader was attached are counted, not replayed.
-        self.next_seq = max(_u64(b, READ_SEQ), _u64(b, WRITE_SEQ) - slots)
+        self.next_seq = max(_u64(b, READ_SEQ), _u64(b, WRITE_SEQ) - self.spec.slots)
         self.lost_slots = 0
+        self.corrupt_slots = 0  # complete slots whose header or metadata could not be read: skipped
+        self.inode = m.inode  # a file replaced under the same name (a restarted producer) has another
+        self.created_ns = _u64(b, 56)
         self._buffers: list[torch.Tensor] = []  # `poll(reuse=True)`'s copies
 
     def counters(self) -> dict[str, int]:
         b = self._m.mm
         return {**_header_counters(b), "heartbeat_ns": _u64(b, HEARTBEAT), "closed": _u64(b, CLOSED),
-                "lost_slots": self.lost_slots,
+                "lost_slots": self.lost_slots, "corrupt_slots": self.corrupt_slots,
                 "lag_slots": _u64(b, WRITE_SEQ) - self.next_seq}
 
     @property
@@ -346,6 +403,9 @@ class RingReader:
                     continue
                 break  # being written right now
             n, meta_len, step, has_ids = struct.unpack_from("<IIQI", b, off + 8)
+            if n > self.spec.slot_rows or meta_len > self.spec.meta_bytes:
+                self._corrupt(s, f"{n} rows / {meta_len} metadata bytes exceed the slot")
+                continue
             meta_raw = bytes(b[off + SLOT_HEADER : off + SLOT_HEADER + meta_len])
             if not n:
                 rows = []
@@ -361,10 +421,23 @@ class RingReader:
                 self.lost_slots += 1
                 self.next_seq += 1
                 continue
-            out.append(Slot(s, step, SlotMeta.from_bytes(meta_raw), rows, ids))
+            try:
+                meta = SlotMeta.from_bytes(meta_raw)
+            except MetaError as e:
+                self._corrupt(s, str(e))
+                continue
+            out.append(Slot(s, step, meta, rows, ids))
             self.next_seq += 1
         _set_u64(b, READ_SEQ, self.next_seq)
         return out
+
+    def _corrupt(self, seq: int, why: str) -> None:
+        """Skip a slot that cannot be read; the rest of the ring is read as usual."""
+        if self.corrupt_slots < 10 or self.corrupt_slots % 1000 == 0:  # a flood of them must not flood the log
+            log.error("ring %s: slot %d skipped: %s", self.path, seq, why,
+                      extra={"ring": str(self.path), "seq": seq, "error": why, "corrupt_slots": self.corrupt_slots + 1})
+        self.corrupt_slots += 1
+        self.next_seq += 1
 
     def _staging(self, k: int) -> torch.Tensor:
         while len(self._buffers) <= k:
