@@ -13,11 +13,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from pydantic import ValidationError
 
 from monitor.config.models import DetectorSpec, FeatureInput, MonitorConfig, ProbeInput
-from monitor.scoring.probe import ProbeError, ProbeMetadata, read_probe_metadata
+from monitor.scoring.probe import LinearProbe, ProbeError, ProbeMetadata
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,8 @@ def load_config(path: str | Path, detectors: list[Path] | None = None) -> Loaded
     issues += _check_saes(loaded)
     issues += _check_probes(loaded)
     issues += _check_detectors(loaded)
+    if not issues:  # the tensors, once every file and name is known to be there
+        issues += check_sae_weights(loaded)
     issues += _check_sinks(loaded)
     issues += _check_evidence(loaded)
     if issues:
@@ -199,8 +202,18 @@ def load_config(path: str | Path, detectors: list[Path] | None = None) -> Loaded
     return loaded
 
 
+class _JsonFileError(ValueError):
+    pass
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _JsonFileError(f"{path} is not readable JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise _JsonFileError(f"{path} must hold a JSON object, not {type(doc).__name__}")
+    return doc
 
 
 def _check_model(lc: LoadedConfig) -> list[ConfigIssue]:
@@ -212,7 +225,10 @@ def _check_model(lc: LoadedConfig) -> list[ConfigIssue]:
         if not cfg_file.is_file():
             hint = " (run `monitor model prepare` for the demo model)" if not folder.exists() else ""
             return [ConfigIssue(lc.path, "model.path", f"{cfg_file} not found{hint}")]
-        hf = _read_json(cfg_file)
+        try:
+            hf = _read_json(cfg_file)
+        except _JsonFileError as e:
+            return [ConfigIssue(lc.path, "model.path", str(e))]
         hf = hf.get("text_config", hf)  # multimodal configs nest the language model's
         for attr, key in (("num_layers", "num_hidden_layers"), ("d_model", "hidden_size")):
             value = hf.get(key)
@@ -242,8 +258,17 @@ def _check_saes(lc: LoadedConfig) -> list[ConfigIssue]:
             if not cfg_file.is_file():
                 issues.append(ConfigIssue(lc.path, f"{where}.path", f"{cfg_file} not found (an sae-lens folder has cfg.json)"))
             else:
-                cfg = _read_json(cfg_file)
+                try:
+                    cfg = _read_json(cfg_file)
+                except _JsonFileError as e:
+                    issues.append(ConfigIssue(lc.path, f"{where}.path", str(e)))
+                    cfg = {}
                 d_in, d_sae, arch = cfg.get("d_in"), cfg.get("d_sae"), cfg.get("architecture", "standard")
+                for key, value in (("d_in", d_in), ("d_sae", d_sae)):
+                    if cfg and not (isinstance(value, int) and value > 0):
+                        issues.append(ConfigIssue(lc.path, f"{where}.path", f"{cfg_file}: {key} must be a positive "
+                                                  f"integer, is {value!r}"))
+                        d_in = d_sae = None
                 if not (folder / "sae_weights.safetensors").is_file():
                     issues.append(ConfigIssue(lc.path, f"{where}.path", f"{folder}/sae_weights.safetensors not found"))
                 if lc.d_model is not None and d_in is not None and d_in != lc.d_model:
@@ -264,12 +289,10 @@ def _check_probes(lc: LoadedConfig) -> list[ConfigIssue]:
         where = f"probes[{i}].path"
         folder = lc.resolve(p.path)
         try:
-            meta = read_probe_metadata(folder)
+            meta = LinearProbe.load(folder).meta  # the tensors too: shapes, finite values, positive std
         except ProbeError as e:
             issues.append(ConfigIssue(lc.path, where, str(e)))
             continue
-        if not (folder / "probe.safetensors").is_file():
-            issues.append(ConfigIssue(lc.path, where, f"{folder}/probe.safetensors not found"))
         if meta.layer not in tapped:
             issues.append(ConfigIssue(lc.path, where, f"probe reads layer {meta.layer}, which is not tapped; add it to `taps`"))
         if lc.d_model is not None and meta.d_in != lc.d_model:
@@ -304,6 +327,59 @@ def _check_detectors(lc: LoadedConfig) -> list[ConfigIssue]:
     return issues
 
 
+SAE_TENSORS = {"W_enc": ("d_in", "d_sae"), "b_enc": ("d_sae",), "b_dec": ("d_in",), "threshold": ("d_sae",)}
+
+
+def check_sae_weights(lc: LoadedConfig) -> list[ConfigIssue]:
+    """Each SAE's encoder as the detectors will read it: tensor shapes against cfg.json, floating dtypes, and
+    finite values in every watched column (NaN there makes a detector silently never fire). Only the watched
+    columns are read (safetensors slices), so a 65k-feature SAE costs milliseconds."""
+    from safetensors import safe_open
+
+    watched: dict[str, set[int]] = {}
+    for det in lc.detectors:
+        for inp in det.spec.inputs:
+            if isinstance(inp, FeatureInput):
+                watched.setdefault(inp.sae, set()).add(inp.feature)
+    issues: list[ConfigIssue] = []
+    for i, s in enumerate(lc.config.saes):
+        info = lc.saes.get(s.name)
+        if info is None or info.path is None or info.d_in is None or info.d_sae is None:
+            continue
+        path = info.path / "sae_weights.safetensors"
+        where = f"saes[{i}].path"
+        dims = {"d_in": info.d_in, "d_sae": info.d_sae}
+        cols = sorted(watched.get(s.name, ()))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                if "W_enc" not in names:
+                    issues.append(ConfigIssue(lc.path, where, f"{path}: no W_enc tensor (has {sorted(names)})"))
+                    continue
+                for name, shape in SAE_TENSORS.items():
+                    if name not in names:
+                        continue
+                    sl = f.get_slice(name)
+                    want = [dims[d] for d in shape]
+                    if list(sl.get_shape()) != want:
+                        issues.append(ConfigIssue(lc.path, where, f"{path}: {name} has shape {sl.get_shape()}, cfg.json "
+                                                  f"says {want} ({' x '.join(shape)})"))
+                        continue
+                    if not sl.get_dtype().startswith(("F", "BF")):
+                        issues.append(ConfigIssue(lc.path, where, f"{path}: {name} is {sl.get_dtype()}, not floating"))
+                        continue
+                    t = sl[:, cols] if name == "W_enc" else (sl[cols] if shape == ("d_sae",) else sl[:])
+                    if cols or name == "b_dec":
+                        bad = ~torch.isfinite(t.float())
+                        if bool(bad.any()):
+                            at = f" at watched features {sorted({cols[j] for j in bad.nonzero()[:, -1].tolist()})}" \
+                                if shape[-1] == "d_sae" else ""
+                            issues.append(ConfigIssue(lc.path, where, f"{path}: {name} holds NaN or infinite values{at}"))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for damaged files
+            issues.append(ConfigIssue(lc.path, where, f"{path} is not a readable safetensors file ({e})"))
+    return issues
+
+
 def tokenizer_dir(lc: LoadedConfig) -> Path | None:
     """Where `evidence.text: flagged` reads the tokenizer from."""
     ev, m = lc.config.evidence, lc.config.model
@@ -323,17 +399,31 @@ def _check_evidence(lc: LoadedConfig) -> list[ConfigIssue]:
     return []
 
 
+def credential_path(p: str) -> str:
+    """A secret's path as written, with `~` and `$VAR` expanded (a mounted secret's folder often comes from
+    the environment). An unset variable is an error, never a literal `$VAR` folder."""
+    expanded = os.path.expandvars(os.path.expanduser(p))
+    if "$" in expanded:
+        raise ValueError(f"{p}: an environment variable in it is not set")
+    return expanded
+
+
 def _check_sinks(lc: LoadedConfig) -> list[ConfigIssue]:
     k = lc.config.sinks.kafka
     issues: list[ConfigIssue] = []
     if not k.enabled:
         return issues
-    if k.sasl_password_file and not lc.resolve(k.sasl_password_file).is_file():
-        issues.append(ConfigIssue(lc.path, "sinks.kafka.sasl_password_file", f"{lc.resolve(k.sasl_password_file)} not found"))
+    for key in ("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(k, key)
+        if not value:
+            continue
+        try:
+            path = lc.resolve(credential_path(value))
+        except ValueError as e:
+            issues.append(ConfigIssue(lc.path, f"sinks.kafka.{key}", str(e)))
+            continue
+        if not path.is_file():
+            issues.append(ConfigIssue(lc.path, f"sinks.kafka.{key}", f"{path} not found"))
     if k.sasl_password_env and k.sasl_password_env not in os.environ:
         issues.append(ConfigIssue(lc.path, "sinks.kafka.sasl_password_env", f"environment variable {k.sasl_password_env} is not set"))
-    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        value = getattr(k, key)
-        if value and not lc.resolve(value).is_file():
-            issues.append(ConfigIssue(lc.path, f"sinks.kafka.{key}", f"{lc.resolve(value)} not found"))
     return issues

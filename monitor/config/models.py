@@ -132,7 +132,9 @@ class Kafka(Strict):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
-    sasl_password_file: str | None = Field(None, description="File holding the SASL password (e.g. a mounted Secret).")
+    sasl_password_file: str | None = Field(None, description="File holding the SASL password (e.g. a mounted Secret). "
+                                           "`~` and `$VAR` are expanded here and in the `ssl_*` paths; relative paths "
+                                           "are from the config file's folder.")
     sasl_password_env: str | None = Field(None, description="Environment variable holding the SASL password.")
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None

@@ -72,8 +72,14 @@ class LinearProbe:
             )
         if (mean is None) != (std is None) or (mean is not None) != meta.standardize:
             raise ProbeError(f"probe {meta.name!r}: standardize={meta.standardize} needs both mean and std, or neither")
+        for name, t in (("weight", weight), ("bias", bias), ("mean", mean), ("std", std)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ProbeError(f"probe {meta.name!r}: {name} holds NaN or infinite values (a broken training run?)")
         if std is not None and bool((std <= 0).any()):
             raise ProbeError(f"probe {meta.name!r}: std must be positive")
+        if mean is not None and (mean.numel() != meta.d_in or std.numel() != meta.d_in):
+            raise ProbeError(f"probe {meta.name!r}: mean and std need d_in={meta.d_in} values, have {mean.numel()} "
+                             f"and {std.numel()}")
         self.weight = weight.float()
         self.bias = bias.reshape(-1).float()
         self.mean = None if mean is None else mean.float()
@@ -137,7 +143,10 @@ class LinearProbe:
             raise ProbeError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({e})") from e
         if "weight" not in t or "bias" not in t:
             raise ProbeError(f"{folder / WEIGHTS_FILE}: needs tensors 'weight' and 'bias', has {sorted(t)}")
-        return cls(t["weight"], t["bias"], meta, t.get("mean"), t.get("std"))
+        try:
+            return cls(t["weight"], t["bias"], meta, t.get("mean"), t.get("std"))
+        except ProbeError as e:
+            raise ProbeError(f"{folder / WEIGHTS_FILE}: {e}") from e
 
 
 def read_probe_metadata(folder: str | Path) -> ProbeMetadata:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from monitor.config.load import credential_path
 from monitor.config.models import Kafka
 from monitor.sinks.spool import Spool
 
@@ -81,7 +82,11 @@ def client_options(cfg: Kafka, base_dir: Path | None = None) -> dict:
     """Where the brokers are and how to authenticate: what producers and consumers share."""
     opts = {"bootstrap_servers": cfg.bootstrap_servers, "client_id": cfg.client_id,
             "security_protocol": cfg.security_protocol}
-    resolve = (lambda p: str((base_dir / p) if base_dir and not Path(p).is_absolute() else Path(p)))
+
+    def resolve(p: str) -> str:
+        p = credential_path(p)
+        return str((base_dir / p) if base_dir and not Path(p).is_absolute() else Path(p))
+
     if cfg.sasl_mechanism:
         opts["sasl_mechanism"] = cfg.sasl_mechanism
         opts["sasl_plain_username"] = cfg.sasl_username
