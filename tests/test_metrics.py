@@ -37,7 +37,7 @@ def value(text: str, name: str, **labels: str) -> float:
 @pytest.fixture()
 def service(tmp_path):
     port = free_port()
-    cfg = tiny_monitor(tmp_path, {"prometheus": {"port": port}})
+    cfg = tiny_monitor(tmp_path, {"prometheus": {"port": port, "expose_thresholds": True}})
     ring = open_ring(tmp_path)
     thread, stop = start_service(cfg, ring)
     yield port, ring, tmp_path

@@ -104,7 +104,8 @@ def variables(detector: bool) -> dict:
          "definition": "label_values(misalignment_monitor_build_info, model_name)"},
     ]
     if detector:
-        q = f"label_values(misalignment_monitor_detector_threshold{{{M}}}, detector)"
+        # Every detector in force has its evaluations series from the start (thresholds may not be exported).
+        q = f"label_values(misalignment_monitor_detector_evaluations_total{{{M}}}, detector)"
         out.append({"name": "detector", "label": "Detector", "type": "query", "datasource": DS, "refresh": 2,
                     "includeAll": False, "multi": False, "query": {"query": q, "refId": "d"}, "definition": q})
         # Where the incident console lives (console.base_url): the dashboard links to its incidents.
@@ -221,14 +222,15 @@ def detector() -> dict:
         (quantile(0.5, "misalignment_monitor_detector_score_ratio", D), "p50"),
         (quantile(0.9, "misalignment_monitor_detector_score_ratio", D), "p90"),
         (quantile(0.99, "misalignment_monitor_detector_score_ratio", D), "p99"),
-        (f"max(misalignment_monitor_detector_threshold{{{D}}}) / max(misalignment_monitor_detector_threshold{{{D}}})", "threshold")],
+        ("vector(1)", "threshold")],
         w=12, h=9))
     p.append(L.panel("Fires and verdicts", [
         (f"sum(increase(misalignment_monitor_detector_fires_total{{{D}}}[$__rate_interval]))", "fires"),
         (f"sum by (outcome) (increase(misalignment_monitor_detector_evaluations_total{{{D}}}[$__rate_interval]))", "verdict {{outcome}}")],
         w=12, defaults={"custom": {"drawStyle": "bars"}}))
     p.append(L.panel("Threshold", [(f"max by (severity) (misalignment_monitor_detector_threshold{{{D}}})", "{{severity}}")],
-                     kind="stat", w=12))
+                     kind="stat", w=12, description="Empty unless the sidecar exports thresholds "
+                     "(sinks.prometheus.expose_thresholds)."))
     p.append(L.row("Watched features"))
     p.append(L.panel("SAE feature activation quantiles (p50, p99)", [
         (quantile(0.5, "misalignment_monitor_feature_activation", by="feature"), "p50 {{feature}}"),

@@ -169,8 +169,13 @@ class Prometheus(Strict):
     """The sidecar's /metrics endpoint."""
 
     enabled: bool = Field(True, description="Serve /metrics.")
-    host: str = Field("127.0.0.1", description="Bind address; loopback unless you expose it on purpose.")
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless you expose it on purpose. "
+                      "Environment variables are expanded (`$POD_IP`: the chart binds the pod's own address, not "
+                      "every interface).")
     port: int = Field(9464, ge=1, le=65535, description="Port for /metrics and health endpoints.")
+    expose_thresholds: bool = Field(False, description="Export each detector's threshold "
+                                    "(`misalignment_monitor_detector_threshold`). Off: whoever can scrape the "
+                                    "sidecar cannot learn how far below the firing line to stay.")
 
 
 class Sinks(Strict):

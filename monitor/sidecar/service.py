@@ -99,7 +99,7 @@ def _attach_metrics(sidecar: Sidecar, kafka):
     from monitor.sinks.metrics import MetricsServer, SidecarMetrics
 
     metrics = SidecarMetrics(sidecar.loaded.config.model.name, sidecar.snapshot,
-                             kafka.stats if kafka is not None else None)
+                             kafka.stats if kafka is not None else None, expose_thresholds=cfg.expose_thresholds)
     # Token scores name their heads; the detector set in force says what each head is. Both are read on the
     # loop's thread, under its lock, so a reload cannot come between them.
     sidecar.bus.on_tokens(lambda t: metrics.on_tokens(t, sidecar.detectors))
@@ -107,7 +107,11 @@ def _attach_metrics(sidecar: Sidecar, kafka):
     sidecar.bus.on_slot(metrics.on_slot)
     if kafka is not None:
         kafka.on_delivered = metrics.on_delivered
-    return MetricsServer(metrics, sidecar.health, cfg.host, cfg.port)
+    host = os.path.expandvars(cfg.host)
+    if "$" in host:
+        raise ConfigError([ConfigIssue(sidecar.loaded.path, "sinks.prometheus.host",
+                                       f"{cfg.host}: an environment variable in it is not set")])
+    return MetricsServer(metrics, sidecar.health, host, cfg.port)
 
 
 def _incident_builder(lc, who: dict):

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
-from socketserver import ThreadingMixIn
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -197,11 +197,12 @@ class MonitorCollector(Collector):
                     1.0 if st.restart_required else 0.0)
         yield gauge("config_last_reload_success_timestamp_seconds", "When the running config was loaded.",
                     st.config_loaded_at)
-        thr = GaugeMetricFamily(f"{PREFIX}_detector_threshold", "Each detector's firing threshold.",
-                                labels=["model_name", "detector", "severity"])
-        for det in snap.detectors.detectors:
-            thr.add_metric([model, det.spec.name, det.spec.severity], det.spec.threshold)
-        yield thr
+        if m.expose_thresholds:
+            thr = GaugeMetricFamily(f"{PREFIX}_detector_threshold", "Each detector's firing threshold.",
+                                    labels=["model_name", "detector", "severity"])
+            for det in snap.detectors.detectors:
+                thr.add_metric([model, det.spec.name, det.spec.severity], det.spec.threshold)
+            yield thr
 
         if m.kafka_stats is not None:
             c = m.kafka_stats()
@@ -237,8 +238,10 @@ class SidecarMetrics:
     """
 
     def __init__(self, model_name: str, snapshot: Callable[[], LoopSnapshot],
-                 kafka_stats: Callable[[], KafkaStats] | None = None, registry: CollectorRegistry | None = None) -> None:
+                 kafka_stats: Callable[[], KafkaStats] | None = None, registry: CollectorRegistry | None = None,
+                 expose_thresholds: bool = False) -> None:
         self.snapshot = snapshot
+        self.expose_thresholds = expose_thresholds
         self.kafka_stats = kafka_stats
         self.model_name = model_name
         self.version = package_version()
@@ -334,11 +337,50 @@ class SidecarMetrics:
                 self.ratios.observe_many((self.model_name, spec.name), np.array([u.score / spec.threshold]))
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+WORKERS = 4  # concurrent requests: Prometheus, a probe or two, a person with curl
+BACKLOG = 32  # connections waiting for a worker; beyond it new ones are closed at once
+READ_TIMEOUT_S = 10.0  # a client that sends nothing gives its worker back after this
+
+
+class _PooledWSGIServer(WSGIServer):
+    """Connections served by a fixed pool of threads, with a bounded wait list: idle or slow clients
+    cannot make the sidecar start a thread each (the standard ThreadingMixIn does)."""
+
+    request_queue_size = BACKLOG
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="metrics-http")
+        self.slots = threading.BoundedSemaphore(WORKERS + BACKLOG)
+        self.refused = 0
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        self.pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - a broken client must not take a worker down
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT_S  # socket timeout: a silent client is dropped, its worker freed
+
     def log_message(self, format: str, *args) -> None:  # scrapes every few seconds: not worth a log line
         pass
 
@@ -377,7 +419,7 @@ class MetricsServer:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found: try /metrics, /healthz or /readyz\n"]
 
-        self.httpd = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        self.httpd = make_server(host, port, app, _PooledWSGIServer, handler_class=_QuietHandler)
         self.port = self.httpd.server_port
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http", daemon=True)
         self.thread.start()
