@@ -223,3 +223,14 @@ def test_reference_page_matches_the_models():
     from monitor.config.reference import page, render
 
     assert page().read_text() == render(), "run: python -m monitor.config.reference"
+
+
+def test_the_config_layer_sizes_rings_as_the_transport_does():
+    import torch
+
+    from monitor.config.load import ring_bytes
+    from monitor.transport.ring import RingSpec
+
+    for slots, rows, d, layers in ((1024, 512, 4096, 1), (64, 7, 576, 3), (2, 1, 16, 32)):
+        assert ring_bytes(slots, rows, d, layers) == RingSpec(slots, rows, d, tuple(range(layers)),
+                                                              torch.bfloat16).file_bytes

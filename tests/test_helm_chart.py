@@ -178,13 +178,59 @@ def test_monitor_config_is_valid_and_secrets_come_from_secrets(tmp_path):
     assert k.enabled and k.security_protocol == "SASL_SSL" and k.sasl_mechanism == "SCRAM-SHA-512"
     assert k.sasl_password_file == "/etc/misalignment-monitor/kafka-sasl/password"
     assert k.ssl_cafile == "/etc/misalignment-monitor/kafka-tls/ca.crt"
-    assert parsed.sinks.prometheus.host == "0.0.0.0" and "privacy" not in cfg
+    assert parsed.sinks.prometheus.host == "$POD_IP" and "privacy" not in cfg
     spec = pod(objs)
     sasl = next(v for v in spec["volumes"] if v["name"] == "kafka-sasl")
     assert sasl["secret"]["secretName"] == "misalignment-monitor-kafka"
     assert not any(o["kind"] == "Secret" for o in objs)
     detectors = kind(objs, "ConfigMap", "-detectors")["data"]
     assert "prompt_injection_probe.yaml" in detectors
+
+
+def test_vllm_and_the_sidecar_share_the_ring_through_a_group():
+    """vLLM (root, as its image runs) makes the ring 0660 in an fsGroup-owned /dev/shm; the sidecar (uid 65532)
+    is in that group: tests/chaos/test_ring_faults.py opens such a file from another uid in the group."""
+    objs = objects()
+    spec = pod(objs)
+    cfg = yaml.safe_load(kind(objs, "ConfigMap", "-monitor")["data"]["monitor.yaml"])
+    assert cfg["transport"]["file_mode"] == "0660"
+    assert spec["securityContext"]["fsGroup"] == 65532
+    assert sidecar(objs)["securityContext"]["runAsGroup"] == 65532
+    vllm = spec["containers"][0]["securityContext"]
+    assert vllm["allowPrivilegeEscalation"] is False and vllm["capabilities"]["drop"] == ["ALL"]
+    assert vllm["seccompProfile"]["type"] == "RuntimeDefault"
+
+
+def test_metrics_bind_the_pod_ip_behind_a_network_policy():
+    objs = objects()
+    env = {e["name"]: e for e in sidecar(objs)["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    policy = kind(objs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == pod_labels(objs)
+    api, metrics = policy["spec"]["ingress"]
+    assert api["ports"] == [{"port": "http", "protocol": "TCP"}] and "from" not in api  # the API as before
+    assert metrics["ports"] == [{"port": "monitor-metrics", "protocol": "TCP"}]
+    assert metrics["from"][0] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    test_pod = next(o for o in objs if o["kind"] == "Pod")
+    assert all(test_pod["metadata"]["labels"][k] == v for k, v in metrics["from"][1]["podSelector"]["matchLabels"].items())
+    assert not any(o["kind"] == "NetworkPolicy" for o in objects({"networkPolicy": {"enabled": False}}))
+
+
+def pod_labels(objs: list[dict]) -> dict:
+    labels = kind(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return {k: v for k, v in labels.items() if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+
+
+def test_a_ring_that_does_not_fit_in_shm_fails_the_render():
+    """The issue's case: an 8B model (d_model 4096) with the default 1024 x 512 ring is ~4.3 GB: 2Gi is refused."""
+    big = {"monitor": {"config": {"model": {"num_layers": 32, "d_model": 4096}, "taps": [{"layer": 16}]}}}
+    with pytest.raises(helm.HelmError, match=r"one ring \(1024 slots x 512 rows x 1 tapped layer\(s\) at d_model 4096\) "
+                                             r"takes 4164 MiB, more than three quarters of shm.sizeLimit 2Gi"):
+        render(big)
+    render({**big, "shm": {"sizeLimit": "6Gi"}})
+    render({"monitor": {**big["monitor"], "config": {**big["monitor"]["config"], "transport": {"slots": 256}}}})
+    with pytest.raises(helm.HelmError, match="use a plain quantity"):
+        render({"shm": {"sizeLimit": "2 gigs"}})
 
 
 def test_sasl_without_a_secret_is_refused():

@@ -196,6 +196,7 @@ def load_config(path: str | Path, detectors: list[Path] | None = None) -> Loaded
     if not issues:  # the tensors, once every file and name is known to be there
         issues += check_sae_weights(loaded)
     issues += _check_sinks(loaded)
+    issues += _check_transport(loaded)
     issues += _check_evidence(loaded)
     if issues:
         raise ConfigError(issues)
@@ -396,6 +397,33 @@ def _check_evidence(lc: LoadedConfig) -> list[ConfigIssue]:
                             "or `model.path`")]
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
         return [ConfigIssue(lc.path, "evidence.tokenizer", f"{folder} holds no tokenizer (tokenizer.json)")]
+    return []
+
+
+RING_HEADER_BYTES, SLOT_HEADER_BYTES, META_BYTES, PAGE = 4096, 64, 64 * 1024, 4096
+
+
+def ring_bytes(slots: int, slot_rows: int, d_model: int, layers: int, itemsize: int = 2) -> int:
+    """A ring file's size (`monitor.transport.ring.RingSpec.file_bytes`, restated here: the config layer
+    sits below the transport; tests/test_config.py keeps the two equal)."""
+    raw = SLOT_HEADER_BYTES + META_BYTES + slot_rows * 4 + layers * slot_rows * d_model * itemsize
+    return RING_HEADER_BYTES + slots * ((raw + PAGE - 1) // PAGE * PAGE)
+
+
+def _check_transport(lc: LoadedConfig) -> list[ConfigIssue]:
+    """Each vLLM worker reserves a whole ring in `transport.directory` at start: one that cannot fit turns
+    the tap off (bfloat16 rows assumed; float32 models need twice as much)."""
+    t, folder = lc.config.transport, Path(lc.config.transport.directory)
+    if lc.d_model is None or not lc.config.taps or not folder.is_dir():
+        return []
+    need = ring_bytes(t.slots, t.slot_rows, lc.d_model, len(lc.config.taps))
+    st = os.statvfs(folder)
+    size = st.f_blocks * st.f_frsize
+    if need > size:
+        return [ConfigIssue(lc.path, "transport.slots", f"a ring of {t.slots} slots x {t.slot_rows} rows at d_model "
+                            f"{lc.d_model} needs {need / 2**20:.0f} MiB, more than all of {folder} "
+                            f"({size / 2**20:.0f} MiB): lower transport.slots or transport.slot_rows, or enlarge "
+                            f"{folder}")]
     return []
 
 

@@ -261,3 +261,16 @@ def test_ring_files_are_shared_with_the_group_only_when_asked():
     w.close()
     shm.rmdir()
     assert same_group and not other
+
+
+def test_check_config_refuses_a_ring_larger_than_its_folder(tiny_shm, tmp_path):
+    cfg = tiny_monitor(tmp_path, {"prometheus": {"enabled": False}})
+    doc = yaml.safe_load(cfg.read_text())
+    doc["transport"] = {"directory": str(tiny_shm), "name": "k", "slots": 64, "slot_rows": 512}
+    cfg.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"transport.slots: a ring of 64 slots x 512 rows at d_model 16 needs 5 MiB, "
+                                          r"more than all of .* \(1 MiB\)"):
+        load_config(cfg)
+    doc["transport"]["slots"] = 2
+    cfg.write_text(yaml.safe_dump(doc))
+    load_config(cfg)

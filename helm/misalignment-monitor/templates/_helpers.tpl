@@ -43,7 +43,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "mm.monitorConfig" -}}
 {{- $c := deepCopy .Values.monitor.config }}
 {{- $_ := set $c "model" (merge (dict "name" .Values.vllm.servedModelName) (deepCopy ($c.model | default dict))) }}
-{{- $_ = set $c "transport" (merge (dict "directory" "/dev/shm" "name" "misalignment-monitor") (deepCopy ($c.transport | default dict))) }}
+{{- $_ = set $c "transport" (merge (dict "directory" "/dev/shm" "name" "misalignment-monitor" "file_mode" "0660") (deepCopy ($c.transport | default dict))) }}
 {{- $_ = set $c "detectors" (list "/etc/misalignment-monitor/detectors") }}
 {{- $kafka := dict "enabled" .Values.kafka.enabled }}
 {{- if .Values.kafka.enabled }}
@@ -66,7 +66,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 {{- end }}
-{{- $_ = set $c "sinks" (dict "kafka" $kafka "prometheus" (dict "enabled" true "host" "0.0.0.0" "port" (int .Values.monitor.port))) }}
+{{- $_ = set $c "sinks" (dict "kafka" $kafka "prometheus" (dict "enabled" true "host" "$POD_IP" "port" (int .Values.monitor.port))) }}
 {{- $_ = set $c "deployment" (dict "name" (include "mm.fullname" .) "namespace" .Release.Namespace) }}
 {{- $_ = set $c "store" (dict "retention_days" .Values.store.retentionDays) }}
 {{- with .Values.console }}
@@ -101,6 +101,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       valueFrom:
         fieldRef:
           fieldPath: metadata.name
+    # /metrics binds the pod's address (sinks.prometheus.host: $POD_IP), not every interface.
+    - name: POD_IP
+      valueFrom:
+        fieldRef:
+          fieldPath: status.podIP
     # A read-only root filesystem: every cache goes to the /tmp emptyDir.
     - name: HOME
       value: /tmp
@@ -204,4 +209,27 @@ image: {{ include "mm.monitorImage" . }}
 imagePullPolicy: {{ .Values.monitor.image.pullPolicy }}
 securityContext:
   {{- toYaml .Values.monitor.securityContext | nindent 2 }}
+{{- end }}
+
+
+{{/* Fail the render when one vLLM worker's ring would not fit in /dev/shm (the plugin reserves it whole). */}}
+{{- define "mm.ringFits" -}}
+{{- $t := .Values.monitor.config.transport | default dict }}
+{{- $slots := int ($t.slots | default 64) }}
+{{- $rows := int ($t.slot_rows | default 512) }}
+{{- $d := int ((.Values.monitor.config.model | default dict).d_model | default 0) }}
+{{- $layers := len (.Values.monitor.config.taps | default list) }}
+{{- if and $d $layers }}
+{{- $raw := add 64 65536 (mul $rows 4) (mul $layers $rows $d 2) }}
+{{- $ring := add 4096 (mul $slots (mul (div (add $raw 4095) 4096) 4096)) }}
+{{- $q := toString .Values.shm.sizeLimit }}
+{{- $n := int64 (regexFind "^[0-9]+" $q) }}
+{{- $unit := trimPrefix (toString $n) $q }}
+{{- $mult := get (dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000) $unit }}
+{{- if not $mult }}{{ fail (printf "shm.sizeLimit %q: use a plain quantity such as 2Gi or 512Mi" $q) }}{{ end }}
+{{- $limit := mul $n $mult }}
+{{- if gt (mul $ring 4) (mul $limit 3) }}
+{{- fail (printf "one ring (%d slots x %d rows x %d tapped layer(s) at d_model %d) takes %d MiB, more than three quarters of shm.sizeLimit %s: raise shm.sizeLimit or lower monitor.config.transport.slots / slot_rows" $slots $rows $layers $d (div $ring 1048576) $q) }}
+{{- end }}
+{{- end }}
 {{- end }}
