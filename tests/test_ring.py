@@ -145,11 +145,13 @@ def test_separate_process_producer(tmp_path):
 def test_metadata_roundtrip_and_version_mismatch():
     meta = SlotMeta((Segment("0_chatcmpl-x-1a2b3c4d", "chatcmpl-x", "x", 0, 7, 2, 5, 3),), ("done",), 1.5)
     assert SlotMeta.from_bytes(meta.to_bytes()) == meta
-    newer = meta.to_bytes().replace(b'"v":1', b'"v":99')
+    newer = meta.to_bytes().replace(b'"v":2', b'"v":99')
     with pytest.raises(MetaError, match="version 99 is not understood .* same release"):
         SlotMeta.from_bytes(newer)
     with pytest.raises(MetaError, match="malformed"):
-        SlotMeta.from_bytes(b'{"v":1,"segments":[[1,2]],"finished":[]}')
+        SlotMeta.from_bytes(b'{"v":2,"segments":[[1,2]],"finished":[]}')
+    with pytest.raises(MetaError, match="version 1 is not understood"):  # the previous release's format
+        SlotMeta.from_bytes(b'{"v":1,"segments":[],"finished":[]}')
 
 
 def test_ring_from_another_release_is_refused(ring):

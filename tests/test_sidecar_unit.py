@@ -11,7 +11,8 @@ import yaml
 from sae_lens import SAE, StandardSAEConfig
 
 from monitor.config import load_config
-from monitor.plugin.attribution import parse_request_id, split_segments
+from monitor.plugin.attribution import split_segments
+from monitor.transport.meta import parse_request_id
 from monitor.transport.meta import Segment, SlotMeta
 from monitor.plugin.middleware import RequestIdMiddleware
 from monitor.scoring import LinearProbe, ProbeMetadata

@@ -11,35 +11,17 @@ bytes per row, no text, nothing read from the device.
 
 Ids: a worker sees `"{external}-{8 hex}"`, or `"{i}_{external}-{8 hex}"` for the i-th of n > 1
 samples. The OpenAI server's external id is `chatcmpl-` / `cmpl-` + the `X-Request-Id` header,
-which our middleware guarantees is set, so alerts name an id the caller can find.
+which our middleware guarantees is set, so alerts name an id the caller can find. An id over
+`MAX_ID_CHARS` is written cut (`wire_id`), in segments and finished lists alike.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 import numpy as np
 
-from monitor.transport.meta import Segment
-
-_INTERNAL = re.compile(r"^(?:(?P<sample>\d+)_)?(?P<external>.+)-(?P<suffix>[0-9a-f]{8})$")
-_OPENAI_PREFIXES = ("chatcmpl-", "cmpl-", "resp_", "resp-")
-
-
-def parse_request_id(internal: str) -> tuple[str, str, int]:
-    """(external id, caller-visible request id, sample index) from a worker's request id."""
-    m = _INTERNAL.match(internal)
-    if not m:
-        return internal, internal, 0
-    external = m["external"]
-    request_id = external
-    for prefix in _OPENAI_PREFIXES:
-        if external.startswith(prefix):
-            request_id = external[len(prefix):]
-            break
-    return external, request_id, int(m["sample"] or 0)
-
+from monitor.transport.meta import Segment, parse_request_id, wire_id
 
 def v1_segments(runner, scheduler_output) -> tuple[list[Segment], np.ndarray | None]:
     """The step's segments, and each row's input token id (in row order)."""
@@ -54,6 +36,7 @@ def v1_segments(runner, scheduler_output) -> tuple[list[Segment], np.ndarray | N
         n = scheduled.get(req, 0)
         if n == 0:
             continue
+        req = wire_id(req)
         external, request_id, sample = parse_request_id(req)
         start = int(batch.num_computed_tokens_cpu[i])
         segments.append(Segment(
@@ -70,6 +53,9 @@ def v1_segments(runner, scheduler_output) -> tuple[list[Segment], np.ndarray | N
 
 def split_segments(segments: list[Segment], max_rows: int) -> list[tuple[int, int, list[Segment]]]:
     """Cut a step's segments into chunks of at most `max_rows` rows: (first row, rows, segments)."""
+    total = sum(s.n for s in segments)
+    if total <= max_rows:  # the usual step: one slot, segments as they are (no copies on the inference thread)
+        return [(0, total, segments)]
     chunks: list[tuple[int, int, list[Segment]]] = []
     current: list[Segment] = []
     chunk_start, used = 0, 0
@@ -105,6 +91,7 @@ def v2_segments(runner, scheduler_output) -> tuple[list[Segment], np.ndarray | N
         n = int(b.num_scheduled_tokens[i])
         if n == 0:
             continue
+        req = wire_id(req)
         external, request_id, sample = parse_request_id(req)
         segments.append(Segment(
             req=req, external_id=external, request_id=request_id, sample=sample,

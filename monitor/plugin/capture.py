@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 from monitor.config.models import MonitorConfig
 from monitor.plugin.attribution import split_segments, v1_segments, v2_segments
 from monitor.plugin.tap import install_taps
-from monitor.transport.meta import Segment, SlotMeta
+from monitor.transport.meta import Segment, SlotMeta, wire_id
 from monitor.transport.ring import RingError, RingSpec, RingWriter
 
 log = logging.getLogger("monitor.plugin")
@@ -64,14 +65,42 @@ class _Publisher:
         with self.lock:
             chunks = split_segments(segments, self.ring.spec.slot_rows) if segments else []
             if not chunks and finished:
-                self.ring.publish(step, SlotMeta((), tuple(finished), t), None)
+                self._finished_only(step, finished, t)
             for k, (first, n, segs) in enumerate(chunks):
-                if not self.ring.has_room():  # full (no or slow reader): count it, build nothing
-                    self.ring.drop(n)
-                    continue
-                meta = SlotMeta(tuple(segs), tuple(finished) if k == len(chunks) - 1 else (), t)
-                self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None,
-                                  None if token_ids is None else token_ids[first : first + n])
+                self._chunk(step, first, n, segs, finished if k == len(chunks) - 1 else [], t, rows, token_ids)
+
+    def _chunk(self, step: int, first: int, n: int, segs: list[Segment], finished: list[str], t: float,
+               rows: list[torch.Tensor] | None, token_ids: np.ndarray | None) -> None:
+        if not self.ring.has_room():  # full (no or slow reader): count it, build nothing
+            self.ring.drop(n)
+            return
+        meta = SlotMeta(tuple(segs), tuple(finished), t)
+        payload = meta.to_bytes()
+        if len(payload) > self.ring.spec.meta_bytes and (len(segs) > 1 or finished):
+            # Too many requests for one slot's metadata: the same rows over two slots, never dropped.
+            if len(segs) == 1:
+                self._chunk(step, first, n, segs, [], t, rows, token_ids)
+                self._finished_only(step, finished, t)
+                return
+            half = len(segs) // 2
+            cut = segs[half].row
+            left = segs[:half]
+            right = [replace(s, row=s.row - cut) for s in segs[half:]]
+            self._chunk(step, first, cut, left, [], t, rows, token_ids)
+            self._chunk(step, first + cut, n - cut, right, finished, t, rows, token_ids)
+            return
+        self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None,
+                          None if token_ids is None else token_ids[first : first + n], payload)
+
+    def _finished_only(self, step: int, finished: list[str], t: float) -> None:
+        meta = SlotMeta((), tuple(finished), t)
+        payload = meta.to_bytes()
+        if len(payload) > self.ring.spec.meta_bytes and len(finished) > 1:
+            half = len(finished) // 2
+            self._finished_only(step, finished[:half], t)
+            self._finished_only(step, finished[half:], t)
+            return
+        self.ring.publish(step, meta, None, None, payload)
 
     def drop(self, n_rows: int) -> None:
         with self.lock:
@@ -180,7 +209,7 @@ class Capture:
             self.step += 1
             # token_ids is a fresh array, not a view of vLLM's batch: the GPU path publishes it a step later.
             segments, token_ids = (v2_segments if self.v2 else v1_segments)(runner, scheduler_output)
-            finished = sorted(scheduler_output.finished_req_ids or ())
+            finished = sorted(wire_id(r) for r in scheduler_output.finished_req_ids or ())
             n = sum(s.n for s in segments)
             if not segments and not finished:
                 return

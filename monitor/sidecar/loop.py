@@ -289,14 +289,16 @@ class Sidecar:
             out[i] = -1
             if req in self.skipped:
                 self.skipped[req] = now
-            elif req in self.table.ended:
+                continue
+            if req in self.table.ended:
                 self.stats.late_rows += int(seg.n[i])
-            elif not self.sampler.admit(seg.request_id[i]):
+                continue
+            external_id, request_id, sample = seg.ids(i)
+            if not self.sampler.admit(request_id):
                 self.skipped[req] = now
                 self.stats.requests_sampled_out += 1
             else:
-                info = self.table.open(req, seg.request_id[i], seg.external_id[i], int(seg.sample[i]),
-                                       int(seg.n_prompt[i]))
+                info = self.table.open(req, request_id, external_id, sample, int(seg.n_prompt[i]))
                 if info is None:
                     self.skipped[req] = now
                     self.stats.requests_over_limit += 1

@@ -237,7 +237,7 @@ class RingWriter:
         _set_u64(b, ERRORS, _u64(b, ERRORS) + 1)
 
     def publish(self, step: int, meta: SlotMeta, rows: Sequence[torch.Tensor] | None,
-                token_ids: np.ndarray | None = None) -> bool:
+                token_ids: np.ndarray | None = None, payload: bytes | None = None) -> bool:
         """Write one slot: `rows[i]` is layer i's [n, d_model] tensor (CPU), or None for metadata only;
         `token_ids[j]` is row j's input token id, when the producer knows it.
 
@@ -251,7 +251,7 @@ class RingWriter:
         if not self.has_room():
             self.drop(n)
             return False
-        payload = meta.to_bytes()
+        payload = meta.to_bytes() if payload is None else payload  # `payload`: the caller encoded it already
         if len(payload) > self.spec.meta_bytes:
             self.drop(n)
             self.count_error()
