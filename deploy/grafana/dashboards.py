@@ -165,7 +165,11 @@ def overview() -> dict:
     p.append(L.panel("Ring drops", [
         (rate("misalignment_monitor_ring_slots_dropped_total", by="reason"), "{{reason}}"),
         (rate("misalignment_monitor_ring_rows_dropped_total"), "rows dropped"),
-        (rate("misalignment_monitor_ring_producer_errors_total"), "tap errors")], w=12))
+        (rate("misalignment_monitor_ring_producer_errors_total"), "tap errors"),
+        (rate("misalignment_monitor_slots_skipped_total", by="reason"), "skipped {{reason}}"),
+        (f"sum(misalignment_monitor_taps_disabled{{{M}}})", "workers with the tap off")], w=12,
+        description="Dropped: never scored (ring full, overwritten, corrupt). Skipped: read, not scored "
+                    "(MisalignmentMonitorSlotsSkipped). Tap off: /dev/shm too small (MisalignmentMonitorTapDisabled)."))
     p.append(L.row("Sidecar"))
     p.append(L.panel("Latency (p99)", [
         (quantile(0.99, "misalignment_monitor_scoring_lag_seconds"), "forward pass → scored"),
@@ -180,7 +184,9 @@ def overview() -> dict:
         (rate("misalignment_monitor_kafka_events_spooled_total"), "spooled"),
         (rate("misalignment_monitor_kafka_events_dropped_total", by="reason"), "dropped {{reason}}"),
         (rate("misalignment_monitor_kafka_send_errors_total"), "send errors"),
-        (f"sum(misalignment_monitor_kafka_spool_events{{{M}}})", "in spool")], w=8))
+        (f"sum(misalignment_monitor_kafka_spool_events{{{M}}})", "in spool"),
+        (f"sum(misalignment_monitor_kafka_queue_events{{{M}}})", "in memory (lost on a kill)"),
+        (f"min(misalignment_monitor_kafka_sender_up{{{M}}})", "sender up")], w=8))
     p.append(L.panel("Config reloads", [
         (f"sum by (outcome) (increase(misalignment_monitor_config_reloads_total{{{M}}}[$__rate_interval]))", "{{outcome}}"),
         (f"min(misalignment_monitor_config_last_reload_successful{{{M}}})", "last reload ok")], w=8,
