@@ -172,6 +172,7 @@ def run(duration: float, rate: float, folder: Path) -> dict:
         if k.startswith("misalignment_monitor_kafka_events_dropped_total"):
             losses[k] = losses.get(k, 0) + v
     received += consume(broker.bootstrap)
+    ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read())
     counters = ring.counters()
     sidecar.stop()
     broker.stop()
@@ -181,7 +182,7 @@ def run(duration: float, rate: float, folder: Path) -> dict:
     return {"duration_s": duration, "requests": made, "fired": len(fired), "alerted_requests": len(alerted & fired),
             "missing": sorted(fired - alerted), "unexpected": sorted(alerted - fired),
             "events_received": len(received), "events_unique": len(alerts), "kafka_lost": sum(losses.values()),
-            "ring_dropped_slots": counters["dropped_slots"], "process": samples}
+            "ring_dropped_slots": counters["dropped_slots"], "readyz": ready, "process": samples}
 
 
 def main() -> None:

@@ -194,18 +194,6 @@ def test_a_reload_that_would_break_scoring_is_refused(tmp_path):
     w.close()
 
 
-@pytest.fixture()
-def tiny_shm(tmp_path):
-    """A 1 MiB tmpfs standing in for a /dev/shm smaller than the ring (needs root, as CI's container has)."""
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 WRITER = textwrap.dedent("""
     import sys, torch
     from monitor.transport.ring import RingError, RingSpec, RingWriter
@@ -216,9 +204,10 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_ring_larger_than_its_tmpfs_is_refused_not_a_sigbus(tiny_shm):
+def test_a_ring_larger_than_its_tmpfs_is_refused_not_a_sigbus(tmpfs):
     """The ring is reserved up front: on a tmpfs too small for it the producer gets an error it can act on
     (the plugin turns its tap off), where a sparse file killed it with SIGBUS at the first write."""
+    tiny_shm = tmpfs("1m")
     r = subprocess.run([sys.executable, "-c", WRITER, str(tiny_shm / "k-x.ring")], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr  # alive: no SIGBUS (exit 135)
@@ -263,7 +252,8 @@ def test_ring_files_are_shared_with_the_group_only_when_asked():
     assert same_group and not other
 
 
-def test_check_config_refuses_a_ring_larger_than_its_folder(tiny_shm, tmp_path):
+def test_check_config_refuses_a_ring_larger_than_its_folder(tmpfs, tmp_path):
+    tiny_shm = tmpfs("1m")
     cfg = tiny_monitor(tmp_path, {"prometheus": {"enabled": False}})
     doc = yaml.safe_load(cfg.read_text())
     doc["transport"] = {"directory": str(tiny_shm), "name": "k", "slots": 64, "slot_rows": 512}

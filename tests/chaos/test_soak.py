@@ -24,6 +24,8 @@ def test_every_fired_alert_reaches_kafka_through_a_bounce_and_a_restart(tmp_path
     # Every fired request's alert is in Kafka (deduplicated by event id), or its loss was counted.
     assert len(res["missing"]) <= res["kafka_lost"] + res["ring_dropped_slots"], res["missing"]
     assert res["missing"] == [] and res["kafka_lost"] == 0  # and here, with room enough, nothing was lost
+    assert res["readyz"]["status"] == "ok" and res["readyz"]["kafka_sender"]["up"] is True
+    assert res["readyz"]["kafka_sender"]["spool_events"] == 0
     # The restarted sidecar, once warm (its Kafka producer made), holds steady: threads, files, memory.
     warm, last = res["process"][1], res["process"][-1]
     assert last["threads"] == warm["threads"] and last["fds"] == warm["fds"], res["process"]
