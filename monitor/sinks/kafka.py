@@ -45,6 +45,7 @@ class KafkaCounters:
     dropped_queue_full: int = 0
     dropped_spool_full: int = 0
     dropped_disk_full: int = 0
+    dropped_spool_error: int = 0  # the spool could not be written (an I/O error other than a full disk)
     send_errors: int = 0
     sender_errors: int = 0  # unexpected errors in the sender thread (it carries on)
 
@@ -58,6 +59,7 @@ class KafkaStats:
     dropped_queue_full: int
     dropped_spool_full: int
     dropped_disk_full: int
+    dropped_spool_error: int
     send_errors: int
     sender_errors: int
     quarantined: int
@@ -178,7 +180,11 @@ class KafkaSink:
         return items
 
     def _persist(self, items: list[tuple[str, str, bytes, float]]) -> None:
-        n, refused = self.spool.append([(t, k, e) for t, k, e, _ in items])
+        try:
+            n, refused = self.spool.append([(t, k, e) for t, k, e, _ in items])
+        except Exception:  # noqa: BLE001 - an I/O error: these events are in memory only; try them directly
+            log.exception("kafka spool write failed")
+            n, refused = 0, "spool_error"
         first = self.spool.last_seq - n + 1
         for i, item in enumerate(items[:n]):
             self._queued_at[first + i] = item[3]
@@ -192,11 +198,13 @@ class KafkaSink:
         lost = len(rest) - acked
         if refused == "spool_full":
             self.counters.dropped_spool_full += lost
-        else:
+        elif refused == "disk_full":
             self.counters.dropped_disk_full += lost
+        else:
+            self.counters.dropped_spool_error += lost
         if lost:
-            log.error("kafka spool could not take %d event(s) (%s) and they could not be sent: lost", lost,
-                      "sinks.kafka.spool_max_bytes reached" if refused == "spool_full" else "disk full",
+            why = {"spool_full": "sinks.kafka.spool_max_bytes reached", "disk_full": "disk full"}.get(refused, "I/O error")
+            log.error("kafka spool could not take %d event(s) (%s) and they could not be sent: lost", lost, why,
                       extra={"lost": lost, "reason": refused})
 
     def _count_waiting(self) -> None:
@@ -259,7 +267,7 @@ class KafkaSink:
         age = time.monotonic() - self._turn_at
         up = self._thread.is_alive() and age < STALE_AFTER
         return KafkaStats(c.sent, c.spooled, c.dropped_queue_full, c.dropped_spool_full, c.dropped_disk_full,
-                          c.send_errors, c.sender_errors, self.spool.quarantined, len(self.spool),
+                          c.dropped_spool_error, c.send_errors, c.sender_errors, self.spool.quarantined, len(self.spool),
                           self.spool.disk_bytes(), self.queue.qsize(), up, age)
 
     def close(self, timeout: float = 10.0) -> None:

@@ -210,10 +210,10 @@ class MonitorCollector(Collector):
             yield counter("kafka_events_spooled", "Alert events that waited in the disk spool because the broker "
                           "was unreachable.", c.spooled)
             yield by_label("kafka_events_dropped", "Alert events lost, by reason: queue_full (memory queue), "
-                           "spool_full (sinks.kafka.spool_max_bytes), disk_full (ENOSPC), each after a direct send "
-                           "failed too.", "reason",
+                           "spool_full (sinks.kafka.spool_max_bytes), disk_full (ENOSPC), spool_error (another I/O "
+                           "error), each after a direct send failed too.", "reason",
                            {"queue_full": c.dropped_queue_full, "spool_full": c.dropped_spool_full,
-                            "disk_full": c.dropped_disk_full})
+                            "disk_full": c.dropped_disk_full, "spool_error": c.dropped_spool_error})
             yield counter("kafka_send_errors", "Failed send attempts (each retried from the spool).", c.send_errors)
             yield counter("kafka_sender_errors", "Unexpected errors in the Kafka sender thread (it carries on; "
                           "events wait in the spool).", c.sender_errors)

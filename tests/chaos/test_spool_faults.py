@@ -171,3 +171,20 @@ def test_sigkill_loses_no_accepted_event(broker, tmp_path):
     assert set(got) == {f"ev-{i}" for i in range(n)}
     seqs = [int(i.split("-")[1]) for i in got]
     assert seqs == sorted(seqs)  # spooled order kept
+
+
+def test_a_spool_write_error_sends_directly_or_counts(broker, tmp_path, monkeypatch):
+    """An I/O error writing the spool (not a full disk): the events go straight to Kafka when it is up."""
+    sink = KafkaSink(cfg_for(broker.bootstrap, tmp_path / "spool"), retry_every=0.2)
+
+    def broken(entries):
+        raise OSError("injected: EIO")
+
+    monkeypatch.setattr(sink.spool, "append", broken)
+    for i in range(4):
+        sink.submit(event(i))
+    assert until(lambda: sink.counters.sent == 4, timeout=30)
+    stats = sink.stats()
+    sink.close()
+    assert stats.dropped_spool_error == 0 and stats.sender_up
+    assert set(consume_ids(broker.bootstrap, 4)) == {f"ev-{i}" for i in range(4)}
