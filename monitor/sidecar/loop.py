@@ -262,11 +262,15 @@ class Sidecar:
         last_discover = 0.0
         while not stop.is_set():
             now = self.heartbeat = time.monotonic()
-            if now - last_discover > discover_every:
-                self.discover()
-                last_discover = now
-            if self.poll_once() == 0:
-                time.sleep(idle_sleep)
+            try:
+                if now - last_discover > discover_every:
+                    last_discover = now
+                    self.discover()
+                if self.poll_once() == 0:
+                    time.sleep(idle_sleep)
+            except Exception:  # noqa: BLE001 - slots are guarded one by one; this is the last line of defence
+                log.exception("scoring loop error; carrying on")
+                time.sleep(0.1)
 
     def _process(self, reader: RingReader, slot: Slot) -> None:
         self.stats.slots += 1
@@ -487,6 +491,7 @@ class Sidecar:
                     banks[det.spec.name] = DetectorBank(det, self.table.capacity)
             self.banks = banks
             self.detectors = new
+            self._usable = {}
             self.loaded = loaded
             self.stats.reloads_ok += 1
             self.stats.last_reload_ok = True
