@@ -115,10 +115,6 @@ class Transport(Strict):
         "0600", description="Permissions of the ring and pinned-request files. 0600: vLLM and the sidecar run as "
         "one uid; 0660: they share a group instead (the chart's fsGroup), and nobody else may read them.")
 
-    @property
-    def mode(self) -> int:
-        return int(self.file_mode, 8)
-
 
 class Kafka(Strict):
     """Alert events to Kafka. TLS/SASL settings pass through to kafka-python."""

@@ -186,7 +186,7 @@ class Capture:
                         overwrite=t.overflow == "overwrite_oldest")
         path = ring_path(cfg, rank)
         try:
-            self.ring = RingWriter(path, spec, cfg.transport.mode)
+            self.ring = RingWriter(path, spec, int(cfg.transport.file_mode, 8))
         except RingError as e:
             # Fail open: vLLM serves unwatched; the marker tells the sidecar (and its metrics) why.
             self.active = False

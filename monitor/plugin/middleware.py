@@ -37,7 +37,7 @@ def _rules() -> tuple[dict[bytes, set[bytes]], PinnedWriter | None]:
     rules: dict[bytes, set[bytes]] = {}
     for rule in cfg.sampling.always:
         rules.setdefault(rule.header.lower().encode(), set()).update(v.encode() for v in rule.values)
-    return rules, PinnedWriter(pinned_path(cfg.transport.directory, cfg.transport.name), cfg.transport.mode)
+    return rules, PinnedWriter(pinned_path(cfg.transport.directory, cfg.transport.name), int(cfg.transport.file_mode, 8))
 
 
 class RequestIdMiddleware:
