@@ -122,7 +122,8 @@ class Spool:
         return total
 
     def append(self, entries: list[tuple[str, str, bytes]]) -> tuple[int, str | None]:
-        """Persist events (topic, key, event) in order, in one transaction, fsynced.
+        """Persist events (topic, key, event) in order, fsynced: one transaction, or (when the disk fills)
+        as many halving ones as it takes to keep what still fits.
 
         Returns how many (from the first) are on disk, and why the rest are not: "spool_full" (over
         `max_bytes` of disk use) or "disk_full" (ENOSPC)."""
