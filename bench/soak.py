@@ -129,6 +129,18 @@ def run(duration: float, rate: float, folder: Path) -> dict:
     ring = RingWriter(folder / "rings/k-soak.ring", RingSpec(slots=512, slot_rows=8, d_model=16, layers=(2,),
                                                           dtype=torch.float32))
     sidecar = SidecarProcess(cfg, port, folder / "sidecar.log")
+    try:
+        return _traffic(duration, rate, port, broker, ring, sidecar)
+    finally:  # whatever happened, leave no sidecar or broker running behind
+        if sidecar.proc is not None and sidecar.proc.poll() is None:
+            sidecar.proc.kill()
+            sidecar.proc.wait()
+        broker.stop()
+        ring.close()
+
+
+def _traffic(duration: float, rate: float, port: int, broker: TansuBroker, ring: RingWriter,
+             sidecar: SidecarProcess) -> dict:
     sidecar.start()
     fired, made, received, samples, losses = set(), 0, [], [], {}
     t0 = time.time()
@@ -175,8 +187,6 @@ def run(duration: float, rate: float, folder: Path) -> dict:
     ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read())
     counters = ring.counters()
     sidecar.stop()
-    broker.stop()
-    ring.close()
     alerts = {e["id"]: e for e in received}
     alerted = {e["subject"] for e in alerts.values() if not e["data"].get("final")}
     return {"duration_s": duration, "requests": made, "fired": len(fired), "alerted_requests": len(alerted & fired),
