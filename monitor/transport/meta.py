@@ -22,7 +22,7 @@ import hashlib
 import json
 import operator
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -92,7 +92,6 @@ class Segment:
     row: int  # offset of the first row within the slot
 
 
-SEGMENT_FIELDS = tuple(f.name for f in fields(Segment))
 WIRE_FIELDS = ("req", "start", "n", "n_prompt", "row")  # then, only when not derivable: external_id, request_id, sample
 _N_WIRE = len(WIRE_FIELDS)
 _N_FULL = _N_WIRE + 3
