@@ -254,7 +254,7 @@ def test_two_producers_of_the_same_rows_give_one_verdict(tmp_path):
 def test_middleware_pins_requests_whose_headers_match(tmp_path, monkeypatch):
     import asyncio
 
-    from monitor.plugin.middleware import RequestIdMiddleware
+    from monitor.plugin.middleware import MonitorMiddleware
     from monitor.transport.pinned import PinnedReader
 
     cfg = monitor_config(tmp_path, sampling={"fraction": 0.1, "always": [{"header": "X-Tenant", "values": ["acme"]}]})
@@ -264,7 +264,7 @@ def test_middleware_pins_requests_whose_headers_match(tmp_path, monkeypatch):
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
 
-    mw = RequestIdMiddleware(app)
+    mw = MonitorMiddleware(app)
 
     async def call(headers):
         sent = []

@@ -14,7 +14,7 @@ from monitor.config import load_config
 from monitor.plugin.attribution import split_segments
 from monitor.transport.meta import parse_request_id
 from monitor.transport.meta import Segment, SlotMeta
-from monitor.plugin.middleware import RequestIdMiddleware
+from monitor.plugin.middleware import MonitorMiddleware
 from monitor.scoring import LinearProbe, ProbeMetadata
 from monitor.sidecar.loop import Sidecar
 from monitor.transport.ring import RingSpec, RingWriter
@@ -54,7 +54,7 @@ def test_middleware_sets_and_echoes_request_id():
     async def send(m):
         sent.append(m)
 
-    mw = RequestIdMiddleware(app)
+    mw = MonitorMiddleware(app)
     asyncio.run(mw({"type": "http", "headers": []}, None, send))
     assert len(seen["id"]) == 32 and dict(sent[0]["headers"])[b"x-request-id"] == seen["id"]
     asyncio.run(mw({"type": "http", "headers": [(b"x-request-id", b"mine")]}, None, send))

@@ -412,19 +412,28 @@ def ring_bytes(slots: int, slot_rows: int, d_model: int, layers: int, itemsize: 
 
 def _check_transport(lc: LoadedConfig) -> list[ConfigIssue]:
     """Each vLLM worker reserves a whole ring in `transport.directory` at start: one that cannot fit turns
-    the tap off (bfloat16 rows assumed; float32 models need twice as much)."""
+    the tap off (bfloat16 rows assumed; float32 models need twice as much). With detectors that act,
+    vLLM's API server also listens there on a socket, whose path a Unix socket limits to 107 bytes."""
     t, folder = lc.config.transport, Path(lc.config.transport.directory)
+    issues: list[ConfigIssue] = []
+    if lc.config.taps and any(d.spec.action != "none" for d in lc.detectors):
+        from monitor.transport.control import PID_MAX, ControlError, socket_path
+
+        try:  # vLLM's API server listens there for the sidecar's verdicts: without it, no detector can act
+            socket_path(folder, t.name, pid=PID_MAX)
+        except ControlError as e:
+            issues.append(ConfigIssue(lc.path, "transport.directory", str(e)))
     if lc.d_model is None or not lc.config.taps or not folder.is_dir():
-        return []
+        return issues
     need = ring_bytes(t.slots, t.slot_rows, lc.d_model, len(lc.config.taps))
     st = os.statvfs(folder)
     size = st.f_blocks * st.f_frsize
     if need > size:
-        return [ConfigIssue(lc.path, "transport.slots", f"a ring of {t.slots} slots x {t.slot_rows} rows at d_model "
+        issues.append(ConfigIssue(lc.path, "transport.slots", f"a ring of {t.slots} slots x {t.slot_rows} rows at d_model "
                             f"{lc.d_model} needs {need / 2**20:.0f} MiB, more than all of {folder} "
                             f"({size / 2**20:.0f} MiB): lower transport.slots or transport.slot_rows, or enlarge "
-                            f"{folder}")]
-    return []
+                            f"{folder}"))
+    return issues
 
 
 def credential_path(p: str) -> str:

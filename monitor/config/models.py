@@ -312,6 +312,30 @@ class Console(Strict):
         return None if v is None else v.rstrip("/")
 
 
+class Enforcement(Strict):
+    """Acting on verdicts: detectors with `action: abort | annotate` tell vLLM's API servers through a control
+    channel (a local socket per API server, beside the rings). See docs/enforcement.md."""
+
+    fail_closed: bool = Field(False, description="With the sidecar gone (no heartbeat for `sidecar_timeout_s`), "
+                              "refuse new generation requests (503) and abort those in flight. Default: serve "
+                              "them unwatched (fail open).")
+    heartbeat_s: float = Field(1.0, gt=0, le=60, description="How often the sidecar tells each API server it is "
+                               "alive (and which actions its detectors take).")
+    sidecar_timeout_s: float = Field(5.0, gt=0, description="An API server counts the sidecar as gone after this "
+                                     "long without a heartbeat.")
+    verdict_wait_ms: int = Field(250, ge=0, le=10000, description="At the end of a response, how long an API server "
+                                 "waits for the sidecar's last verdict on it (only while the sidecar is alive and "
+                                 "some detector acts), so that a detector firing on the last tokens still reaches "
+                                 "the caller. 0: never wait.")
+
+    @model_validator(mode="after")
+    def _timeout_after_heartbeats(self) -> "Enforcement":
+        if self.sidecar_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError(f"sidecar_timeout_s ({self.sidecar_timeout_s}) must be at least twice heartbeat_s "
+                             f"({self.heartbeat_s}): one late heartbeat must not count as a dead sidecar")
+        return self
+
+
 class Deployment(Strict):
     """Names that identify this deployment in events."""
 
@@ -337,6 +361,7 @@ class MonitorConfig(Strict):
     evidence: Evidence = Field(default_factory=Evidence)
     store: StoreSettings = Field(default_factory=StoreSettings)
     console: Console = Field(default_factory=Console)
+    enforcement: Enforcement = Field(default_factory=Enforcement)
     deployment: Deployment = Field(default_factory=Deployment)
 
     @model_validator(mode="before")
@@ -467,6 +492,10 @@ class DetectorSpec(Strict):
     )
     scope: Literal["prompt", "generation", "both"] = "both"
     severity: Literal["critical", "warning", "info"] = "warning"
+    action: Literal["none", "annotate", "abort"] = Field(
+        "none", description="What happens to a request when the detector fires: `none` (alert only), `annotate` "
+        "(the response names the alert: headers, or a trailing SSE event), `abort` (vLLM stops the request; the "
+        "caller gets `finish_reason: content_filter`). Needs the middleware in vLLM's API server.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels carried into events.")
     calibration: Calibration | None = Field(None, description="Provenance of `threshold` (written by `monitor calibrate`).")
 

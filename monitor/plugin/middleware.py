@@ -1,37 +1,57 @@
-"""ASGI middleware for vLLM's OpenAI server: every request carries an `X-Request-Id`.
+"""ASGI middleware for vLLM's OpenAI server: request ids, sampling pins, and acting on verdicts.
 
-    python -m vllm.entrypoints.openai.api_server ... --middleware monitor.plugin.middleware.RequestIdMiddleware
+    python -m vllm.entrypoints.openai.api_server ... --middleware monitor.plugin.middleware.MonitorMiddleware
 
-vLLM names the engine request `chatcmpl-<X-Request-Id>` when the header is present, else a random
-id the caller never sees (`--enable-request-id-headers` echoes a *fresh* uuid, not the engine's).
-Setting the header before vLLM reads it, and echoing it on the response, gives every alert an id
-the caller can find. Pure ASGI (no BaseHTTPMiddleware), so streaming responses are untouched.
+Every request carries an `X-Request-Id`: vLLM names the engine request `chatcmpl-<X-Request-Id>`
+when the header is present, else a random id the caller never sees. Setting it before vLLM reads
+it, and echoing it on the response, gives every alert an id the caller can find.
 
 With `sampling.always` rules in the monitor's config, a request whose headers match one has its id
-written for the sidecar (`monitor.transport.pinned`) before vLLM sees it: it is scored whatever
-`sampling.fraction` says. A config that cannot be read leaves requests as they are (logged once).
+written for the sidecar (`monitor.transport.pinned`) before vLLM sees it.
+
+On the generation routes, detectors with an action (`monitor.plugin.enforce`) act here: an aborted
+request ends with `finish_reason: content_filter` and the alert id (`stop_reason`; and the
+`X-Alert-Id` header when the response is not streamed); an annotated one carries `X-Alert-Id`,
+`X-Alert-Detector` and `X-Alert-Action` headers, or, streamed, a trailing SSE event after
+`data: [DONE]` (where OpenAI clients have stopped reading, so they are not confused by it):
+
+    event: misalignment-monitor.alert
+    data: {"alerts": [{"alert_id": ..., "detector": ..., "severity": ..., "action": ..., "score": ...}]}
+
+When vLLM traces requests, each generation request also gets the monitor's span
+(`monitor.plugin.tracing`). Pure ASGI (no BaseHTTPMiddleware), so streaming is untouched. A config
+that cannot be read leaves requests as they are (logged once).
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import uuid
 
+from monitor.plugin.enforce import CURRENT, Enforcer, Watch
 from monitor.transport.pinned import PinnedWriter, pinned_path
 
 HEADER = b"x-request-id"
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+DONE = b"data: [DONE]\n\n"
+SSE_EVENT = "misalignment-monitor.alert"
 log = logging.getLogger("monitor.plugin")
 
 
-def _rules() -> tuple[dict[bytes, set[bytes]], PinnedWriter | None]:
-    """Header name -> values that pin a request, and where pinned ids go; empty when none are configured."""
+def _config():
     from monitor.plugin import _load_config
 
     try:
-        cfg = _load_config()
+        return _load_config()
     except Exception as e:  # noqa: BLE001 - a bad config must not take the API server down
-        log.error("misalignment-monitor: cannot read the config for sampling rules (%s); none apply", e)
-        return {}, None
+        log.error("misalignment-monitor: cannot read the config (%s); the middleware only sets request ids", e)
+        return None
+
+
+def _rules(cfg) -> tuple[dict[bytes, set[bytes]], PinnedWriter | None]:
+    """Header name -> values that pin a request, and where pinned ids go; empty when none are configured."""
     if cfg is None or not cfg.sampling.always:
         return {}, None
     rules: dict[bytes, set[bytes]] = {}
@@ -40,12 +60,38 @@ def _rules() -> tuple[dict[bytes, set[bytes]], PinnedWriter | None]:
     return rules, PinnedWriter(pinned_path(cfg.transport.directory, cfg.transport.name), int(cfg.transport.file_mode, 8))
 
 
-class RequestIdMiddleware:
+def alert_headers(taken) -> list[tuple[bytes, bytes]]:
+    if not taken:
+        return []
+    return [(b"x-alert-id", ",".join(v.alert_id for v, _ in taken).encode()),
+            (b"x-alert-detector", ",".join(v.detector for v, _ in taken).encode()),
+            (b"x-alert-action", ",".join(a for _, a in taken).encode())]
+
+
+def alert_event(taken) -> bytes:
+    alerts = [{"alert_id": v.alert_id, "detector": v.detector, "severity": v.severity, "action": a,
+               "score": v.score} for v, a in taken]
+    return f"event: {SSE_EVENT}\ndata: {json.dumps({'alerts': alerts})}\n\n".encode()
+
+
+UNAVAILABLE = json.dumps({"error": {
+    "message": "the misalignment monitor is unavailable and enforcement.fail_closed is set: no unwatched "
+               "generation is served; retry shortly", "type": "ServiceUnavailableError", "code": 503}}).encode()
+
+
+class MonitorMiddleware:
     def __init__(self, app) -> None:
         self.app = app
-        self.rules, self.pinned = _rules()
+        cfg = _config()
+        self.rules, self.pinned = _rules(cfg)
+        self.enforcer = Enforcer(cfg) if cfg is not None and cfg.taps else None
+        if self.enforcer is not None:
+            atexit.register(self.enforcer.close)  # the socket file goes with the process
+        self._tracer = None
 
     async def __call__(self, scope, receive, send) -> None:
+        if self.enforcer is not None and scope["type"] in ("lifespan", "http"):
+            self.enforcer.start(scope.get("app"))  # once vLLM's state is there; a no-op afterwards
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -67,4 +113,58 @@ class RequestIdMiddleware:
                 message = {**message, "headers": out + [(HEADER, rid)]}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        if self.enforcer is None or scope.get("method") != "POST" or scope.get("path") not in GENERATION_PATHS:
+            await self.app(scope, receive, send_with_id)
+            return
+        await self._generation(scope, receive, send_with_id, rid.decode(errors="replace"))
+
+    async def _generation(self, scope, receive, send, rid: str) -> None:
+        enforcer = self.enforcer
+        if enforcer.refuses():
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", b"5")]})
+            await send({"type": "http.response.body", "body": UNAVAILABLE})
+            return
+        watch = Watch(rid)
+        tracer = self._tracer or self._find_tracer()
+        if tracer is not None:
+            from monitor.plugin import tracing
+
+            watch.span, headers = tracing.start_span(tracer, list(scope.get("headers", [])), rid, scope["path"])
+            scope = {**scope, "headers": headers}
+        state = {"stream": False, "status": None}
+
+        async def send_acting(message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                state["status"] = message.get("status")
+                headers = message.get("headers", [])
+                state["stream"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                      for k, v in headers)
+                if not state["stream"]:
+                    await enforcer.settle(watch)  # the body is complete: late verdicts can still go in the headers
+                message = {**message, "headers": list(headers) + alert_headers(watch.taken())}
+            elif kind == "http.response.body" and state["stream"] and message.get("body", b"").endswith(DONE):
+                await enforcer.settle(watch)
+                taken = watch.taken()
+                if taken:
+                    message = {**message, "body": message["body"] + alert_event(taken)}
+            await send(message)
+
+        token = CURRENT.set(watch)
+        try:
+            await self.app(scope, receive, send_acting)
+        finally:
+            CURRENT.reset(token)
+            enforcer.forget(watch)
+            if watch.span is not None:
+                from monitor.plugin import tracing
+
+                tracing.end_span(watch.span, watch.taken(), state["status"], watch.aborted)
+
+    def _find_tracer(self):
+        # vLLM installs its tracer provider while the engine starts; looked up until found (cheap when absent).
+        from monitor.plugin.tracing import tracer
+
+        self._tracer = tracer()
+        return self._tracer

@@ -46,14 +46,14 @@ from monitor.sidecar.requests import RequestInfo, SlotTable
 from monitor.sidecar.sampling import Sampler
 from monitor.transport.pinned import PinnedReader
 from monitor.sinks.sources import LoopHealth, LoopSnapshot, LoopStats
-from monitor.transport.meta import SegmentTable
+from monitor.transport.meta import SegmentTable, parse_request_id
 from monitor.transport.ring import RingError, RingReader, RingTotals, Slot, peek_write_seq
 
 log = logging.getLogger("monitor.sidecar")
 
 # Config sections the sidecar reads once, at start: a reload that changes them says so.
 RESTART_ONLY = ("model", "scoring", "sampling", "transport", "sinks", "incidents", "evidence", "store", "console",
-                "deployment")
+                "enforcement", "deployment")
 
 
 class ScoreBus:
@@ -64,6 +64,16 @@ class ScoreBus:
         self._detectors: list[Callable[[DetectorUpdate], None]] = []
         self._slots: list[Callable[[SlotScored], None]] = []
         self._incidents: list[Callable[[Incident], None]] = []
+        self._ends: list[Callable[[str], None]] = []
+
+    def on_request_end(self, fn: Callable[[str], None]) -> None:
+        """`fn(external id)` once vLLM reports a request finished (or it timed out), after its verdicts; the
+        external id is the one vLLM's API server knows the request by (what `abort` takes)."""
+        self._ends.append(fn)
+
+    def emit_request_end(self, req: str) -> None:
+        for fn in self._ends:
+            fn(req)
 
     def on_incident(self, fn: Callable[[Incident], None]) -> None:
         self._incidents.append(fn)
@@ -403,6 +413,7 @@ class Sidecar:
         if info is None:
             if self.skipped.pop(req, None) is not None:
                 self.table.remember_ended(req)
+            self.bus.emit_request_end(parse_request_id(req)[0])
             return
         if expired:
             self.stats.requests_expired += 1
@@ -423,6 +434,7 @@ class Sidecar:
         for bank in self.banks.values():
             bank.reset(slots)
         self.table.close(req, ended=not expired)
+        self.bus.emit_request_end(info.external_id)
 
     def _incident(self, info: RequestInfo, verdicts: list[DetectorUpdate], end_time: float | None) -> Incident:
         """The request's trace, and the strongest SAE features at the tokens that drove a detector that fired."""

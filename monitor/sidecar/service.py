@@ -47,7 +47,8 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
         sidecar.bus.on_detector(decision_log)
     kafka = _attach_kafka(sidecar)
     incident_file = _attach_incident_file(sidecar, incidents) if incidents is not None else None
-    server = _attach_metrics(sidecar, kafka)
+    control = _attach_control(sidecar)
+    server = _attach_metrics(sidecar, kafka, control)
     stop = stop or threading.Event()
     reload_requested = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -84,6 +85,7 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     if server is not None:
         server.close()
     sidecar.close()
+    control.close()
     if kafka is not None:
         kafka.close()
     for f in (decision_log, incident_file):
@@ -92,14 +94,25 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     return 0
 
 
-def _attach_metrics(sidecar: Sidecar, kafka):
+def _attach_control(sidecar: Sidecar):
+    """Verdicts of acting detectors, and heartbeats, to vLLM's API servers (the control channel)."""
+    from monitor.sinks.control import ControlSink
+
+    control = ControlSink(sidecar.loaded.config, lambda: [d.spec for d in sidecar.detectors.detectors], os.getpid())
+    sidecar.bus.on_detector(control.on_detector)
+    sidecar.bus.on_request_end(control.on_request_end)
+    return control
+
+
+def _attach_metrics(sidecar: Sidecar, kafka, control):
     cfg = sidecar.loaded.config.sinks.prometheus
     if not cfg.enabled:
         return None
     from monitor.sinks.metrics import MetricsServer, SidecarMetrics
 
     metrics = SidecarMetrics(sidecar.loaded.config.model.name, sidecar.snapshot,
-                             kafka.stats if kafka is not None else None, expose_thresholds=cfg.expose_thresholds)
+                             kafka.stats if kafka is not None else None, expose_thresholds=cfg.expose_thresholds,
+                             control_stats=control.stats)
     # Token scores name their heads; the detector set in force says what each head is. Both are read on the
     # loop's thread, under its lock, so a reload cannot come between them.
     sidecar.bus.on_tokens(lambda t: metrics.on_tokens(t, sidecar.detectors))

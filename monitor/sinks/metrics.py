@@ -33,6 +33,7 @@ from monitor.scoring.space import sigmoid
 from monitor.scoring.tokens import SlotScored, TokenScores
 from monitor.sinks.kafka import KafkaStats
 from monitor.sinks.sources import LoopHealth, LoopSnapshot
+from monitor.transport.control import SenderStats
 
 log = logging.getLogger("monitor.metrics")
 
@@ -225,6 +226,14 @@ class MonitorCollector(Collector):
                         "lose.", c.queue_events)
             yield gauge("kafka_sender_up", "1 while the Kafka sender thread is alive and turning.",
                         1.0 if c.sender_up else 0.0)
+        if m.control_stats is not None:
+            c = m.control_stats()
+            yield gauge("control_receivers", "vLLM API servers listening on the control channel (the middleware's "
+                        "sockets the sidecar can write to).", c.receivers)
+            yield counter("control_messages_sent", "Control messages (verdicts, request ends, heartbeats) taken by an "
+                          "API server.", c.sent)
+            yield counter("control_messages_dropped", "Control messages an API server never got (its queue was full, "
+                          "or it went away): an action not taken.", c.dropped)
         for h in m.bulk:
             yield h.collect()
 
@@ -239,8 +248,9 @@ class SidecarMetrics:
 
     def __init__(self, model_name: str, snapshot: Callable[[], LoopSnapshot],
                  kafka_stats: Callable[[], KafkaStats] | None = None, registry: CollectorRegistry | None = None,
-                 expose_thresholds: bool = False) -> None:
+                 expose_thresholds: bool = False, control_stats: Callable[[], SenderStats] | None = None) -> None:
         self.snapshot = snapshot
+        self.control_stats = control_stats
         self.expose_thresholds = expose_thresholds
         self.kafka_stats = kafka_stats
         self.model_name = model_name
@@ -251,6 +261,8 @@ class SidecarMetrics:
         labels = ["model_name", "detector", "severity"]
         self.fires = Counter(f"{PREFIX}_detector_fires", "Detector fires (at most one per request and detector).",
                              labels, registry=r)
+        self.actions = Counter(f"{PREFIX}_actions", "Actions ordered on requests by detectors that act (`action: "
+                               "abort | annotate`), sent to vLLM's API servers.", [*labels, "action"], registry=r)
         self.verdicts = Counter(f"{PREFIX}_detector_evaluations",
                                 "Requests a detector reached a verdict on, by outcome (fired or not).",
                                 [*labels, "outcome"], registry=r)
@@ -294,6 +306,8 @@ class SidecarMetrics:
         for det in ds.detectors:
             spec = det.spec
             self.fires.labels(m, spec.name, spec.severity)
+            if spec.action != "none":
+                self.actions.labels(m, spec.name, spec.severity, spec.action)
             for outcome in ("fired", "not_fired"):
                 self.verdicts.labels(m, spec.name, spec.severity, outcome)
             self.ratios.ensure((m, spec.name))
@@ -328,6 +342,8 @@ class SidecarMetrics:
         spec = u.detector
         if u.fired_now:
             self.fires.labels(self.model_name, spec.name, spec.severity).inc()
+            if spec.action != "none" and u.alert_id is not None:
+                self.actions.labels(self.model_name, spec.name, spec.severity, spec.action).inc()
             if u.step_time is not None:
                 self.detection_latency.labels(self.model_name).observe(max(0.0, time.time() - u.step_time))
         if u.final:

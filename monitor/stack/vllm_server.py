@@ -37,6 +37,7 @@ class VLLMServer:
     kv_cache_gib: int = 2
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     proc: subprocess.Popen | None = None
 
     @property
@@ -47,7 +48,7 @@ class VLLMServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", "bfloat16", "--max-model-len", "2048", "--seed", "0",
-               "--middleware", "monitor.plugin.middleware.RequestIdMiddleware"]
+               "--middleware", "monitor.plugin.middleware.MonitorMiddleware"]
         if self.eager:
             cmd.append("--enforce-eager")
         if self.max_num_batched_tokens:
@@ -56,7 +57,7 @@ class VLLMServer:
         return cmd + self.extra_args
 
     def start(self, timeout: float = 600.0) -> "VLLMServer":
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
         env.pop(CONFIG_ENV, None)
         env.pop(DISABLE_ENV, None)
