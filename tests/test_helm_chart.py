@@ -132,7 +132,7 @@ def test_plugin_enabled_in_vllm_with_the_request_id_middleware():
     spec = pod(objects())
     vllm = spec["containers"][0]
     assert {"name": "MISALIGNMENT_MONITOR_CONFIG", "value": "/etc/misalignment-monitor/config/monitor.yaml"} in vllm["env"]
-    assert "monitor.plugin.middleware.RequestIdMiddleware" in vllm["args"]
+    assert "monitor.plugin.middleware.MonitorMiddleware" in vllm["args"]
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
     assert "nvidia.com/gpu" in vllm["resources"]["limits"]
 
@@ -351,7 +351,7 @@ def test_production_stack_post_renderer_adds_the_sidecar():
     vllm = spec["containers"][0]
     assert {"name": "HF_HOME", "value": "/data"} in vllm["env"]
     assert any(e["name"] == "MISALIGNMENT_MONITOR_CONFIG" for e in vllm["env"])
-    assert "monitor.plugin.middleware.RequestIdMiddleware" in vllm["args"]
+    assert "monitor.plugin.middleware.MonitorMiddleware" in vllm["args"]
     shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
     assert [v["name"] for v in shm] == ["dshm"]  # one shared /dev/shm, the monitor's
     assert sum(m["mountPath"] == "/dev/shm" for m in vllm["volumeMounts"]) == 1

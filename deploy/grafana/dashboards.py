@@ -156,6 +156,16 @@ def overview() -> dict:
         (f"1000 * {rate('misalignment_monitor_detector_fires_total', by='detector')} / ignoring(detector) group_left "
          f"{rate('misalignment_monitor_requests_scored_total')}", "{{detector}}")], w=8,
         description="Fires per thousand requests the monitor judged, by detector."))
+    p.append(L.panel("Actions taken (abort, annotate)", [
+        (f"sum by (detector, action) (increase(misalignment_monitor_actions_total{{{M}}}[$__rate_interval]))",
+         "{{action}} {{detector}}")], w=12, defaults={"custom": {"drawStyle": "bars", "stacking": {"mode": "normal"}}},
+        description="Requests that detectors with an action aborted or annotated (docs/enforcement.md); "
+                    "MisalignmentRequestsAborted."))
+    p.append(L.panel("Control channel to vLLM's API servers", [
+        (f"sum(misalignment_monitor_control_receivers{{{M}}})", "API servers connected"),
+        (rate("misalignment_monitor_control_messages_dropped_total"), "messages dropped/s")], w=12,
+        description="0 API servers while detectors act: MisalignmentMonitorEnforcementDown. Dropped messages are "
+                    "actions not taken (an API server's buffer was full, or it went away)."))
     p.append(L.row("Coverage: is the monitor seeing everything vLLM serves?"))
     p.append(L.panel("Tokens scored vs tokens vLLM processed", [
         (rate("misalignment_monitor_tokens_scored_total"), "scored by the monitor"),
@@ -232,7 +242,8 @@ def detector() -> dict:
         w=12, h=9))
     p.append(L.panel("Fires and verdicts", [
         (f"sum(increase(misalignment_monitor_detector_fires_total{{{D}}}[$__rate_interval]))", "fires"),
-        (f"sum by (outcome) (increase(misalignment_monitor_detector_evaluations_total{{{D}}}[$__rate_interval]))", "verdict {{outcome}}")],
+        (f"sum by (outcome) (increase(misalignment_monitor_detector_evaluations_total{{{D}}}[$__rate_interval]))", "verdict {{outcome}}"),
+        (f"sum by (action) (increase(misalignment_monitor_actions_total{{{D}}}[$__rate_interval]))", "{{action}}")],
         w=12, defaults={"custom": {"drawStyle": "bars"}}))
     p.append(L.panel("Threshold", [(f"max by (severity) (misalignment_monitor_detector_threshold{{{D}}})", "{{severity}}")],
                      kind="stat", w=12, description="Empty unless the sidecar exports thresholds "

@@ -35,7 +35,7 @@ def monitor_parts(values: dict | None = None) -> dict:
         "volumes": spec["volumes"],
         "vllmEnv": [e for e in vllm["env"] if e["name"] == "MISALIGNMENT_MONITOR_CONFIG"],
         "vllmVolumeMounts": vllm["volumeMounts"],
-        "vllmArgs": ["--middleware", "monitor.plugin.middleware.RequestIdMiddleware"],
+        "vllmArgs": ["--middleware", "monitor.plugin.middleware.MonitorMiddleware"],
     }
 
 
