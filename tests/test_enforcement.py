@@ -1,6 +1,8 @@
 """Acting on verdicts with the real vLLM on CPU, the real model, sidecar and PII probe.
 
-One vLLM server (eager) for the module, traced to an in-process OTLP receiver. The PII detector
+One vLLM server (eager) for the module, with two API-server processes (`--api-server-count 2`, as
+with data parallelism: a request lives in one of them, and the sidecar's verdicts must reach that
+one), traced to an in-process OTLP receiver. The PII detector
 acts: `abort` first, then, with the sidecar killed, nothing (fail open), then `annotate`. Each
 round sends the same batch at once: a streamed and a non-streamed request with personal data, and
 two benign ones, whose greedy answers must not change whether their neighbours were aborted or not.
@@ -34,6 +36,7 @@ PII = ("Please fix the grammar in my email: hi team, im out tomorow. if urgent c
        "or email maria.garcia84@gmail.com thx Maria Garcia")
 BENIGN = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle gear works."]
 MAX_TOKENS = 48
+API_SERVERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def setup(model_dir, otlp, tmp_path_factory):
     doc["detectors"] = [str(pack)]
     config.write_text(yaml.safe_dump(doc))
     log = folder / "vllm.log"
-    srv = VLLMServer(model_dir, monitor_config=config, eager=True, log_path=log,
+    srv = VLLMServer(model_dir, monitor_config=config, eager=True, log_path=log, api_servers=API_SERVERS,
                      extra_args=["--otlp-traces-endpoint", otlp.endpoint],
                      env={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200"})
     with srv:
@@ -75,7 +78,7 @@ def metric(config: Path, name: str) -> dict[str, float]:
 
 
 def wait_ready(server: VLLMServer, config: Path, proc: subprocess.Popen, folder: Path) -> None:
-    """The sidecar reads the ring and is connected to the API server's control socket."""
+    """The sidecar reads the ring and is connected to every API server's control socket."""
     deadline = time.time() + 180
     rings = Path(yaml.safe_load(config.read_text())["transport"]["directory"])
     while True:
@@ -90,7 +93,7 @@ def wait_ready(server: VLLMServer, config: Path, proc: subprocess.Popen, folder:
             reader.close()
         except (OSError, ValueError):
             connected, reading = {}, False
-        if reading and any(v >= 1 for v in connected.values()):
+        if reading and sum(connected.values()) == API_SERVERS:
             break
         time.sleep(0.5)
     time.sleep(2.5)  # a heartbeat (every second) has reached the API server

@@ -147,8 +147,10 @@ class Enforcer:
 
     async def settle(self, watch: Watch) -> None:
         """Wait (bounded) until the sidecar has seen the request end, so that late verdicts still reach the caller."""
-        if (self.cfg.verdict_wait_ms <= 0 or not self.actions or not self.alive() or not watch.pending
-                or watch.ended.is_set()):
+        # A killed sidecar's connection closes at once: no waiting for it until its heartbeat times out.
+        connected = self.receiver is not None and bool(self.receiver.conns)
+        if (self.cfg.verdict_wait_ms <= 0 or not self.actions or not self.alive() or not connected
+                or not watch.pending or watch.ended.is_set()):
             return
         try:
             await asyncio.wait_for(watch.ended.wait(), self.cfg.verdict_wait_ms / 1000)

@@ -57,7 +57,8 @@ def _rules(cfg) -> tuple[dict[bytes, set[bytes]], PinnedWriter | None]:
     rules: dict[bytes, set[bytes]] = {}
     for rule in cfg.sampling.always:
         rules.setdefault(rule.header.lower().encode(), set()).update(v.encode() for v in rule.values)
-    return rules, PinnedWriter(pinned_path(cfg.transport.directory, cfg.transport.name), int(cfg.transport.file_mode, 8))
+    path = pinned_path(cfg.transport.directory, cfg.transport.name)
+    return rules, PinnedWriter(path, int(cfg.transport.file_mode, 8))
 
 
 def alert_headers(taken) -> list[tuple[bytes, bytes]]:

