@@ -10,8 +10,10 @@ from monitor.stack.process import http_ok, stop_process_group, wait_ready
 
 
 class SidecarProcess:
-    def __init__(self, config: Path, metrics_port: int, log_path: Path, decisions: Path | None = None) -> None:
+    def __init__(self, config: Path, metrics_port: int, log_path: Path, decisions: Path | None = None,
+                 incidents: Path | None = None) -> None:
         self.config, self.metrics_port, self.log_path, self.decisions = config, metrics_port, log_path, decisions
+        self.incidents = incidents
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -22,6 +24,8 @@ class SidecarProcess:
         argv = [sys.executable, "-m", "monitor.cli", "sidecar", "--config", str(self.config)]
         if self.decisions is not None:
             argv += ["--decisions", str(self.decisions)]
+        if self.incidents is not None:
+            argv += ["--incidents", str(self.incidents)]
         self.proc = subprocess.Popen(argv, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_ready(self.proc, http_ok(f"{self.url}/readyz"), "the sidecar", self.log_path, timeout, interval=0.5)
