@@ -100,12 +100,17 @@ class Enforcer:
         log.info("misalignment-monitor control channel at %s (fail_closed=%s)", path, self.cfg.fail_closed)
 
     def close(self) -> None:
-        if self.receiver is not None:
-            if self.loop is not None and not self.loop.is_closed():
-                for fd in [self.receiver.fileno(), *self.receiver.conns]:
+        """At exit: the socket file goes with the process (the loop has usually stopped by then)."""
+        if self.receiver is None:
+            return
+        if self.loop is not None and not self.loop.is_closed():
+            for fd in [self.receiver.fileno(), *self.receiver.conns]:
+                try:
                     self.loop.remove_reader(fd)
-            self.receiver.close()
-            self.receiver = None
+                except (RuntimeError, ValueError, OSError):  # a loop being torn down
+                    pass
+        self.receiver.close()
+        self.receiver = None
 
     # ---- the sidecar's state ------------------------------------------------------------------
     def alive(self) -> bool:
