@@ -71,9 +71,9 @@ class ScoreBus:
         external id is the one vLLM's API server knows the request by (what `abort` takes)."""
         self._ends.append(fn)
 
-    def emit_request_end(self, req: str) -> None:
+    def emit_request_end(self, external_id: str) -> None:
         for fn in self._ends:
-            fn(req)
+            fn(external_id)
 
     def on_incident(self, fn: Callable[[Incident], None]) -> None:
         self._incidents.append(fn)

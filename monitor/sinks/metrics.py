@@ -228,8 +228,8 @@ class MonitorCollector(Collector):
                         1.0 if c.sender_up else 0.0)
         if m.control_stats is not None:
             c = m.control_stats()
-            yield gauge("control_receivers", "vLLM API servers listening on the control channel (the middleware's "
-                        "sockets the sidecar can write to).", c.receivers)
+            yield gauge("control_receivers", "vLLM API servers connected to the sidecar's control channel (the "
+                        "middleware's sockets).", c.receivers)
             yield counter("control_messages_sent", "Control messages (verdicts, request ends, heartbeats) taken by an "
                           "API server.", c.sent)
             yield counter("control_messages_dropped", "Control messages an API server never got (its queue was full, "
