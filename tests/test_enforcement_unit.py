@@ -335,3 +335,43 @@ def test_check_config_names_a_control_socket_path_too_long_when_detectors_act(tm
     det.write_text(yaml.safe_dump({**yaml.safe_load(det.read_text()), "action": "annotate"}))
     with pytest.raises(ConfigError, match="transport.directory.*over the 107 a Unix socket allows"):
         load_config(cfg)
+
+
+def test_only_the_pods_group_may_connect_to_the_control_socket():
+    """Authentication is the socket file's mode: with 0660 in a group-owned folder (the chart's fsGroup), a
+    process of another uid in that group connects, as the sidecar does; one outside the group cannot."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        pytest.skip("switching uid needs root")
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    os.chown(folder, 0, 4242)
+    os.chmod(folder, 0o2775)  # anyone may look in: the socket's own mode is what refuses
+    receiver = ControlReceiver(socket_path(folder, "k", pid=1), mode=0o660)
+    assert receiver.path.stat().st_gid == 4242 and (receiver.path.stat().st_mode & 0o777) == 0o660
+
+    def connects_as(uid: int, gid: int) -> int:
+        """0: connected and sent; 3: found the socket and was refused (EACCES); 2: anything else."""
+        pid = os.fork()
+        if pid == 0:  # the child: system calls only, then _exit
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                sender = ControlSender(folder, "k")
+                code = 0 if sender.discover() and sender.send(End("x")) == 1 else 3 if sender.denied else 2
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    try:
+        same_group, other = connects_as(65532, 4242), connects_as(65533, 4343)
+        accepted = receiver.accept()
+        got = [m for fd in accepted for m in receiver.receive(fd)[0]]
+    finally:
+        receiver.close()
+        folder.rmdir()
+    assert (same_group, other) == (0, 3) and got == [End("x")]
