@@ -26,7 +26,9 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,17 +121,18 @@ class ControlReceiver:
     def __init__(self, path: Path, mode: int = 0o600) -> None:
         self.path = path
         self.bad = 0  # messages that were not control messages
-        path.unlink(missing_ok=True)  # left by a process that had our pid and died
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.setblocking(False)
-        # Bind under a private umask, then open up to `mode`: no moment where anyone else may connect.
-        old = os.umask(0o077)
+        # Bound in a private (0700) folder, given `mode`, then moved into place: no moment where anyone else
+        # may connect. (Not a umask change: that is process-wide, and vLLM's API server has other threads.)
+        private = Path(tempfile.mkdtemp(prefix=".ctl-", dir=path.parent))
         try:
-            self.listener.bind(str(path))
+            self.listener.bind(str(private / "s"))
+            os.chmod(private / "s", mode)
+            self.listener.listen(16)
+            os.replace(private / "s", path)  # over a file left by a process that had our pid and died
         finally:
-            os.umask(old)
-        os.chmod(path, mode)
-        self.listener.listen(16)
+            shutil.rmtree(private, ignore_errors=True)
         self.conns: dict[int, socket.socket] = {}
 
     def fileno(self) -> int:
