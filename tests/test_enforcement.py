@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -67,8 +69,10 @@ def setup(model_dir, otlp, tmp_path_factory):
 
 
 def start_sidecar(config: Path, folder: Path) -> subprocess.Popen:
+    # PYTHONFAULTHANDLER: a sidecar stuck before its own handlers are set up still dumps its stacks on SIGABRT.
     return subprocess.Popen([sys.executable, "-m", "monitor.cli", "sidecar", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=(folder / "sidecar.log").open("ab"))
+                            stdout=subprocess.DEVNULL, stderr=(folder / "sidecar.log").open("ab"),
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
 def metric(config: Path, name: str) -> dict[str, float]:
@@ -78,21 +82,29 @@ def metric(config: Path, name: str) -> dict[str, float]:
 
 
 def wait_ready(server: VLLMServer, config: Path, proc: subprocess.Popen, folder: Path) -> None:
-    """The sidecar reads the ring and is connected to every API server's control socket."""
-    deadline = time.time() + 180
+    """The sidecar reads the ring and is connected to every API server's control socket.
+
+    No requests until its metrics answer: on two cores a busy vLLM starves a starting sidecar (minutes)."""
+    deadline = time.time() + 300
+    connected, reading = {}, False
     rings = Path(yaml.safe_load(config.read_text())["transport"]["directory"])
     while True:
         assert proc.poll() is None, (folder / "sidecar.log").read_text()[-3000:]
-        assert time.time() < deadline, "the sidecar never connected"
-        server.chat([{"role": "user", "content": "ping"}], max_tokens=2)
+        if time.time() > deadline:
+            proc.send_signal(signal.SIGABRT)  # its threads' stacks, into its log
+            time.sleep(2)
+            pytest.fail(f"the sidecar never connected (receivers {connected}, reading {reading}); its log:\n"
+                        + (folder / "sidecar.log").read_text()[-6000:])
         try:
             connected = metric(config, "misalignment_monitor_control_receivers")
-            (path,) = glob.glob(str(rings / "test-*.ring"))
-            reader = RingReader(path)
-            reading = reader.counters()["reader_seq"] > 0
-            reader.close()
-        except (OSError, ValueError):
-            connected, reading = {}, False
+        except OSError:  # not serving yet
+            time.sleep(0.5)
+            continue
+        server.chat([{"role": "user", "content": "ping"}], max_tokens=2)
+        (path,) = glob.glob(str(rings / "test-*.ring"))
+        reader = RingReader(path)
+        reading = reader.counters()["reader_seq"] > 0
+        reader.close()
         if reading and sum(connected.values()) == API_SERVERS:
             break
         time.sleep(0.5)

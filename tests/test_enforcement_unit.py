@@ -51,10 +51,17 @@ async def serving(scope, receive, send):
     gen = engine.generate("prompt", None, f"chatcmpl-{rid}")
     if scope.get("query_string") == b"stream":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        first = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(first)}\n\n".encode(),
+                    "more_body": True})
         async for out in gen:
             o = out.outputs[0]
+            if not o.text:
+                continue  # as vLLM: nothing generated yet, no chunk (not even the last one)
             chunk = {"text": o.text[-1:], "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
-            await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
+            data = json.dumps(chunk, separators=(",", ":"))
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(),
                         "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -157,6 +164,27 @@ def test_abort_of_a_stream_ends_it_with_a_content_filter_chunk_then_done_then_th
     assert trailer[0] == "event: misalignment-monitor.alert"
     assert json.loads(trailer[1].removeprefix("data: "))["alerts"][0] == {
         "alert_id": "a-1", "detector": "pii-probe", "severity": "critical", "action": "abort", "score": 0.9}
+
+
+def test_a_stream_aborted_before_its_first_token_still_ends_with_content_filter(setup):
+    """vLLM sends no last chunk for a request with no tokens; the middleware adds one before [DONE]."""
+    mw, app, engine, sidecar = setup(FakeEngine(step=0.05))
+
+    async def run():
+        await started(mw, app, sidecar)
+        call = asyncio.ensure_future(request(mw, app, "r0", stream=True))
+        await asyncio.sleep(0.01)  # before the first token
+        sidecar.send(verdict("r0", alert="early"))
+        return await call
+
+    status, headers, body = asyncio.run(run())
+    events = sse(body)
+    done = events.index("data: [DONE]")
+    last = json.loads(events[done - 1].removeprefix("data: "))
+    assert last["id"] == "chatcmpl-r0" and last["object"] == "chat.completion.chunk"
+    assert last["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "content_filter",
+                                "stop_reason": "early"}]
+    assert [e for e in events if '"finish_reason":"' in e] == [events[done - 1]]  # exactly one last chunk
 
 
 def test_annotate_lets_the_request_finish_and_names_the_alert(setup):

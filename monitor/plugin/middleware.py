@@ -75,6 +75,16 @@ def alert_event(taken) -> bytes:
     return f"event: {SSE_EVENT}\ndata: {json.dumps({'alerts': alerts})}\n\n".encode()
 
 
+def finish_chunk(first: bytes | None, alert_id: str) -> bytes:
+    """The last chunk of an aborted stream, shaped like the stream's first one (chat or completions)."""
+    head = json.loads(first[len(b"data: "):]) if first else {}
+    chat = head.get("object", "chat.completion.chunk") == "chat.completion.chunk"
+    choice = {"index": 0, **({"delta": {}} if chat else {"text": ""}), "logprobs": None,
+              "finish_reason": "content_filter", "stop_reason": alert_id}
+    chunk = {k: head[k] for k in ("id", "object", "created", "model") if k in head} | {"choices": [choice]}
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+
+
 UNAVAILABLE = json.dumps({"error": {
     "message": "the misalignment monitor is unavailable and enforcement.fail_closed is set: no unwatched "
                "generation is served; retry shortly", "type": "ServiceUnavailableError", "code": 503}}).encode()
@@ -133,7 +143,7 @@ class MonitorMiddleware:
 
             watch.span, headers = tracing.start_span(tracer, list(scope.get("headers", [])), rid, scope["path"])
             scope = {**scope, "headers": headers}
-        state = {"stream": False, "status": None}
+        state = {"stream": False, "status": None, "first": None, "finished": False}
 
         async def send_acting(message) -> None:
             kind = message["type"]
@@ -145,11 +155,24 @@ class MonitorMiddleware:
                 if not state["stream"]:
                     await enforcer.settle(watch)  # the body is complete: late verdicts can still go in the headers
                 message = {**message, "headers": list(headers) + alert_headers(watch.taken())}
-            elif kind == "http.response.body" and state["stream"] and message.get("body", b"").endswith(DONE):
-                await enforcer.settle(watch)
-                taken = watch.taken()
-                if taken:
-                    message = {**message, "body": message["body"] + alert_event(taken)}
+            elif kind == "http.response.body" and state["stream"]:
+                body = message.get("body", b"")
+                if state["first"] is None and body.startswith(b"data: {"):
+                    state["first"] = body
+                if b'"finish_reason":"' in body:
+                    state["finished"] = True
+                done = body.endswith(DONE)
+                if watch.aborted and not state["finished"] and (done or b'"choices":[]' in body):
+                    # vLLM sends no last chunk for a request stopped before its first token: the caller
+                    # still gets one with the reason and the alert id (before the usage chunk, as OpenAI's).
+                    body = finish_chunk(state["first"], watch.abort.alert_id) + body
+                    state["finished"] = True
+                if done:
+                    await enforcer.settle(watch)
+                    taken = watch.taken()
+                    if taken:
+                        body += alert_event(taken)
+                message = {**message, "body": body}
             await send(message)
 
         token = CURRENT.set(watch)
