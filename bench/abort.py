@@ -166,7 +166,9 @@ def main() -> None:
     # A short folder: the control socket's path must fit in 107 bytes.
     work = Path(tempfile.mkdtemp(prefix="mm-abort-", dir="/tmp"))
     configs = {scope: config(work, free_port(), scope) for scope in ("prompt", "generation")}
-    out = {"device": "cpu", "eager": not args.compiled, "background_clients": args.background, "rounds": []}
+    import torch
+
+    out = {"device": "cuda" if torch.cuda.is_available() else "cpu", "eager": not args.compiled, "background_clients": args.background, "rounds": []}
     with VLLMServer(prepare_model().path, monitor_config=configs["prompt"], eager=not args.compiled,
                     log_path=work / "vllm.log") as server:
         for scope, cfg in configs.items():
