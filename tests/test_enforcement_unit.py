@@ -372,6 +372,8 @@ def test_only_the_pods_group_may_connect_to_the_control_socket():
     import tempfile
     from pathlib import Path
 
+    from as_user import exit_code_as
+
     if os.geteuid() != 0:
         pytest.skip("switching uid needs root")
     folder = Path(tempfile.mkdtemp(dir="/dev/shm"))
@@ -380,23 +382,13 @@ def test_only_the_pods_group_may_connect_to_the_control_socket():
     receiver = ControlReceiver(socket_path(folder, "k", pid=1), mode=0o660)
     assert receiver.path.stat().st_gid == 4242 and (receiver.path.stat().st_mode & 0o777) == 0o660
 
-    def connects_as(uid: int, gid: int) -> int:
+    def connects() -> int:
         """0: connected and sent; 3: found the socket and was refused (EACCES); 2: anything else."""
-        pid = os.fork()
-        if pid == 0:  # the child: system calls only, then _exit
-            code = 1
-            try:
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(uid)
-                sender = ControlSender(folder, "k")
-                code = 0 if sender.discover() and sender.send(End("x")) == 1 else 3 if sender.denied else 2
-            finally:
-                os._exit(code)
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        sender = ControlSender(folder, "k")
+        return 0 if sender.discover() and sender.send(End("x")) == 1 else 3 if sender.denied else 2
 
     try:
-        same_group, other = connects_as(65532, 4242), connects_as(65533, 4343)
+        same_group, other = exit_code_as(65532, 4242, connects), exit_code_as(65533, 4343, connects)
         accepted = receiver.accept()
         got = [m for fd in accepted for m in receiver.receive(fd)[0]]
     finally:

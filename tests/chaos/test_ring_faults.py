@@ -25,6 +25,7 @@ from monitor.sidecar import loop as loop_module
 from monitor.sidecar.loop import Sidecar
 from monitor.transport.meta import SlotMeta
 from monitor.transport.ring import HEADER_BYTES, SLOT_HEADER, RingError, RingSpec, RingWriter
+from as_user import exit_code_as
 from sidecar_helpers import D, publish_request, tiny_monitor
 
 
@@ -231,22 +232,12 @@ def test_ring_files_are_shared_with_the_group_only_when_asked():
     assert path.stat().st_gid == 4242  # inherited from the setgid folder
     assert (path.stat().st_mode & 0o777) == 0o660
 
-    def opens_as(uid: int, gid: int) -> bool:
-        """Open the ring read-write, as the sidecar's RingReader does, from a child running as uid:gid."""
-        pid = os.fork()
-        if pid == 0:  # the child: only system calls, then _exit
-            code = 1
-            try:
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(uid)
-                os.close(os.open(path, os.O_RDWR))
-                code = 0
-            finally:
-                os._exit(code)
-        return os.waitpid(pid, 0)[1] == 0
+    def opens() -> int:
+        """Open the ring read-write, as the sidecar's RingReader does."""
+        os.close(os.open(path, os.O_RDWR))
+        return 0
 
-    same_group, other = opens_as(65532, 4242), opens_as(65533, 4343)
+    same_group, other = exit_code_as(65532, 4242, opens) == 0, exit_code_as(65533, 4343, opens) == 0
     w.close()
     shm.rmdir()
     assert same_group and not other
