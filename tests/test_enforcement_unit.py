@@ -120,21 +120,23 @@ def verdict(rid: str, action: str = "abort", alert: str = "a-1") -> Verdict:
                    severity="critical", action=action, score=0.9, position=3, step_time=time.time())
 
 
+async def flagged(mw, app, sidecar, rid: str, messages: list, stream: bool = False, actions=("abort",)):
+    """A request under way, then the sidecar's messages about it, each after a moment; its response."""
+    await started(mw, app, sidecar, actions)
+    call = asyncio.ensure_future(request(mw, app, rid, stream=stream))
+    for msg in messages:
+        await asyncio.sleep(0.04)
+        sidecar.send(msg)
+    return await call
+
+
 def sse(body: bytes) -> list[str]:
     return [e for e in body.decode().split("\n\n") if e]
 
 
 def test_abort_ends_a_response_with_content_filter_and_the_alert_id(setup):
     mw, app, engine, sidecar = setup()
-
-    async def run():
-        await started(mw, app, sidecar)
-        call = asyncio.ensure_future(request(mw, app, "r1"))
-        await asyncio.sleep(0.05)
-        sidecar.send(verdict("r1"))
-        return await call
-
-    status, headers, body = asyncio.run(run())
+    status, headers, body = asyncio.run(flagged(mw, app, sidecar, "r1", [verdict("r1")]))
     out = json.loads(body)
     assert status == 200 and out["finish_reason"] == "content_filter" and out["stop_reason"] == "a-1"
     assert 0 < len(out["text"]) < 20  # stopped early: the partial text up to the abort
@@ -144,17 +146,8 @@ def test_abort_ends_a_response_with_content_filter_and_the_alert_id(setup):
 
 def test_abort_of_a_stream_ends_it_with_a_content_filter_chunk_then_done_then_the_alert(setup):
     mw, app, engine, sidecar = setup()
-
-    async def run():
-        await started(mw, app, sidecar)
-        call = asyncio.ensure_future(request(mw, app, "r2", stream=True))
-        await asyncio.sleep(0.05)
-        sidecar.send(verdict("r2"))
-        await asyncio.sleep(0.03)
-        sidecar.send(End("chatcmpl-r2"))
-        return await call
-
-    status, headers, body = asyncio.run(run())
+    status, headers, body = asyncio.run(flagged(mw, app, sidecar, "r2", [verdict("r2"), End("chatcmpl-r2")],
+                                                stream=True))
     events = sse(body)
     done = events.index("data: [DONE]")
     last = json.loads(events[done - 1].removeprefix("data: "))
@@ -189,15 +182,8 @@ def test_a_stream_aborted_before_its_first_token_still_ends_with_content_filter(
 
 def test_annotate_lets_the_request_finish_and_names_the_alert(setup):
     mw, app, engine, sidecar = setup()
-
-    async def run():
-        await started(mw, app, sidecar, actions=("annotate",))
-        call = asyncio.ensure_future(request(mw, app, "r3"))
-        await asyncio.sleep(0.05)
-        sidecar.send(verdict("r3", action="annotate", alert="a-3"))
-        return await call
-
-    status, headers, body = asyncio.run(run())
+    status, headers, body = asyncio.run(flagged(mw, app, sidecar, "r3", [verdict("r3", action="annotate", alert="a-3")],
+                                                actions=("annotate",)))
     out = json.loads(body)
     assert out["finish_reason"] == "length" and len(out["text"]) == 20 and engine.aborted == []
     assert headers["x-alert-id"] == "a-3" and headers["x-alert-action"] == "annotate"
