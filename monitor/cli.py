@@ -62,10 +62,13 @@ def _offline(args: argparse.Namespace, work: Callable[..., object], require_labe
     from monitor.offline.records import read_labeled
 
     try:
-        records = read_labeled(args.data, require_labels=require_labels)
-        loaded = load_config(args.config, detectors=[args.detectors])
+        files = args.data if isinstance(args.data, list) else [args.data]
+        stems = [f.stem for f in files]
+        records = [r for f in files for r in read_labeled(
+            f, require_labels=require_labels, family=f.stem if stems.count(f.stem) == 1 else f"{f.parent.name}/{f.stem}")]
+        loaded = load_config(args.config, detectors=[args.detectors] if args.detectors else None)
         if not loaded.detectors:
-            raise OfflineError(f"{args.detectors}: no detector files (*.yaml) found")
+            raise OfflineError(f"{args.detectors or args.config}: no detector files (*.yaml) found")
         # With --json, stdout carries the JSON object alone: progress goes to stderr.
         with contextlib.redirect_stdout(sys.stderr if getattr(args, "json", False) else sys.stdout):
             return work(loaded, records, args.model or prepare_model().path)
@@ -81,7 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from monitor.offline import OfflineError
-    from monitor.offline.evaluate import evaluate, plots, table
+    from monitor.offline.evaluate import evaluate, plots, shift_table, table
 
     reports = _offline(args, lambda loaded, records, model: evaluate(loaded, records, model, args.backend),
                        require_labels=True)
@@ -91,12 +94,51 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps({r.detector: r.summary() for r in reports}, indent=2))
         return 0
     print(table(reports))
+    print(shift_table(reports))
     try:
         written = plots(reports, args.report)
     except OfflineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nplots (ROC, score histograms with the threshold): {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from monitor.config import ConfigError, load_config
+    from monitor.model_prep import ModelPrepError
+    from monitor.offline import OfflineError
+    from monitor.report import ReportError
+    from monitor.report.build import write_report
+    from monitor.sinks.metrics import package_version
+
+    try:
+        evaluation, files = [], []
+        if args.data:
+            from monitor.offline.evaluate import evaluate
+
+            evaluation = _offline(args, lambda loaded, records, model: evaluate(loaded, records, model, args.backend),
+                                  require_labels=True)
+            if evaluation is None:
+                return 2
+            files = args.data
+        loaded = load_config(args.config, detectors=[args.detectors] if args.detectors else None)
+        if not loaded.detectors:
+            raise OfflineError(f"{args.config}: no detectors to report on")
+        written = write_report(loaded, args.out, package_version(), evaluation, files, args.prometheus, args.window,
+                               pdf=not args.no_pdf)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except (OfflineError, ModelPrepError, ReportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {written.html}")
+    if written.pdf is not None:
+        print(f"pdf:    {written.pdf}")
+    elif written.pdf_error:
+        print(f"no pdf: {written.pdf_error}", file=sys.stderr)
     return 0
 
 
@@ -356,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="measure detectors on labeled conversations, scored as the sidecar would")
     ev.add_argument("--detectors", type=Path, required=True, help="a detector file or a folder (searched recursively)")
-    ev.add_argument("--data", type=Path, required=True,
-                    help='JSON lines: {"messages": [...] or "text": ..., "labels": {"<concept>": 0|1}}')
+    ev.add_argument("--data", type=Path, required=True, nargs="+",
+                    help='JSON lines: {"messages": [...] or "text": ..., "labels": {"<concept>": 0|1}}; several files '
+                         'are reported one by one as families (a record\'s "family" field overrides its file)')
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ev.add_argument("--report", type=Path, default=Path("eval-report"), help="folder for the plots (default eval-report/)")
     _offline_options(ev, config=True)
@@ -390,6 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dry-run", action="store_true", help="print the thresholds, change no file")
     _offline_options(cal, config=True)
     cal.set_defaults(func=_calibrate)
+
+    rep = sub.add_parser("report", help="write an audit report (HTML, and PDF with Chromium): what is watched, how "
+                         "it was made, how well it does, and how it fired and drifted")
+    rep.add_argument("--out", type=Path, required=True, help="folder for index.html, its plots and report.pdf")
+    rep.add_argument("--detectors", type=Path, default=None, help="a detector file or folder (default: the config's packs)")
+    rep.add_argument("--data", type=Path, nargs="+", default=None,
+                     help="labelled conversations to evaluate on (as monitor eval; each file a family); without it the "
+                          "report has no evaluation figures")
+    rep.add_argument("--prometheus", default=None, metavar="URL",
+                     help="Prometheus's base URL: firing and drift figures over --window come from its HTTP API")
+    rep.add_argument("--window", default="7d", help="how far back the production figures go (default 7d)")
+    rep.add_argument("--no-pdf", action="store_true", help="HTML only (the PDF needs Chromium)")
+    _offline_options(rep, config=True)
+    rep.set_defaults(func=_report)
 
     inc = sub.add_parser("incidents", help="the incident store").add_subparsers(dest="incidents_command", required=True)
     for name, what in (("ingest", "consume alert and incident events from Kafka into the store"),

@@ -80,11 +80,38 @@ def test_eval_on_committed_test_data(tmp_path):
     out = json.loads(res.stdout)  # nothing but the JSON object on stdout
     assert set(out) == {"pii-probe", "pii-sae-feature"}  # only detectors whose concept the data labels
     keys = {"concept", "auroc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "fpr_at_threshold",
-            "threshold", "n_pos", "n_neg"}
+            "threshold", "n_pos", "n_neg", "families", "negative_sources", "worst_family"}
     for name, r in out.items():
         assert set(r) == keys and (r["n_pos"], r["n_neg"]) == (15, 25), name
     assert out["pii-probe"]["auroc"] > 0.9
+    fams = out["pii-probe"]["families"]
+    assert [f["family"] for f in fams] == ["slice"] and out["pii-probe"]["worst_family"] is None  # one file: no worst
+    sources = out["pii-probe"]["negative_sources"]
+    assert sum(s["n"] for s in sources) == 25 and [s["fpr"] for s in sources] == sorted((s["fpr"] for s in sources), reverse=True)
     report_dir = tmp_path / "report"
     res = eval_cli("--detectors", str(ROOT / "detectors/pii_probe.yaml"), "--data", str(data), "--report", str(report_dir))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "pii-probe" in res.stdout and (report_dir / "pii-probe.png").stat().st_size > 10_000
+
+
+def test_families_and_the_worst_one_are_named(tmp_path):
+    """Two files are two families; a family where the detector breaks is named, and its firing negatives listed."""
+    from monitor.offline.evaluate import breakdown, report, shift_table
+    from monitor.offline.records import Record
+
+    def rec(family, source):
+        return Record([{"role": "user", "content": "x"}], {"pii": 0}, 1, source, family)
+
+    pos = [(0.9, rec("single-turn", "p")) for _ in range(10)] + [(0.8, rec("multi-turn", "p")) for _ in range(10)]
+    neg = [(0.1, rec("single-turn", "chat#1")) for _ in range(10)] + \
+          [(0.85, rec("multi-turn", "isbn#2")) for _ in range(4)] + [(0.2, rec("multi-turn", "chat#3")) for _ in range(6)]
+    scores = lambda pairs: np.array([s for s, _ in pairs])  # noqa: E731
+    r = report("pii-probe", "pii", 0.5, scores(pos), scores(neg))
+    breakdown(r, pos, neg)
+    by = {f.family: f for f in r.families}
+    assert by["single-turn"].auroc == 1.0 and by["single-turn"].fpr_at_threshold == 0.0
+    assert by["multi-turn"].auroc == 0.6 and by["multi-turn"].fpr_at_threshold == 0.4
+    assert r.worst_family.family == "multi-turn"
+    assert [(s.source, s.fired, s.n) for s in r.negative_sources] == [("isbn", 4, 4), ("chat", 0, 16)]
+    text = shift_table([r])
+    assert "(worst: multi-turn)" in text and "isbn 4/4" in text

@@ -248,6 +248,18 @@ def detector() -> dict:
     p.append(L.panel("Threshold", [(f"max by (severity) (misalignment_monitor_detector_threshold{{{D}}})", "{{severity}}")],
                      kind="stat", w=12, description="Empty unless the sidecar exports thresholds "
                      "(sinks.prometheus.expose_thresholds)."))
+    p.append(L.row("Drift against the calibration set"))
+    p.append(L.panel("Drift (population-stability index; > 0.25: a shift)", [
+        (f"max(misalignment_monitor_detector_score_psi{{{D}}})", "scores of $detector"),
+        (f"max by (feature) (misalignment_monitor_feature_firing_psi{{{M}}})", "firing of {{feature}}"),
+        ("vector(0.25)", "shift line")],
+        w=12, description="The detector's final scores over its window, and each watched input's share of firing prompt "
+        "tokens, compared with the baseline `monitor calibrate` stored (docs/drift.md). Empty until the window holds "
+        "drift.min_requests requests, or when the detector was calibrated without a baseline."))
+    p.append(L.panel("Input firing rate: window vs calibration", [
+        (f"max by (feature) (misalignment_monitor_feature_firing_rate{{{M}}})", "now {{feature}}"),
+        (f"max by (feature) (misalignment_monitor_feature_firing_rate_baseline{{{M}}})", "calibration {{feature}}")],
+        unit="percentunit", w=12))
     p.append(L.row("Watched features"))
     p.append(L.panel("SAE feature activation quantiles (p50, p99)", [
         (quantile(0.5, "misalignment_monitor_feature_activation", by="feature"), "p50 {{feature}}"),

@@ -336,6 +336,26 @@ class Enforcement(Strict):
         return self
 
 
+class Drift(Strict):
+    """Drift: each detector's score distribution and each watched input's firing rate over a sliding window,
+    compared with the baseline `monitor calibrate` stored beside the threshold (a population-stability index).
+    See docs/drift.md."""
+
+    window_requests: int = Field(1000, ge=10, description="Requests in a detector's window: the last N final "
+                                 "scores are compared with the calibration baseline.")
+    window_tokens: int = Field(200_000, ge=100, description="Prompt tokens in the firing-rate window of each "
+                               "watched input.")
+    min_requests: int = Field(200, ge=10, description="No drift figure is exported before a detector's window holds "
+                              "this many requests: a handful of requests says nothing about a distribution.")
+
+    @model_validator(mode="after")
+    def _min_within_window(self) -> "Drift":
+        if self.min_requests > self.window_requests:
+            raise ValueError(f"min_requests ({self.min_requests}) cannot exceed window_requests "
+                             f"({self.window_requests}): the window would never hold enough")
+        return self
+
+
 class Deployment(Strict):
     """Names that identify this deployment in events."""
 
@@ -362,6 +382,7 @@ class MonitorConfig(Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     console: Console = Field(default_factory=Console)
     enforcement: Enforcement = Field(default_factory=Enforcement)
+    drift: Drift = Field(default_factory=Drift)
     deployment: Deployment = Field(default_factory=Deployment)
 
     @model_validator(mode="before")

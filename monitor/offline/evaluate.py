@@ -48,6 +48,31 @@ def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, target: float) -> float:
 
 
 @dataclass
+class FamilyFigures:
+    """One family of conversations (a data file, or a record's `family`): how the detector does on it."""
+
+    family: str
+    auroc: float | None  # None when the family lacks a class
+    recall: float | None
+    fpr_at_threshold: float | None
+    n_pos: int
+    n_neg: int
+
+
+@dataclass
+class SourceFalsePositives:
+    """Negatives of one source family (look-alike ISBNs, talk about the concept, ...) at the shipped threshold."""
+
+    source: str
+    fired: int
+    n: int
+
+    @property
+    def fpr(self) -> float:
+        return self.fired / self.n
+
+
+@dataclass
 class DetectorReport:
     detector: str
     concept: str
@@ -62,11 +87,24 @@ class DetectorReport:
     n_neg: int
     pos_scores: list[float] = field(default_factory=list, repr=False)
     neg_scores: list[float] = field(default_factory=list, repr=False)
+    families: list[FamilyFigures] = field(default_factory=list)
+    negative_sources: list[SourceFalsePositives] = field(default_factory=list)  # highest FPR first
+
+    @property
+    def worst_family(self) -> FamilyFigures | None:
+        """The family where it breaks first: lowest AUROC, then highest FPR, then lowest recall."""
+        ranked = [f for f in self.families if f.auroc is not None]
+        if len(self.families) < 2 or not ranked:
+            return None
+        return min(ranked, key=lambda f: (f.auroc, -(f.fpr_at_threshold or 0.0), f.recall or 0.0))
 
     def summary(self) -> dict:
         d = asdict(self)
         for k in ("detector", "pos_scores", "neg_scores"):
             d.pop(k)
+        d["worst_family"] = None if self.worst_family is None else self.worst_family.family
+        d["negative_sources"] = [{"source": s.source, "fired": s.fired, "n": s.n, "fpr": round(s.fpr, 4)}
+                                 for s in self.negative_sources]
         return d
 
 
@@ -86,7 +124,7 @@ def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.n
 
 
 def score_records(loaded, records: list[Record], model_dir: Path, backend: str = "transformers") -> dict[str, tuple[list, list]]:
-    """detector -> (scores of positives, scores of negatives) on the records that label its concept."""
+    """detector -> (positives, negatives) on the records that label its concept: (score, record) pairs."""
     concepts = {d.spec.concept for d in loaded.detectors}
     for r in records:
         unknown = set(r.labels) - concepts
@@ -101,15 +139,43 @@ def score_records(loaded, records: list[Record], model_dir: Path, backend: str =
         for d in loaded.detectors:
             label = rec.labels.get(d.spec.concept)
             if label is not None:
-                out[d.spec.name][0 if label else 1].append(verdicts[d.spec.name].score)
+                out[d.spec.name][0 if label else 1].append((verdicts[d.spec.name].score, rec))
     return out
+
+
+def _scores(pairs: list[tuple[float, Record]]) -> np.ndarray:
+    return np.array([-np.inf if np.isnan(s) else s for s, _ in pairs], np.float64)
+
+
+def breakdown(rep: DetectorReport, pos: list[tuple[float, Record]], neg: list[tuple[float, Record]]) -> None:
+    """Fill in the per-family figures and the false positives by source family."""
+    thr = rep.threshold
+    for fam in sorted({r.family or "" for _, r in pos + neg}):
+        p = _scores([x for x in pos if (x[1].family or "") == fam])
+        n = _scores([x for x in neg if (x[1].family or "") == fam])
+        rep.families.append(FamilyFigures(
+            fam, auroc(p, n) if len(p) and len(n) else None, float((p >= thr).mean()) if len(p) else None,
+            float((n >= thr).mean()) if len(n) else None, len(p), len(n)))
+    by_source: dict[str, list[int]] = {}
+    for s, r in neg:
+        counts = by_source.setdefault(r.source_family, [0, 0])
+        counts[0] += int(not np.isnan(s) and s >= thr)
+        counts[1] += 1
+    rep.negative_sources = sorted((SourceFalsePositives(k, f, n) for k, (f, n) in by_source.items()),
+                                  key=lambda x: (-x.fpr, -x.n, x.source))
 
 
 def evaluate(loaded, records: list[Record], model_dir: Path, backend: str = "transformers") -> list[DetectorReport]:
     scored = score_records(loaded, records, model_dir, backend)
-    return [report(d.spec.name, d.spec.concept, d.spec.threshold, np.array(scored[d.spec.name][0], np.float64),
-                   np.array(scored[d.spec.name][1], np.float64))
-            for d in loaded.detectors if scored[d.spec.name] != ([], [])]
+    out = []
+    for d in loaded.detectors:
+        pos, neg = scored[d.spec.name]
+        if not pos and not neg:
+            continue
+        rep = report(d.spec.name, d.spec.concept, d.spec.threshold, _scores(pos), _scores(neg))
+        breakdown(rep, pos, neg)
+        out.append(rep)
+    return out
 
 
 def table(reports: list[DetectorReport]) -> str:
@@ -120,6 +186,30 @@ def table(reports: list[DetectorReport]) -> str:
         prec = "-" if r.precision is None else f"{r.precision:.2f}"
         rows.append(f"{r.detector:<26} {r.concept:<18} {r.auroc:>6.3f} {r.tpr_at_1pct_fpr:>7.2f} {r.tpr_at_5pct_fpr:>7.2f} "
                     f"{r.threshold:>8.3g} {prec:>5} {r.recall:>6.2f} {r.fpr_at_threshold:>7.3f} {r.n_pos:>5} {r.n_neg:>5}")
+    return "\n".join(rows)
+
+
+def shift_table(reports: list[DetectorReport], top: int = 5) -> str:
+    """Distribution shift: each detector per family (the worst one named), and the negatives' source
+    families that fire most at the shipped threshold."""
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    rows = []
+    for r in reports:
+        worst = r.worst_family
+        rows.append(f"\n{r.detector} by family" + (f" (worst: {worst.family})" if worst else "") + ":")
+        rows.append(f"  {'family':<30} {'AUROC':>6} {'recall':>6} {'FPR@thr':>7} {'pos':>5} {'neg':>5}")
+        for f in r.families:
+            rows.append(f"  {f.family:<30} {num(f.auroc, '6.3f'):>6} {num(f.recall, '6.2f'):>6} "
+                        f"{num(f.fpr_at_threshold, '7.3f'):>7} {f.n_pos:>5} {f.n_neg:>5}")
+        firing = [s for s in r.negative_sources if s.fired]
+        if firing:
+            shown = ", ".join(f"{s.source} {s.fired}/{s.n}" for s in firing[:top])
+            more = f" (+{len(firing) - top} more)" if len(firing) > top else ""
+            rows.append(f"  negatives firing at the threshold, by source: {shown}{more}")
+        else:
+            rows.append(f"  no negative fires at the threshold ({len(r.negative_sources)} source families)")
     return "\n".join(rows)
 
 

@@ -23,10 +23,25 @@ class Verdict:
     evidence_positions: tuple[int, ...]  # the top tokens, highest score first
 
 
-def judge(detset: DetectorSet, conv: ConversationRows) -> dict[str, Verdict]:
-    """Every detector's verdict on one conversation, its tokens fed in one batch."""
+def head_scores(detset: DetectorSet, conv: ConversationRows) -> dict[str, np.ndarray]:
+    """Every scored head's per-token outputs [tokens, columns], as the sidecar's scorer computes them."""
     with torch.no_grad():
-        scores = {k: v.cpu().numpy() for k, v in detset.scorer.score({layer: conv.rows[layer] for layer in detset.layers}).items()}
+        out = detset.scorer.score({layer: conv.rows[layer] for layer in detset.layers})
+    return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def prompt_firing(detset: DetectorSet, scores: dict[str, np.ndarray], n_prompt: int) -> dict[str, int]:
+    """Per input label, on how many prompt tokens (row 0 left out) it fired, as the sidecar's drift counts it."""
+    out = {}
+    for name, values in scores.items():
+        fired = (values[1:max(n_prompt, 1)] > 0).sum(axis=0)
+        out |= {label: int(f) for label, f in zip(detset.heads[name].columns, fired)}
+    return out
+
+
+def judge(detset: DetectorSet, conv: ConversationRows, scores: dict[str, np.ndarray] | None = None) -> dict[str, Verdict]:
+    """Every detector's verdict on one conversation, its tokens fed in one batch."""
+    scores = head_scores(detset, conv) if scores is None else scores
     positions = np.arange(len(conv.token_ids))
     out = {}
     for det in detset.detectors:

@@ -2,7 +2,8 @@
 
 JSON lines: `{"messages": [{"role": ..., "content": ...}, ...], "labels": {"<concept>": 0 or 1}}`, or
 `"text"` for a single user message; an optional `"source"` (template or origin) keeps related
-records on one side of every split. Every problem is reported as `FILE:LINE: what is wrong`.
+records on one side of every split and names the negatives' families in `monitor eval`; an optional
+`"family"` names the distribution a record stands for (default: the file's name). Every problem is reported as `FILE:LINE: what is wrong`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,16 @@ class Record:
     labels: dict[str, int]
     line: int
     source: str | None = None  # the record's template/origin, if given: kept together in splits
+    family: str | None = None  # the distribution it stands for (`monitor eval` reports each): its `family`, else its file
+
+    @property
+    def source_family(self) -> str:
+        """Its source without the variant after '#': what `monitor eval` reports false positives by."""
+        return self.source.split("#")[0] if self.source else "(no source)"
 
 
-def read_labeled(path: Path, require_labels: bool = True) -> list[Record]:
+def read_labeled(path: Path, require_labels: bool = True, family: str | None = None) -> list[Record]:
+    """`family`: what records without their own `family` stand for (default: the file's name without suffix)."""
     path = Path(path)
     if not path.is_file():
         raise OfflineError(f"{path}: no such file")
@@ -54,8 +62,11 @@ def read_labeled(path: Path, require_labels: bool = True) -> list[Record]:
         for concept, v in labels.items():
             if v not in (0, 1) or isinstance(v, bool):
                 raise OfflineError(f"{where}: labels.{concept} must be 0 or 1, got {v!r}")
-        source = rec.get("source")
-        out.append(Record(msgs, {k: int(v) for k, v in labels.items()}, n, source if isinstance(source, str) else None))
+        source, rec_family = rec.get("source"), rec.get("family")
+        for key, v in (("source", source), ("family", rec_family)):
+            if v is not None and not isinstance(v, str):
+                raise OfflineError(f"{where}: `{key}` must be a string, got {v!r}")
+        out.append(Record(msgs, {k: int(v) for k, v in labels.items()}, n, source, rec_family or family or path.stem))
     if not out:
         raise OfflineError(f"{path}: no records")
     return out

@@ -53,7 +53,7 @@ log = logging.getLogger("monitor.sidecar")
 
 # Config sections the sidecar reads once, at start: a reload that changes them says so.
 RESTART_ONLY = ("model", "scoring", "sampling", "transport", "sinks", "incidents", "evidence", "store", "console",
-                "enforcement", "deployment")
+                "enforcement", "drift", "deployment")
 
 
 class ScoreBus:

@@ -108,11 +108,14 @@ def _attach_metrics(sidecar: Sidecar, kafka, control):
     cfg = sidecar.loaded.config.sinks.prometheus
     if not cfg.enabled:
         return None
+    from monitor.detectors.drift import DriftTracker
     from monitor.sinks.metrics import MetricsServer, SidecarMetrics
 
+    drift = sidecar.loaded.config.drift
     metrics = SidecarMetrics(sidecar.loaded.config.model.name, sidecar.snapshot,
                              kafka.stats if kafka is not None else None, expose_thresholds=cfg.expose_thresholds,
-                             control_stats=control.stats)
+                             control_stats=control.stats, drift=DriftTracker(
+                                 drift.window_requests, drift.window_tokens, drift.min_requests))
     # Token scores name their heads; the detector set in force says what each head is. Both are read on the
     # loop's thread, under its lock, so a reload cannot come between them.
     sidecar.bus.on_tokens(lambda t: metrics.on_tokens(t, sidecar.detectors))

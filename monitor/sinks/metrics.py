@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from monitor.detectors.drift import DriftTracker
 from monitor.detectors.runtime import DetectorSet
 from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring.space import sigmoid
@@ -234,8 +235,37 @@ class MonitorCollector(Collector):
                           "API server.", c.sent)
             yield counter("control_messages_dropped", "Control messages an API server never got (its queue was full, "
                           "or it went away): an action not taken.", c.dropped)
+        if m.drift is not None:
+            yield from drift_families(m.drift, model)
         for h in m.bulk:
             yield h.collect()
+
+
+def drift_families(drift: DriftTracker, model: str) -> Iterable:
+    """Drift gauges: a series appears once its window can say something (see `monitor.detectors.drift`)."""
+    score = GaugeMetricFamily(f"{PREFIX}_detector_score_psi", "Population-stability index of the detector's final "
+                              "scores over its window against its calibration baseline (>0.25: a shift).",
+                              labels=["model_name", "detector"])
+    window = GaugeMetricFamily(f"{PREFIX}_drift_window_requests", "Requests in the detector's drift window.",
+                               labels=["model_name", "detector"])
+    for d in drift.detectors():
+        window.add_metric([model, d.detector], d.requests)
+        if d.psi is not None:
+            score.add_metric([model, d.detector], d.psi)
+    rate = GaugeMetricFamily(f"{PREFIX}_feature_firing_rate", "Share of prompt tokens in the window on which the "
+                             "watched input fired (probe logit > 0, SAE feature active).", labels=["model_name", "feature"])
+    base = GaugeMetricFamily(f"{PREFIX}_feature_firing_rate_baseline", "The same share on the calibration set.",
+                             labels=["model_name", "feature"])
+    fpsi = GaugeMetricFamily(f"{PREFIX}_feature_firing_psi", "Population-stability index of the input's firing rate "
+                             "over the window against its calibration baseline.", labels=["model_name", "feature"])
+    for i in drift.inputs():
+        if i.rate is not None:
+            rate.add_metric([model, i.input], i.rate)
+        if i.baseline is not None:
+            base.add_metric([model, i.input], i.baseline)
+        if i.psi is not None:
+            fpsi.add_metric([model, i.input], i.psi)
+    yield from (score, window, rate, base, fpsi)
 
 
 class SidecarMetrics:
@@ -248,8 +278,10 @@ class SidecarMetrics:
 
     def __init__(self, model_name: str, snapshot: Callable[[], LoopSnapshot],
                  kafka_stats: Callable[[], KafkaStats] | None = None, registry: CollectorRegistry | None = None,
-                 expose_thresholds: bool = False, control_stats: Callable[[], SenderStats] | None = None) -> None:
+                 expose_thresholds: bool = False, control_stats: Callable[[], SenderStats] | None = None,
+                 drift: DriftTracker | None = None) -> None:
         self.snapshot = snapshot
+        self.drift = drift
         self.control_stats = control_stats
         self.expose_thresholds = expose_thresholds
         self.kafka_stats = kafka_stats
@@ -333,6 +365,8 @@ class SidecarMetrics:
                 values = sigmoid(values)  # the probability histogram: one scale for every probe
             hist = self.probes if is_probe else self.features
             hist.observe_columns([(self.model_name, label) for label in head.columns], values)
+        if self.drift is not None:
+            self.drift.on_tokens(t, detectors)
 
     def on_delivered(self, seconds: float) -> None:
         if self.delivery_latency is not None:
@@ -351,6 +385,8 @@ class SidecarMetrics:
             self.verdicts.labels(self.model_name, spec.name, spec.severity, outcome).inc()
             if spec.threshold > 0:
                 self.ratios.observe_many((self.model_name, spec.name), np.array([u.score / spec.threshold]))
+            if self.drift is not None:
+                self.drift.on_final(spec, u.score)
 
 
 WORKERS = 4  # concurrent requests: Prometheus, a probe or two, a person with curl
