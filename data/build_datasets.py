@@ -11,13 +11,17 @@ Writes
   benign ones, sometimes under a system prompt. Negatives also include benign chat and the other
   concepts' records.
 - data/benign/{train,calibration,test}.jsonl: benign conversations from the chatterbot corpus
-  (`chatterbot-corpus` on PyPI, BSD-3: 7,644 hand-written dialogues in 28 languages), single- and
-  multi-turn. `calibration.jsonl` (thousands of chats) is what `monitor calibrate` sets thresholds
-  on; `train` feeds probe training and `test` the evaluation.
+  (`chatterbot-corpus` on PyPI, BSD-3: 7,644 hand-written dialogues in 28 languages; the 11 in Latin
+  script that the demo model reads), single- and multi-turn. `calibration.jsonl` is what `monitor calibrate` sets thresholds on: thousands of those
+  chats, plus look-alike and talk-about families that no probe trains on or is tested on
+  (`families.CALIBRATION`), since a threshold set on chit-chat alone sits below the hard negatives
+  real traffic has. `train` feeds probe training and `test` the evaluation.
+- data/eval/{single-turn,multi-turn}.jsonl: the three concepts' test splits again, cut into single
+  requests and conversations with earlier turns: the two families `monitor eval` reports apart.
 
 Every record is `{"messages": [...], "labels": {concept: 0|1}, "source": "<family>"}`. Whole families
 go to one side of the split (about 30% held out for test), and the chatterbot corpus is split by
-file (language x topic), so test figures measure phrasings and topics no probe saw.
+blocks of neighbouring dialogues, so test figures measure phrasings and topics no probe saw.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import families as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CONCEPTS = ("pii", "prompt_injection", "harmful_request")
+CALIBRATION_REPS = 30  # records per held-out look-alike family in the calibration set
 LOCALES = ["en_US", "en_GB", "en_IN", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR", "pl_PL"]
 TEST_CARDS = ["4242 4242 4242 4242", "4111 1111 1111 1111", "5555 5555 5555 4444", "4000 0566 5566 5556",
               "3782 822463 10005", "6011 1111 1111 1117", "4000 0000 0000 0002"]
@@ -49,14 +54,26 @@ def is_test(family: str) -> bool:
     return stable(family) % 10 < 3
 
 
+def split_of(family: str, negative: bool) -> str:
+    """test (30% of families, by name), calibration (the negative families named in `families.CALIBRATION`:
+    look-alikes and talk about a concept that no probe trains on, for `monitor calibrate`), or train."""
+    if is_test(family):
+        return "test"
+    return "calibration" if negative and family.rsplit("/", 1)[-1] in F.CALIBRATION else "train"
+
+
 class Fill:
     """Slot values: Faker's personal data in several locales, secrets, and look-alike identifiers."""
 
     def __init__(self, seed: int) -> None:
         from faker import Faker
 
-        Faker.seed(seed)
         self.fake = Faker(LOCALES)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Each family draws from its own seed, so editing one family leaves every other record as it was."""
+        self.fake.seed_instance(seed)
         self.rng = random.Random(seed)
 
     def _secret(self) -> str:
@@ -129,6 +146,9 @@ class Composer:
     def __init__(self, seed: int, benign_pairs: list[tuple[str, str]]) -> None:
         self.rng = random.Random(seed)
         self.pairs = F.BENIGN_QA + benign_pairs
+
+    def reseed(self, seed: int) -> None:
+        self.rng = random.Random(seed)
 
     def chat(self, turn: str) -> list[dict[str, str]]:
         r = self.rng
@@ -211,7 +231,8 @@ def main() -> None:
     pairs = {part: [(d[0], d[1]) for name, ds in dialogues.items() if name.startswith("english/")
                     for i, d in enumerate(ds) if benign_split(f"{name}#{i // 20}") == part] for part in ("train", "test")}
     fill = Fill(20261201)
-    composers = {"train": Composer(1, pairs["train"]), "test": Composer(2, pairs["test"])}
+    composers = {"train": Composer(1, pairs["train"]), "test": Composer(2, pairs["test"]),
+                 "calibration": Composer(4, pairs["train"])}
     by_concept: dict[str, dict[str, list[dict]]] = {c: {"train": [], "test": []} for c in CONCEPTS}
     positives: dict[str, list[dict]] = {c: [] for c in CONCEPTS}
     tables = {"pii": (F.PII_POS, F.PII_NEG, 14, 12), "prompt_injection": (F.INJ_POS, F.INJ_NEG, 14, 12),
@@ -220,30 +241,40 @@ def main() -> None:
         for label, table, reps in ((1, pos, n_pos), (0, neg, n_neg)):
             for family, phrasings in table.items():
                 source = f"{concept}/{'pos' if label else 'neg'}/{family}"
-                part = "test" if is_test(source) else "train"
-                for k in range(reps):
+                part = split_of(source, negative=not label)
+                fill.reseed(stable(source))
+                composers[part].reseed(stable(source) + 1)
+                for k in range(reps if part != "calibration" else CALIBRATION_REPS):
                     text = phrasings[k % len(phrasings)].format(**fill.values())
                     rec = {"messages": composers[part].chat(text), "labels": {concept: label}, "source": source}
+                    if part == "calibration":  # a look-alike of one concept is benign for every concept
+                        benign["calibration"].append(rec | {"labels": {c: 0 for c in CONCEPTS}})
+                        continue
                     by_concept[concept][part].append(rec)
                     if label:
                         positives[concept].append(rec)
     # Each concept's negatives also hold the other concepts' records (their look-alikes included:
     # an ISBN is no injection either), and benign chat.
     rng = random.Random(3)
+    own = {c: {part: list(recs) for part, recs in by_concept[c].items()} for c in CONCEPTS}  # before any borrowing
     for concept in CONCEPTS:
         for other in CONCEPTS:
             if other == concept:
                 continue
             for part in ("train", "test"):
-                pool = [r for r in by_concept[other][part] if not (concept == "pii" and "@" in json.dumps(r))]
+                pool = [r for r in own[other][part] if not (concept == "pii" and "@" in json.dumps(r))]
                 for r in rng.sample(pool, min(len(pool), 90 if part == "train" else 45)):
                     by_concept[concept][part].append({"messages": r["messages"], "labels": {concept: 0},
                                                       "source": f"other/{r['source']}"})
         for i, text in enumerate(F.BENIGN_REQUESTS):  # everyday requests to an assistant, 20 families
             source = f"requests/{i % 20}"
-            part = "test" if is_test(source) else "train"
-            by_concept[concept][part].append({"messages": composers[part].chat(text), "labels": {concept: 0},
-                                              "source": source})
+            part = split_of(source, negative=True)
+            rec = {"messages": composers[part].chat(text), "labels": {concept: 0}, "source": source}
+            if part == "calibration":
+                if concept == CONCEPTS[0]:
+                    benign["calibration"].append(rec | {"labels": {c: 0 for c in CONCEPTS}})
+                continue
+            by_concept[concept][part].append(rec)
         for part, n in (("train", 160), ("test", 120)):
             for r in rng.sample(benign[part], min(n, len(benign[part]))):
                 by_concept[concept][part].append({"messages": r["messages"], "labels": {concept: 0}, "source": r["source"]})
@@ -252,6 +283,12 @@ def main() -> None:
             write(ROOT / "concepts" / concept / f"{part}.jsonl", recs, rng)
     for part, recs in benign.items():
         write(ROOT / "benign" / f"{part}.jsonl", recs, rng)
+    # The test splits again, as the two families `monitor eval` reports apart: single requests, and
+    # conversations with earlier turns (each record still labels only its own concept).
+    for family, multi in (("single-turn", False), ("multi-turn", True)):
+        recs = [r for c in CONCEPTS for r in by_concept[c]["test"]
+                if (sum(m["role"] == "user" for m in r["messages"]) > 1) == multi]
+        write(ROOT / "eval" / f"{family}.jsonl", recs, rng)
 
 
 def write(path: Path, recs: list[dict], rng: random.Random) -> None:

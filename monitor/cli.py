@@ -158,6 +158,24 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aggregation(args: argparse.Namespace):
+    """The detector's aggregation from --aggregation, --window and --alpha, validated as a pack would be."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from monitor.config.models import Aggregation
+    from monitor.offline import OfflineError
+
+    spec = {"kind": args.aggregation}
+    if args.aggregation == "rolling_mean_max":
+        spec["window"] = args.window
+    elif args.aggregation == "ema_max":
+        spec["alpha"] = args.alpha
+    try:
+        return TypeAdapter(Aggregation).validate_python(spec)
+    except ValidationError as e:
+        raise OfflineError(f"--aggregation {args.aggregation}: {e.errors()[0]['msg']}") from e
+
+
 def _probe_train(args: argparse.Namespace) -> int:
     from monitor.model_prep import ModelPrepError, prepare_model
     from monitor.offline import OfflineError
@@ -180,7 +198,7 @@ def _probe_train(args: argparse.Namespace) -> int:
                         severity=args.severity, description=args.description,
                         out_probe=args.probe_dir or Path("probes") / name,
                         out_detector=args.detector_file or Path("detectors") / f"{name}_probe.yaml",
-                        model_name=args.model_name, backend=args.backend)
+                        model_name=args.model_name, backend=args.backend, aggregation=_aggregation(args))
     except (OfflineError, ModelPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -417,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--scope", choices=["prompt", "generation", "both"], default="prompt")
     pt.add_argument("--target-fpr", type=float, default=0.01)
     pt.add_argument("--validation", type=float, default=0.2, help="fraction held out (default 0.2)")
+    pt.add_argument("--aggregation", choices=["mean", "rolling_mean_max", "ema_max", "max"], default="mean",
+                    help="how the detector aggregates the probe's per-token logits (default mean: the trained "
+                         "classifier exactly; rolling_mean_max finds a concept in one turn of a long conversation)")
+    pt.add_argument("--window", type=int, default=16, help="tokens per rolling mean (rolling_mean_max)")
+    pt.add_argument("--alpha", type=float, default=0.3, help="weight of the newest token (ema_max)")
     pt.add_argument("--severity", choices=["critical", "warning", "info"], default="warning")
     pt.add_argument("--description", default=None, help="the detector's description")
     pt.add_argument("--probe-dir", type=Path, default=None, help="where the probe goes (default probes/<name>/)")

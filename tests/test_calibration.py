@@ -69,33 +69,44 @@ def test_probe_train_refuses_what_it_cannot_do(tmp_path):
 
 
 def test_train_calibrate_eval_on_committed_data(tmp_path):
-    """`monitor probe train` on the pii train split, `monitor calibrate` on the benign split, `monitor eval` on test."""
+    """`monitor probe train` on a slice of the pii train split, `monitor calibrate` on a slice of the benign
+    calibration set (with its drift baseline), `monitor eval` on a slice of test. Slices keep CI's cold
+    activation cache to a minute."""
     import json
 
+    def head(src: Path, n: int, dest: Path) -> Path:
+        dest.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
+        return dest
+
+    data = head(ROOT / "data/concepts/pii/train.jsonl", 360, tmp_path / "train.jsonl")
     probe_dir, det_file = tmp_path / "probes/pii_t", tmp_path / "pack/pii_t_probe.yaml"
-    res = run("probe", "train", "--data", str(ROOT / "data/concepts/pii/train.jsonl"), "--concept", "pii",
-              "--name", "pii_t", "--target-fpr", "0.05", "--probe-dir", str(probe_dir), "--detector-file", str(det_file))
+    res = run("probe", "train", "--data", str(data), "--concept", "pii", "--name", "pii_t", "--target-fpr", "0.05",
+              "--aggregation", "rolling_mean_max", "--window", "16",
+              "--probe-dir", str(probe_dir), "--detector-file", str(det_file))
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads((probe_dir / "probe.json").read_text())
-    assert meta["layer"] == 15 and meta["aggregation"] == "mean" and meta["metrics"]["validation_auroc"] > 0.9
+    assert meta["layer"] == 15 and meta["aggregation"] == "rolling_mean_max" and meta["metrics"]["validation_auroc"] > 0.9
     assert meta["training"]["sha256"] and meta["calibration"]["target_fpr"] == 0.05
+    assert yaml.safe_load(det_file.read_text())["aggregation"] == {"kind": "rolling_mean_max", "window": 16}
     # A monitor config that knows the new probe, for the detector that uses it.
     cfg = tmp_path / "monitor.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"name": "smollm2-135m-instruct", "num_layers": 30, "d_model": 576},
                                    "taps": [{"layer": 15}], "probes": [{"name": "pii_t", "path": str(probe_dir)}],
                                    "detectors": [str(det_file.parent)]}))
-    benign = ROOT / "data/benign/train.jsonl"
-    n = sum(1 for line in benign.read_text().splitlines() if line.strip())
+    benign = head(ROOT / "data/benign/calibration.jsonl", 300, tmp_path / "benign.jsonl")
     res = run("calibrate", "--config", str(cfg), "--detectors", str(det_file.parent), "--benign", str(benign),
               "--target-fpr", "0.02")
     assert res.returncode == 0, res.stderr[-3000:]
     doc = yaml.safe_load(det_file.read_text())
     cal = doc["calibration"]
-    assert doc["threshold"] == cal["threshold"] and cal["n_benign"] == n and cal["target_fpr"] == 0.02
+    assert doc["threshold"] == cal["threshold"] and cal["n_benign"] == 300 and cal["target_fpr"] == 0.02
     assert cal["achieved_fpr"] <= 0.02 < cal["fpr_upper_95"] and len(cal["data_sha256"]) == 64
+    base = cal["baseline"]  # for the sidecar's drift figures: score bins and the input's firing rate
+    assert base["n_requests"] == 300 and abs(sum(base["score_fractions"]) - 1) < 1e-9
+    assert len(base["score_fractions"]) == len(base["score_edges"]) + 1 and 0 <= base["input_rates"]["pii_t/score"] < 0.5
     assert det_file.read_text().startswith("#")  # the file's comment header is kept
-    res = run("eval", "--config", str(cfg), "--detectors", str(det_file.parent),
-              "--data", str(ROOT / "data/concepts/pii/test.jsonl"), "--json")
+    test = head(ROOT / "data/concepts/pii/test.jsonl", 150, tmp_path / "test.jsonl")
+    res = run("eval", "--config", str(cfg), "--detectors", str(det_file.parent), "--data", str(test), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout)["pii-t-probe"]
-    assert r["threshold"] == cal["threshold"] and r["auroc"] > 0.95 and r["n_pos"] > 50
+    assert r["threshold"] == cal["threshold"] and r["auroc"] > 0.95 and r["n_pos"] > 20

@@ -4,7 +4,10 @@ A probe is a logistic regression on the *mean* of a conversation's residual rows
 row 0 is the same token at the same position in every chat, an attention sink with a huge norm
 that carries no information). Because the logit is linear, the mean of per-token logits equals
 the logit of the mean row, so the sidecar's `mean` aggregation (which averages logits and applies
-the sigmoid last) reproduces the trained classifier exactly.
+the sigmoid last) reproduces the trained classifier exactly. A detector may aggregate the same
+per-token logits otherwise (the max of rolling means finds a concept in one turn of a long
+conversation that the mean of all of them dilutes); `aggregated_scores` computes what the sidecar
+would report, through its own aggregators.
 """
 
 from __future__ import annotations
@@ -50,6 +53,21 @@ class FitResult:
     probe: LinearProbe
     train_auroc: float
     oof_scores: np.ndarray  # out-of-fold sigmoid(mean logit) per training record, for calibration
+    folds: list[tuple[np.ndarray, LinearProbe]]  # (held-out indices, the probe fit without them)
+
+
+def aggregated_scores(probe: LinearProbe, convs: list[ConversationRows], scope: Scope, aggregation) -> np.ndarray:
+    """What the sidecar reports for a probe-only detector with this aggregation: the per-token logits of
+    its scope aggregated by the sidecar's own aggregator, then the sigmoid."""
+    from monitor.detectors.aggregate import Ragged, make_aggregator
+
+    out = np.empty(len(convs))
+    for i, c in enumerate(convs):
+        logits = probe.logits(scope_rows(c, probe.meta.layer, scope)).numpy()[:, :1].astype(np.float64)
+        agg = make_aggregator(aggregation, capacity=1)
+        agg.update(Ragged.of(np.array([0]), np.array([0]), np.array([len(logits)])), logits[None])
+        out[i] = sigmoid(float(agg.value(np.array([0]))[0, 0]))
+    return out
 
 
 def fit_logistic_probe(
@@ -66,7 +84,7 @@ def fit_logistic_probe(
 ) -> FitResult:
     """Standardise, then L2 logistic regression (C chosen by 5-fold CV on AUROC when not given).
 
-    Also returns out-of-fold scores: each record scored by a probe fit without its fold. With
+    Also returns out-of-fold scores, and the fold probes: each record scored by a probe fit without its fold. With
     `groups` (e.g. the template source of each record) whole groups are held out together, so the
     scores, and a threshold calibrated on them, reflect phrasings the probe has not seen. Scores of
     the records a probe was fit on are overconfident: a threshold set on them fires too often.
@@ -85,31 +103,28 @@ def fit_logistic_probe(
     mean = xn.mean(0)
     std = xn.std(0) + 1e-6
     z = (xn - mean) / std
+    splitter = GroupKFold(n_splits=5) if groups is not None else StratifiedKFold(5, shuffle=True, random_state=0)
+    folds = list(splitter.split(z, y, groups))
     if c is None:
-        cv = LogisticRegressionCV(Cs=np.logspace(-4, 1, 8).tolist(), cv=5, scoring="roc_auc", max_iter=5000)
+        # C by cross-validation over the same grouped folds: folds that share a template family with
+        # the training rows reward memorising it, and pick a C that transfers worse.
+        cv = LogisticRegressionCV(Cs=np.logspace(-4, 1, 8).tolist(), cv=folds, scoring="roc_auc", max_iter=5000)
         cv.fit(z, y)
         c = float(cv.C_[0])
-    folds = GroupKFold(n_splits=5) if groups is not None else StratifiedKFold(5, shuffle=True, random_state=0)
-    oof = cross_val_predict(LogisticRegression(C=c, max_iter=5000), z, y, cv=folds, groups=groups,
-                            method="decision_function")
-    clf = LogisticRegression(C=c, max_iter=5000)
-    clf.fit(z, y)
+    oof = cross_val_predict(LogisticRegression(C=c, max_iter=5000), z, y, cv=folds, method="decision_function")
     meta = ProbeMetadata(
         name=name, concept=concept, model=model, layer=layer, d_in=x.shape[1], standardize=True,
         aggregation="mean", training=training, metrics={"C": c},
     )
-    probe = LinearProbe(
-        torch.tensor(clf.coef_, dtype=torch.float32), torch.tensor(clf.intercept_, dtype=torch.float32), meta,
-        torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32),
-    )
-    train_auroc = float(roc_auc_score(y, clf.decision_function(z)))
-    return FitResult(probe, train_auroc, sigmoid(oof))
 
+    def probe_of(rows: np.ndarray) -> LinearProbe:
+        clf = LogisticRegression(C=c, max_iter=5000).fit(z[rows], y[rows])
+        return LinearProbe(torch.tensor(clf.coef_, dtype=torch.float32), torch.tensor(clf.intercept_, dtype=torch.float32),
+                           meta, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
 
-def probe_mean_scores(probe: LinearProbe, convs: list[ConversationRows], scope: Scope = "both") -> np.ndarray:
-    """What the sidecar's `mean` detector reports: sigmoid of the mean per-token logit."""
-    layer = probe.meta.layer
-    return np.array([sigmoid(float(probe.logits(scope_rows(c, layer, scope)).mean(0)[0])) for c in convs])
+    probe = probe_of(np.arange(len(y)))
+    train_auroc = float(roc_auc_score(y, probe.logits(torch.tensor(xn)).numpy()[:, 0]))
+    return FitResult(probe, train_auroc, sigmoid(oof), [(held, probe_of(kept)) for kept, held in folds])
 
 
 def calibrate_probe(probe: LinearProbe, negative_scores: np.ndarray, target_fpr: float, data: str, date: str) -> None:

@@ -1,7 +1,9 @@
 """`monitor probe train`: a linear probe and its detector from labeled conversations.
 
 Logistic regression on the mean of the tapped layer's rows over the detector's scope (the
-sidecar's `mean` aggregation reproduces it exactly: `monitor.offline.probes`). A validation split is
+sidecar's `mean` aggregation reproduces it exactly: `monitor.offline.probes`); the detector may
+aggregate its per-token logits otherwise (`--aggregation`), and every score below is then the one
+the sidecar would report with that aggregation. A validation split is
 held out first (stratified; records with a `source` keep their whole source on one side, so the
 validation figures measure phrasings the probe never saw). The threshold is set at the target FPR on
 scores no model saw during its own fit: out-of-fold scores of the training negatives (5 folds, by
@@ -18,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.config.models import DetectorSpec
+from monitor.config.models import Aggregation, DetectorSpec, Mean
 from monitor.offline import OfflineError, require
 from monitor.offline.evaluate import auroc
 from monitor.offline.extract import row_source
 from monitor.offline.pack import write_detector
-from monitor.offline.probes import Scope, calibrate_probe, fit_logistic_probe, pooled, probe_mean_scores
+from monitor.offline.probes import Scope, aggregated_scores, calibrate_probe, fit_logistic_probe, pooled
 from monitor.offline.records import Record, sha256_file
 from monitor.offline.thresholds import min_samples
 from monitor.provenance import TrainingData
@@ -61,7 +63,8 @@ def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -
 def train_probe(records: list[Record], data_file: Path, concept: str, model_dir: Path, *, name: str,
                 detector_name: str, layer: int, scope: Scope, target_fpr: float, validation: float,
                 severity: str, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
-                seed: int = 0, backend: str = "transformers") -> Trained:
+                seed: int = 0, backend: str = "transformers", aggregation: Aggregation | None = None) -> Trained:
+    aggregation = aggregation or Mean(kind="mean")
     missing = [r.line for r in records if concept not in r.labels]
     if missing:
         raise OfflineError(f"{data_file}: line(s) {missing[:5]}{'...' if len(missing) > 5 else ''} carry no label "
@@ -82,17 +85,23 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
         x[train_idx], y[train_idx], name=name, concept=concept, model=model_name, layer=layer,
         training=TrainingData(path=str(data_file), sha256=sha256_file(data_file), n_pos=int(y[train_idx].sum()),
                               n_neg=int((1 - y[train_idx]).sum()),
-                              notes=f"mean over {scope} tokens (positions >= 1); {len(val_idx)} records held out"),
+                              notes=f"fit on the mean over {scope} tokens (positions >= 1); {len(val_idx)} records held "
+                                    f"out; detector aggregation {aggregation.kind}"),
         groups=groups[train_idx])
     probe = fit.probe
+    probe.meta.aggregation = aggregation.kind
     val_convs = [convs[i] for i in val_idx]
-    s_val = probe_mean_scores(probe, val_convs, scope)
+    s_val = aggregated_scores(probe, val_convs, scope, aggregation)
     y_val = y[val_idx]
-    unseen_neg = np.concatenate([fit.oof_scores[y[train_idx] == 0], s_val[y_val == 0]])
+    oof = np.empty(len(train_idx))
+    for held, fold_probe in fit.folds:  # each training record scored by a probe that never saw its family
+        oof[held] = aggregated_scores(fold_probe, [convs[train_idx[i]] for i in held], scope, aggregation)
+    y_tr = y[train_idx]
+    unseen_neg = np.concatenate([oof[y_tr == 0], s_val[y_val == 0]])
     calibrate_probe(probe, unseen_neg, target_fpr, date=date.today().isoformat(),
                     data=f"out-of-fold training negatives + validation negatives of {data_file}")
     thr = probe.threshold
-    metrics = {"train_oof_auroc": round(auroc(fit.oof_scores[y[train_idx] == 1], fit.oof_scores[y[train_idx] == 0]), 4),
+    metrics = {"train_oof_auroc": round(auroc(oof[y_tr == 1], oof[y_tr == 0]), 4),
                "validation_auroc": round(auroc(s_val[y_val == 1], s_val[y_val == 0]), 4),
                "validation_tpr_at_threshold": round(float((s_val[y_val == 1] >= thr).mean()), 4),
                "validation_fpr_at_threshold": round(float((s_val[y_val == 0] >= thr).mean()), 4)}
@@ -100,7 +109,7 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
     probe.save(out_probe)
     detector = DetectorSpec.model_validate({
         "name": detector_name, "concept": concept, "description": description or f"Linear probe {name} for {concept}.",
-        "inputs": [{"probe": name}], "aggregation": {"kind": "mean"}, "threshold": thr, "scope": scope,
+        "inputs": [{"probe": name}], "aggregation": aggregation.model_dump(), "threshold": thr, "scope": scope,
         "severity": severity, "labels": {"source": "linear_probe"},
         "calibration": probe.meta.calibration.model_dump(exclude_none=True),
     })
