@@ -3,13 +3,15 @@ reported on the test split (the figures in docs/detectors.md, "Probe options").
 
     python scripts/probe_options.py [--out artifacts/demo/probes/options.json]
 
-Options, each scored exactly as the sidecar's aggregations would (per-token logits of the linear
-probe, aggregated over the prompt, sigmoid last):
-- training pool: the mean of the prompt's rows (what `monitor probe train` fits), or the mean of the
-  last user turn's rows only;
-- aggregation: mean, max, EMA-max, max of rolling means (windows 8, 16, 32), softmax-weighted mean
-  (attention-like pooling with temperature 1: tokens that look like the concept weigh more).
-Threshold: at 1% FPR on the benign calibration set (data/benign/calibration.jsonl), as shipped.
+Options, each scored as the sidecar's aggregations would (per-token logits of the linear probe that
+`monitor probe train` fits on the mean of the prompt's rows, C chosen by family-grouped CV,
+aggregated over the prompt, sigmoid last):
+- aggregation: mean (the trained classifier exactly), max, EMA-max, max of rolling means (windows
+  8, 16, 32), and softmax-weighted mean (attention-like pooling at temperature 1: tokens that look
+  like the concept weigh more; not a sidecar aggregation, measured to see whether it would be worth one).
+Threshold: at 1% FPR on the calibration set (data/benign/calibration.jsonl), as shipped. Figures on
+the test split: AUROC overall and per family (single requests, conversations with earlier turns),
+recall and FPR at that threshold.
 """
 
 from __future__ import annotations
@@ -32,19 +34,9 @@ from monitor.offline.records import read_labeled  # noqa: E402
 from monitor.offline.thresholds import threshold_at_fpr  # noqa: E402
 from monitor.paths import cache_dir  # noqa: E402
 from monitor.provenance import TrainingData  # noqa: E402
-from monitor.scoring.space import sigmoid  # noqa: E402
 
 LAYER = 15
 CONCEPTS = ("pii", "prompt_injection", "harmful_request")
-
-
-def last_turn(ids: list[int], n_prompt: int) -> slice:
-    """The last user turn's tokens: from the last turn opener before the assistant header to its end."""
-    opener = ids[0]  # ChatML: every turn opens with the token the conversation opens with
-    starts = [i for i in range(1, n_prompt) if ids[i] == opener]
-    # the prompt ends with the assistant header's opener; the user turn is the one before it
-    start = starts[-2] if len(starts) >= 2 else 1
-    return slice(start, starts[-1] if starts else n_prompt)
 
 
 def aggregate(kind: str, logits: np.ndarray) -> float:
@@ -83,40 +75,40 @@ def main() -> None:
     calib_convs = rows.many([r.messages for r in calib], progress="calibration set")
     results = {}
     for concept in CONCEPTS:
-        train = read_labeled(ROOT / f"data/concepts/{concept}/train.jsonl") + read_labeled(ROOT / "data/benign/train.jsonl")
+        train = read_labeled(ROOT / f"data/concepts/{concept}/train.jsonl") \
+            + read_labeled(ROOT / "data/benign/train.jsonl")
         test = read_labeled(ROOT / f"data/concepts/{concept}/test.jsonl")
         y = np.array([r.labels.get(concept, 0) for r in train])
         yt = np.array([r.labels[concept] for r in test])
         tr = rows.many([r.messages for r in train], progress=f"{concept} train")
         te = rows.many([r.messages for r in test], progress=f"{concept} test")
         groups = np.array([r.source.split("#")[0] if r.source else str(i) for i, r in enumerate(train)])
-        for pool in ("prompt", "last_turn"):
-            def pooled(c):
-                sl = slice(1, max(c.n_prompt, 2)) if pool == "prompt" else last_turn(c.token_ids, c.n_prompt)
-                return c.rows[LAYER][sl].float().mean(0)
-            x = torch.stack([pooled(c) for c in tr])
-            fit = fit_logistic_probe(x, y, name=concept, concept=concept, model="SmolLM2-135M-Instruct", layer=LAYER,
-                                     training=TrainingData(path="-", n_pos=int(y.sum()), n_neg=int((1 - y).sum())),
-                                     groups=groups)
-            probe = fit.probe
+        x = torch.stack([c.rows[LAYER][1:max(c.n_prompt, 2)].float().mean(0) for c in tr])
+        fit = fit_logistic_probe(x, y, name=concept, concept=concept, model="SmolLM2-135M-Instruct", layer=LAYER,
+                                 training=TrainingData(path="-", n_pos=int(y.sum()), n_neg=int((1 - y).sum())),
+                                 groups=groups)
+        probe = fit.probe
 
-            def token_logits(c):
-                return probe.logits(c.rows[LAYER][1:max(c.n_prompt, 2)]).numpy()[:, 0]
+        def token_logits(c):
+            return probe.logits(c.rows[LAYER][1:max(c.n_prompt, 2)]).numpy()[:, 0].astype(np.float64)
 
-            lt = [token_logits(c) for c in te]
-            lc = [token_logits(c) for c in calib_convs]
-            for agg in AGGREGATIONS:
-                st = sigmoid(np.array([aggregate(agg, v) for v in lt]))
-                sc = sigmoid(np.array([aggregate(agg, v) for v in lc]))
-                thr, _ = threshold_at_fpr(sc, 0.01)
-                pos, neg = st[yt == 1], st[yt == 0]
-                key = f"{concept}/{pool}/{agg}"
-                results[key] = {"test_auroc": round(auroc(pos, neg), 4),
-                                "test_tpr_at_1pct_fpr": round(tpr_at_fpr(pos, neg, 0.01), 3),
-                                "recall_at_calibrated": round(float((pos >= thr).mean()), 3),
-                                "test_fpr_at_calibrated": round(float((neg >= thr).mean()), 3),
-                                "oof_auroc": round(fit.train_auroc, 4)}
-                print(key, results[key], flush=True)
+        lt = [token_logits(c) for c in te]
+        lc = [token_logits(c) for c in calib_convs]
+        multi = np.array([sum(m["role"] == "user" for m in r.messages) > 1 for r in test])
+        for agg in AGGREGATIONS:
+            st = np.array([aggregate(agg, v) for v in lt])
+            sc = np.array([aggregate(agg, v) for v in lc])
+            thr, _ = threshold_at_fpr(sc, 0.01)
+            pos, neg = st[yt == 1], st[yt == 0]
+            fam = {name: round(auroc(st[(yt == 1) & (multi == m)], st[(yt == 0) & (multi == m)]), 4)
+                   for name, m in (("single-turn", False), ("multi-turn", True))}
+            key = f"{concept}/{agg}"
+            results[key] = {"C": fit.probe.meta.metrics["C"], "test_auroc": round(auroc(pos, neg), 4),
+                            "family_auroc": fam,
+                            "test_tpr_at_1pct_fpr": round(tpr_at_fpr(pos, neg, 0.01), 3),
+                            "recall_at_calibrated": round(float((pos >= thr).mean()), 3),
+                            "fpr_at_calibrated": round(float((neg >= thr).mean()), 3)}
+            print(key, results[key], flush=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 

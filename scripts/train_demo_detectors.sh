@@ -7,17 +7,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MONITOR=${MONITOR:-.venv/bin/monitor}
-AGGREGATION=${AGGREGATION:-rolling_mean_max}  # the winner in scripts/probe_options.py (docs/detectors.md)
-WINDOW=${WINDOW:-16}
 
-train() {  # concept severity description
-  "$MONITOR" probe train --data "data/concepts/$1/train.jsonl" --concept "$1" --benign data/benign/train.jsonl \
-    --severity "$2" --description "$3" --target-fpr 0.01 --aggregation "$AGGREGATION" --window "$WINDOW" \
-    --probe-dir "artifacts/demo/probes/$1" --detector-file "detectors/$1_probe.yaml" --detector-name "${1//_/-}-probe"
+train() {  # concept severity description aggregation-options...
+  local concept=$1 severity=$2 description=$3
+  shift 3
+  "$MONITOR" probe train --data "data/concepts/$concept/train.jsonl" --concept "$concept" --benign data/benign/train.jsonl \
+    --severity "$severity" --description "$description" --target-fpr 0.01 "$@" \
+    --probe-dir "artifacts/demo/probes/$concept" --detector-file "detectors/${concept}_probe.yaml" \
+    --detector-name "${concept//_/-}-probe"
 }
-train pii critical "Personal data or secrets (emails, phone numbers, card numbers, API keys) in the prompt."
-train prompt_injection critical "An attempt to override the model's instructions or jailbreak it."
-train harmful_request warning "A request for clearly dangerous help."
+# Aggregations: the winners per concept in scripts/probe_options.py (docs/detectors.md, "Probe options").
+train pii critical "Personal data or secrets (emails, phone numbers, card numbers, API keys) in the prompt." \
+  --aggregation ema_max --alpha 0.3
+train prompt_injection critical "An attempt to override the model's instructions or jailbreak it." \
+  --aggregation rolling_mean_max --window 16
+train harmful_request warning "A request for clearly dangerous help." --aggregation rolling_mean_max --window 16
 
 "$MONITOR" calibrate --detectors detectors --benign data/benign/calibration.jsonl --target-fpr 0.01
 "$MONITOR" eval --detectors detectors --data data/eval/single-turn.jsonl data/eval/multi-turn.jsonl --report docs/eval

@@ -61,6 +61,7 @@ def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: floa
     convs = row_source(model_dir, detset.layers, backend).many([r.messages for r in records], progress="calibrate")
     scored = [head_scores(detset, c) for c in convs]
     verdicts = [judge(detset, c, s) for c, s in zip(convs, scored)]
+    compiled = {d.spec.name: d for d in detset.detectors}
     out = []
     for det in loaded.detectors:
         spec = det.spec
@@ -69,7 +70,7 @@ def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: floa
         thr, achieved = threshold_at_fpr(scores, target_fpr)
         fp = int((scores >= thr).sum())
         benign_idx = [i for i, r in enumerate(records) if r.labels.get(spec.concept, 0) == 0]
-        labels = [i.label for i in det.inputs]
+        labels = [i.label for i in compiled[spec.name].inputs]
         fired = {label: 0 for label in labels}
         n_tokens = 0
         for i in benign_idx:

@@ -56,9 +56,9 @@ class FitResult:
     folds: list[tuple[np.ndarray, LinearProbe]]  # (held-out indices, the probe fit without them)
 
 
-def aggregated_scores(probe: LinearProbe, convs: list[ConversationRows], scope: Scope, aggregation) -> np.ndarray:
-    """What the sidecar reports for a probe-only detector with this aggregation: the per-token logits of
-    its scope aggregated by the sidecar's own aggregator, then the sigmoid."""
+def aggregated_logits(probe: LinearProbe, convs: list[ConversationRows], scope: Scope, aggregation) -> np.ndarray:
+    """The per-token logits of a detector's scope aggregated by the sidecar's own aggregator (its score is
+    the sigmoid of this, for a probe-only detector)."""
     from monitor.detectors.aggregate import Ragged, make_aggregator
 
     out = np.empty(len(convs))
@@ -66,8 +66,34 @@ def aggregated_scores(probe: LinearProbe, convs: list[ConversationRows], scope: 
         logits = probe.logits(scope_rows(c, probe.meta.layer, scope)).numpy()[:, :1].astype(np.float64)
         agg = make_aggregator(aggregation, capacity=1)
         agg.update(Ragged.of(np.array([0]), np.array([0]), np.array([len(logits)])), logits[None])
-        out[i] = sigmoid(float(agg.value(np.array([0]))[0, 0]))
+        out[i] = float(agg.value(np.array([0]))[0, 0])
     return out
+
+
+def aggregated_scores(probe: LinearProbe, convs: list[ConversationRows], scope: Scope, aggregation) -> np.ndarray:
+    """What the sidecar reports for a probe-only detector with this aggregation."""
+    return sigmoid(aggregated_logits(probe, convs, scope, aggregation))
+
+
+def platt_scale(probe: LinearProbe, aggregated: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Rescale the probe in place so that sigmoid(aggregate) is a calibrated probability for its detector.
+
+    A probe fit on mean rows gives per-token logits of a larger spread than the means it saw; a max of
+    rolling means of them then lands far out on the sigmoid (scores like 0.99999), where thresholds are
+    unreadable. A 1-D logistic fit of the labels on the aggregated logits (`aggregated`, scored out of
+    fold) gives a > 0 and c with p = sigmoid(a * s + c); since rolling means and maxima commute with a
+    positive affine map, folding a into the weights and a * b + c into the bias makes the detector's
+    score that probability. The ranking, and so AUROC, is unchanged."""
+    require("sklearn")
+    from sklearn.linear_model import LogisticRegression
+
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(aggregated.reshape(-1, 1), y)
+    a, c = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if a <= 0:
+        return 1.0, 0.0  # no usable ranking to calibrate: leave the probe as fit
+    probe.weight = probe.weight * a
+    probe.bias = probe.bias * a + c
+    return a, c
 
 
 def fit_logistic_probe(
@@ -94,7 +120,7 @@ def fit_logistic_probe(
     require("sklearn")
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
 
     # scikit-learn 1.8 announces changes to LogisticRegressionCV's defaults and attributes; we pass
     # and read nothing they affect (L2 penalty, C_), and the warnings would bury the command's output.
@@ -103,7 +129,9 @@ def fit_logistic_probe(
     mean = xn.mean(0)
     std = xn.std(0) + 1e-6
     z = (xn - mean) / std
-    splitter = GroupKFold(n_splits=5) if groups is not None else StratifiedKFold(5, shuffle=True, random_state=0)
+    # Stratified as well as grouped: a fold without positives has no AUROC, and would decide C by default.
+    splitter = StratifiedGroupKFold(5, shuffle=True, random_state=0) if groups is not None \
+        else StratifiedKFold(5, shuffle=True, random_state=0)
     folds = list(splitter.split(z, y, groups))
     if c is None:
         # C by cross-validation over the same grouped folds: folds that share a template family with
@@ -117,10 +145,12 @@ def fit_logistic_probe(
         aggregation="mean", training=training, metrics={"C": c},
     )
 
+    def f32(a) -> torch.Tensor:
+        return torch.tensor(a, dtype=torch.float32)
+
     def probe_of(rows: np.ndarray) -> LinearProbe:
         clf = LogisticRegression(C=c, max_iter=5000).fit(z[rows], y[rows])
-        return LinearProbe(torch.tensor(clf.coef_, dtype=torch.float32), torch.tensor(clf.intercept_, dtype=torch.float32),
-                           meta, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
+        return LinearProbe(f32(clf.coef_), f32(clf.intercept_), meta, f32(mean), f32(std))
 
     probe = probe_of(np.arange(len(y)))
     train_auroc = float(roc_auc_score(y, probe.logits(torch.tensor(xn)).numpy()[:, 0]))

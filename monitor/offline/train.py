@@ -25,10 +25,12 @@ from monitor.offline import OfflineError, require
 from monitor.offline.evaluate import auroc
 from monitor.offline.extract import row_source
 from monitor.offline.pack import write_detector
-from monitor.offline.probes import Scope, aggregated_scores, calibrate_probe, fit_logistic_probe, pooled
+from monitor.offline.probes import (Scope, aggregated_logits, aggregated_scores, calibrate_probe, fit_logistic_probe,
+                                    platt_scale, pooled)
 from monitor.offline.records import Record, sha256_file
 from monitor.offline.thresholds import min_samples
 from monitor.provenance import TrainingData
+from monitor.scoring.space import sigmoid
 
 
 @dataclass
@@ -85,23 +87,25 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
         x[train_idx], y[train_idx], name=name, concept=concept, model=model_name, layer=layer,
         training=TrainingData(path=str(data_file), sha256=sha256_file(data_file), n_pos=int(y[train_idx].sum()),
                               n_neg=int((1 - y[train_idx]).sum()),
-                              notes=f"fit on the mean over {scope} tokens (positions >= 1); {len(val_idx)} records held "
-                                    f"out; detector aggregation {aggregation.kind}"),
+                              notes=f"fit on the mean over {scope} tokens (positions >= 1); {len(val_idx)} records "
+                                    f"held out; detector aggregation {aggregation.kind}"),
         groups=groups[train_idx])
     probe = fit.probe
     probe.meta.aggregation = aggregation.kind
     val_convs = [convs[i] for i in val_idx]
-    s_val = aggregated_scores(probe, val_convs, scope, aggregation)
-    y_val = y[val_idx]
+    y_tr, y_val = y[train_idx], y[val_idx]
     oof = np.empty(len(train_idx))
     for held, fold_probe in fit.folds:  # each training record scored by a probe that never saw its family
-        oof[held] = aggregated_scores(fold_probe, [convs[train_idx[i]] for i in held], scope, aggregation)
-    y_tr = y[train_idx]
+        oof[held] = aggregated_logits(fold_probe, [convs[train_idx[i]] for i in held], scope, aggregation)
+    a, c = platt_scale(probe, oof, y_tr)
+    oof = sigmoid(a * oof + c)
+    s_val = aggregated_scores(probe, val_convs, scope, aggregation)
     unseen_neg = np.concatenate([oof[y_tr == 0], s_val[y_val == 0]])
     calibrate_probe(probe, unseen_neg, target_fpr, date=date.today().isoformat(),
                     data=f"out-of-fold training negatives + validation negatives of {data_file}")
     thr = probe.threshold
-    metrics = {"train_oof_auroc": round(auroc(oof[y_tr == 1], oof[y_tr == 0]), 4),
+    metrics = {"platt_scale": round(a, 6), "platt_offset": round(c, 6),
+               "train_oof_auroc": round(auroc(oof[y_tr == 1], oof[y_tr == 0]), 4),
                "validation_auroc": round(auroc(s_val[y_val == 1], s_val[y_val == 0]), 4),
                "validation_tpr_at_threshold": round(float((s_val[y_val == 1] >= thr).mean()), 4),
                "validation_fpr_at_threshold": round(float((s_val[y_val == 0] >= thr).mean()), 4)}
