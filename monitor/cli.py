@@ -64,8 +64,10 @@ def _offline(args: argparse.Namespace, work: Callable[..., object], require_labe
     try:
         files = args.data if isinstance(args.data, list) else [args.data]
         stems = [f.stem for f in files]
-        records = [r for f in files for r in read_labeled(
-            f, require_labels=require_labels, family=f.stem if stems.count(f.stem) == 1 else f"{f.parent.name}/{f.stem}")]
+        records = []
+        for f in files:  # each file is a family, named by its stem (and folder, where stems repeat)
+            family = f.stem if stems.count(f.stem) == 1 else f"{f.parent.name}/{f.stem}"
+            records += read_labeled(f, require_labels=require_labels, family=family)
         loaded = load_config(args.config, detectors=[args.detectors] if args.detectors else None)
         if not loaded.detectors:
             raise OfflineError(f"{args.detectors or args.config}: no detector files (*.yaml) found")

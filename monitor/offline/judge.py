@@ -39,8 +39,10 @@ def prompt_firing(detset: DetectorSet, scores: dict[str, np.ndarray], n_prompt: 
     return out
 
 
-def judge(detset: DetectorSet, conv: ConversationRows, scores: dict[str, np.ndarray] | None = None) -> dict[str, Verdict]:
-    """Every detector's verdict on one conversation, its tokens fed in one batch."""
+def judge(detset: DetectorSet, conv: ConversationRows,
+          scores: dict[str, np.ndarray] | None = None) -> dict[str, Verdict]:
+    """Every detector's verdict on one conversation, its tokens fed in one batch (`scores`: its heads'
+    outputs, when the caller has them already)."""
     scores = head_scores(detset, conv) if scores is None else scores
     positions = np.arange(len(conv.token_ids))
     out = {}

@@ -3,7 +3,8 @@
 JSON lines: `{"messages": [{"role": ..., "content": ...}, ...], "labels": {"<concept>": 0 or 1}}`, or
 `"text"` for a single user message; an optional `"source"` (template or origin) keeps related
 records on one side of every split and names the negatives' families in `monitor eval`; an optional
-`"family"` names the distribution a record stands for (default: the file's name). Every problem is reported as `FILE:LINE: what is wrong`.
+`"family"` names the distribution a record stands for (default: the file's name). Every problem is
+reported as `FILE:LINE: what is wrong`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class Record:
     labels: dict[str, int]
     line: int
     source: str | None = None  # the record's template/origin, if given: kept together in splits
-    family: str | None = None  # the distribution it stands for (`monitor eval` reports each): its `family`, else its file
+    family: str | None = None  # what it stands for, reported apart by `monitor eval`: its `family`, else its file
 
     @property
     def source_family(self) -> str:
