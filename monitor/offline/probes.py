@@ -52,7 +52,6 @@ def pooled(convs: list[ConversationRows], layer: int, scope: Scope = "both") -> 
 class FitResult:
     probe: LinearProbe
     train_auroc: float
-    oof_scores: np.ndarray  # out-of-fold sigmoid(mean logit) per training record, for calibration
     folds: list[tuple[np.ndarray, LinearProbe]]  # (held-out indices, the probe fit without them)
 
 
@@ -110,7 +109,7 @@ def fit_logistic_probe(
 ) -> FitResult:
     """Standardise, then L2 logistic regression (C chosen by 5-fold CV on AUROC when not given).
 
-    Also returns out-of-fold scores, and the fold probes: each record scored by a probe fit without its fold. With
+    Also returns the fold probes, so that each record can be scored by a probe fit without its fold. With
     `groups` (e.g. the template source of each record) whole groups are held out together, so the
     scores, and a threshold calibrated on them, reflect phrasings the probe has not seen. Scores of
     the records a probe was fit on are overconfident: a threshold set on them fires too often.
@@ -120,7 +119,7 @@ def fit_logistic_probe(
     require("sklearn")
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     # scikit-learn 1.8 announces changes to LogisticRegressionCV's defaults and attributes; we pass
     # and read nothing they affect (L2 penalty, C_), and the warnings would bury the command's output.
@@ -139,7 +138,6 @@ def fit_logistic_probe(
         cv = LogisticRegressionCV(Cs=np.logspace(-4, 1, 8).tolist(), cv=folds, scoring="roc_auc", max_iter=5000)
         cv.fit(z, y)
         c = float(cv.C_[0])
-    oof = cross_val_predict(LogisticRegression(C=c, max_iter=5000), z, y, cv=folds, method="decision_function")
     meta = ProbeMetadata(
         name=name, concept=concept, model=model, layer=layer, d_in=x.shape[1], standardize=True,
         aggregation="mean", training=training, metrics={"C": c},
@@ -154,7 +152,7 @@ def fit_logistic_probe(
 
     probe = probe_of(np.arange(len(y)))
     train_auroc = float(roc_auc_score(y, probe.logits(torch.tensor(xn)).numpy()[:, 0]))
-    return FitResult(probe, train_auroc, sigmoid(oof), [(held, probe_of(kept)) for kept, held in folds])
+    return FitResult(probe, train_auroc, [(held, probe_of(kept)) for kept, held in folds])
 
 
 def calibrate_probe(probe: LinearProbe, negative_scores: np.ndarray, target_fpr: float, data: str, date: str) -> None:
