@@ -11,6 +11,7 @@ from pathlib import Path
 from monitor.config.load import LoadedConfig
 from monitor.config.models import DetectorSpec, FeatureInput, ProbeInput
 from monitor.offline.evaluate import DetectorReport
+from monitor.offline.records import sha256_file
 from monitor.provenance import TrainingData
 from monitor.report.prometheus import PrometheusAPI
 
@@ -74,10 +75,6 @@ class ReportFacts:
     prometheus: str | None
     window: str
     limits: list[str]
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _inputs(loaded: LoadedConfig, spec: DetectorSpec) -> list[InputFacts]:
@@ -190,8 +187,8 @@ def gather(loaded: LoadedConfig, version: str, evaluation: list[DetectorReport],
             d.live = live_facts(api, loaded.config.model.name, window, det.spec, [i.label for i in d.inputs])
         d.limits = detector_limits(d)
         dets.append(d)
-    data = [DataFile(f, sha256_of(f), sum(1 for line in f.read_text().splitlines() if line.strip())) for f in eval_files]
+    data = [DataFile(f, sha256_file(f), sum(1 for line in f.read_text().splitlines() if line.strip())) for f in eval_files]
     return ReportFacts(
         generated=datetime.now(timezone.utc).isoformat(timespec="seconds"), version=version, config=loaded.path,
-        config_sha256=sha256_of(loaded.path), model=loaded.config.model.name, layers=loaded.config.tapped_layers,
+        config_sha256=sha256_file(loaded.path), model=loaded.config.model.name, layers=loaded.config.tapped_layers,
         detectors=dets, eval_data=data, prometheus=api.url if api else None, window=window, limits=GENERAL_LIMITS)
