@@ -14,7 +14,7 @@ from collections import deque
 
 import numpy as np
 
-from monitor.config.models import CountAbove, EmaMax, FractionAbove, Max, Mean, RollingMeanMax
+from monitor.config.models import CountAbove, EmaMax, FractionAbove, Last, Max, Mean, RollingMeanMax
 
 
 class Aggregator:
@@ -61,6 +61,21 @@ class MeanAgg(Aggregator):
     @property
     def value(self) -> float:
         return self._sum / self._n if self._n else float("nan")
+
+
+class LastAgg(Aggregator):
+    def __init__(self) -> None:
+        self._n, self._last = 0, float("nan")
+
+    def update(self, values: np.ndarray, running: bool = False) -> np.ndarray | None:
+        if len(values):
+            self._last = float(values[-1])
+        self._n += len(values)
+        return values.astype(np.float64) if running else None
+
+    @property
+    def value(self) -> float:
+        return self._last
 
 
 class EmaMaxAgg(Aggregator):
@@ -142,6 +157,8 @@ def make_aggregator(spec, token_transform=None) -> Aggregator:
         return MaxAgg()
     if isinstance(spec, Mean):
         return MeanAgg()
+    if isinstance(spec, Last):
+        return LastAgg()
     if isinstance(spec, EmaMax):
         return EmaMaxAgg(spec.alpha)
     if isinstance(spec, RollingMeanMax):

@@ -20,6 +20,7 @@ from reference_detectors import feed as reference_feed
 AGGREGATIONS = {
     "max": {"kind": "max"},
     "mean": {"kind": "mean"},
+    "last": {"kind": "last"},
     "ema": {"kind": "ema_max", "alpha": 0.3},
     "rolling": {"kind": "rolling_mean_max", "window": 4},
     "count": {"kind": "count_above", "token_threshold": 0.6, "min_tokens": 2},

@@ -458,6 +458,13 @@ class Mean(Strict):
     kind: Literal["mean"]
 
 
+class Last(Strict):
+    """The latest token's score. With `scope: prompt`, the last prompt token: where the model has read the
+    whole request and not yet answered (how the defection probe of docs/case-study.md reads it)."""
+
+    kind: Literal["last"]
+
+
 class EmaMax(Strict):
     """The highest value of an exponential moving average of token scores."""
 
@@ -491,7 +498,7 @@ class FractionAbove(Strict):
 
 
 Aggregation = Annotated[
-    Union[Max, Mean, EmaMax, RollingMeanMax, CountAbove, FractionAbove], Field(discriminator="kind")
+    Union[Max, Mean, Last, EmaMax, RollingMeanMax, CountAbove, FractionAbove], Field(discriminator="kind")
 ]
 
 

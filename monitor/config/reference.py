@@ -78,7 +78,7 @@ SECTIONS = [
                             m.Transport, m.Sinks, m.Kafka, m.Prometheus, m.Incidents, m.Evidence, m.Redaction,
                             m.StoreSettings, m.Console, m.ProxyAuth, m.Deployment]),
     ("Detector files", [m.DetectorSpec, m.FeatureInput, m.ProbeInput]),
-    ("Aggregations (`aggregation.kind`)", [m.Max, m.Mean, m.EmaMax, m.RollingMeanMax, m.CountAbove, m.FractionAbove]),
+    ("Aggregations (`aggregation.kind`)", [m.Max, m.Mean, m.Last, m.EmaMax, m.RollingMeanMax, m.CountAbove, m.FractionAbove]),
 ]
 
 

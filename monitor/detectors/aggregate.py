@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import lfilter
 
-from monitor.config.models import CountAbove, EmaMax, FractionAbove, Max, Mean, RollingMeanMax
+from monitor.config.models import CountAbove, EmaMax, FractionAbove, Last, Max, Mean, RollingMeanMax
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,21 @@ class VecMean(VecAggregator):
             return np.where(n > 0, self.sum[slots] / n, np.nan)
 
 
+class VecLast(VecAggregator):
+    def __init__(self, capacity: int, width: int = 1) -> None:
+        super().__init__(capacity, width)
+        self.last = self._array("last", capacity, (width,), np.nan)
+
+    def update(self, batch: Ragged, values: np.ndarray) -> np.ndarray:
+        s = batch.slots
+        self.last[s] = values[np.arange(len(s)), batch.last]
+        self.n[s] += batch.counts
+        return values
+
+    def value(self, slots: np.ndarray) -> np.ndarray:
+        return self.last[slots]
+
+
 class VecEmaMax(VecAggregator):
     """max over t of e_t, with e_1 = v_1 and e_t = alpha * v_t + (1 - alpha) * e_{t-1}.
 
@@ -224,6 +239,8 @@ def make_aggregator(spec, capacity: int, token_transform=None, width: int = 1) -
         return VecMax(capacity, width)
     if isinstance(spec, Mean):
         return VecMean(capacity, width)
+    if isinstance(spec, Last):
+        return VecLast(capacity, width)
     if isinstance(spec, EmaMax):
         return VecEmaMax(capacity, spec.alpha, width)
     if isinstance(spec, RollingMeanMax):
