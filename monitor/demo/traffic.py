@@ -8,12 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitor.paths import project_dir
 from monitor.stack.vllm_server import VLLMServer
-
-
-def demo_requests() -> Path:
-    return project_dir() / "deploy/local/demo-requests.jsonl"
 
 
 @dataclass
