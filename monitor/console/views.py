@@ -166,10 +166,15 @@ def _roles(texts: list[str]) -> list[str | None]:
     return roles
 
 
-def _words(texts: list[str], j: int, span: int = 6) -> str:
-    lo, hi = max(0, j - span), min(len(texts), j + span + 1)
+def _words(texts: list[str], j: int, span: int = 6, before_only: bool = False, start: int = 0) -> str:
+    """The words around token j (or the ones leading up to it, from `start` on), without the chat
+    template's markers."""
+    lo, hi = (max(start, j - 3 * span), j + 1) if before_only else (max(0, j - span), min(len(texts), j + span + 1))
     text = "".join(t for t in texts[lo:hi] if not _SPECIAL.match(t.strip()))
-    return " ".join(text.split())[:120]
+    text = " ".join(text.split())
+    if before_only:
+        return ("…" if lo > start or len(text) > 120 else "") + text[-120:]
+    return text[:120]
 
 
 def detector_view(d: dict) -> DetectorView:
@@ -242,25 +247,41 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
     legend = [(f"{v:.2g}", shade(v / scale_max)) for v in np.linspace(0, scale_max, 6)]
 
     # The headline: which detector, where, which words. Plain words; numbers follow in `why`.
-    where = "the prompt"
-    words = None
-    top = primary.evidence[0]["position"] if primary.evidence else primary.fired_at
-    if top is not None and top in trace["positions"]:
+    # A `last` detector decides on the one token it fired at (with `scope: prompt`, the end of the prompt,
+    # in the chat template's header for the reply): the headline names the words that led up to it, not
+    # the token of strongest score, which did not decide.
+    decided_by_one = kind == "last" and primary.fired_at is not None
+    top = primary.fired_at if decided_by_one else (
+        primary.evidence[0]["position"] if primary.evidence else primary.fired_at)
+    where, words = ("the model's reply" if top is not None and top >= n_prompt else "the prompt"), None
+    if top is not None and top in trace["positions"] and texts is not None:
         j = trace["positions"].index(top)
-        if texts is not None:
-            role = _roles(texts)[j]
-            where = f"{ROLE_WORDS.get(role, 'the ' + role)} message" if role else (
-                "the model's reply" if top >= n_prompt else "the prompt")
-            words = _words(texts, j)
-        else:
-            where = "the model's reply" if top >= n_prompt else "the prompt"
+        roles = _roles(texts)
+        if decided_by_one and top == n_prompt - 1:  # step back out of the reply's header to the message before
+            opened = roles[j]
+            while j > 0 and opened is not None and roles[j] == opened:
+                j -= 1
+        role = roles[j]
+        if role:
+            where = f"{ROLE_WORDS.get(role, 'the ' + role)} message"
+        start = 0
+        if decided_by_one and role is not None:  # this message's words only, after its role's name
+            start = j
+            while start > 0 and roles[start - 1] == role:
+                start -= 1
+            start += 1
+        words = _words(texts, j, before_only=decided_by_one, start=start)
     what = f"“{primary.concept}”"
-    if primary.fired:
-        headline = f"{primary.name} flagged this conversation for {what}"
-        headline += f": the strongest signal was on the words “{words}” in {where}." if words else \
-            f": the strongest signal was at token {top} of {len(positions)}, in {where}."
-    else:
+    if not primary.fired:
         headline = f"No detector fired on this conversation ({primary.name} was closest)."
+    elif decided_by_one:
+        moment = "at the end of the prompt, just before the answer" if top == n_prompt - 1 else f"at token {top}"
+        headline = (f"{primary.name} flagged this conversation for {what}: it read the model's state {moment}"
+                    + (f", after {where} “{words}”." if words else "."))
+    else:
+        headline = f"{primary.name} flagged this conversation for {what}" + (
+            f": the strongest signal was on the words “{words}” in {where}." if words else
+            f": the strongest signal was at token {top} of {len(positions)}, in {where}.")
     score = "—" if primary.score is None else f"{primary.score:.3g}"
     why = (f"Its score reached {score} against a threshold of {primary.threshold:.3g} ({primary.space})"
            + (f", crossing it at token {primary.fired_at}." if primary.fired_at is not None else "."))
