@@ -31,6 +31,7 @@ from monitor.detectors.aggregate import Ragged, grown, make_aggregator
 from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring import BatchedScorer, LinearProbe, WatchedEncoder
 from monitor.scoring.context import ContextEncoder
+from monitor.scoring.sae_file import load_sae as load_sae_files
 from monitor.scoring.space import HeadInfo, logit, sigmoid
 
 TOP_TOKENS = 5
@@ -247,8 +248,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None = None) -> DetectorSet:
-    from sae_lens import SAE
-
     cfg = loaded.config
     dev = resolve_device(cfg.scoring.device) if device is None else torch.device(device)
     sae_cfg = {s.name: s for s in cfg.saes}
@@ -264,7 +263,8 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
     heads: dict[int, dict[str, object]] = {}
     feature_columns: dict[str, list[int]] = {}
     def load_sae(s):
-        return SAE.load_from_disk(loaded.resolve(s.path)) if s.path else SAE.from_pretrained(s.release, s.sae_id)
+        # sae-lens's folder format read directly; sae-lens itself only for a release or a folder only it reads.
+        return load_sae_files(loaded.resolve(s.path)) if s.path else load_sae_files(release=s.release, sae_id=s.sae_id)
 
     for name, feats in watched.items():
         s = sae_cfg[name]

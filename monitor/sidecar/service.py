@@ -138,8 +138,12 @@ def _incident_builder(lc, who: dict):
     cfg = lc.config
     tokenizer = None
     if cfg.evidence.text == "flagged":
-        from transformers import AutoTokenizer
-
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:  # the sidecar's core install leaves it out (docs/deploy.md, the sidecar's dependencies)
+            raise ConfigError([ConfigIssue(lc.path, "evidence.text", "flagged needs the model's tokenizer, read with "
+                                           "transformers, which is not installed here: pip install "
+                                           "'misalignment-monitor[text]', or set evidence.text: none")]) from None
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(lc))
     return IncidentBuilder(**who, text=cfg.evidence.text, redaction=list(cfg.evidence.redact), tokenizer=tokenizer,
                            max_bytes=cfg.incidents.max_event_bytes)
