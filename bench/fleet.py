@@ -45,19 +45,17 @@ D, D_SAE, LAYER, WATCHED = 4096, 65536, 20, 64
 
 
 def build_artifacts(folder: Path) -> None:
-    """A random JumpReLU SAE (bf16 on disk: 1 GiB) and three probes of an 8B model's width."""
-    from sae_lens import SAE, JumpReLUSAEConfig
-
+    """A random JumpReLU SAE (bf16 on disk: 1 GiB) and three probes of an 8B model's width. Written in
+    sae-lens's format without sae-lens: a GPU machine may have none."""
+    from monitor.scoring.sae_file import SaeFileConfig, save_sae_folder
     from monitor.scoring.probe import LinearProbe, ProbeMetadata
 
     torch.manual_seed(0)
-    sae = SAE.from_dict(JumpReLUSAEConfig(d_in=D, d_sae=D_SAE, dtype="bfloat16").to_dict())
-    with torch.no_grad():
-        sae.W_enc.normal_(0, D**-0.5)
-        sae.W_dec.normal_(0, D**-0.5)
-        sae.threshold.fill_(0.05)
-    sae.save_model(folder / "sae")
-    del sae
+    weights = {"W_enc": torch.randn(D, D_SAE, dtype=torch.bfloat16) * D**-0.5,
+               "W_dec": torch.randn(D_SAE, D, dtype=torch.bfloat16) * D**-0.5,
+               "b_enc": torch.zeros(D_SAE), "b_dec": torch.zeros(D), "threshold": torch.full((D_SAE,), 0.05)}
+    save_sae_folder(folder / "sae", SaeFileConfig("jumprelu", D, D_SAE, "bfloat16"), weights)
+    del weights
     for name in ("a", "b", "c"):
         meta = ProbeMetadata(name=name, concept=name, model="bench-8b", layer=LAYER, d_in=D)
         LinearProbe(torch.randn(1, D) * D**-0.5, torch.zeros(1), meta).save(folder / f"probe-{name}")
@@ -225,19 +223,20 @@ print("RESULT:" + json.dumps(out))
 """
 
 
-def scoring_only(folder: Path, rows: int, repeats: int = 20) -> float:
-    """Rows/s of the scoring pass alone (bfloat16 rows in, every watched feature and probe out)."""
+def scoring_only(folder: Path, rows: int, device: str = "cpu", repeats: int = 20) -> float:
+    """Rows/s of the scoring pass alone (bfloat16 rows in from host memory, every watched feature and
+    probe out, back on the host)."""
     from monitor.config import load_config
     from monitor.detectors.runtime import build_detector_set
 
     with tempfile.TemporaryDirectory(dir="/dev/shm") as rings:
-        ds = build_detector_set(load_config(write_config(folder, Path(rings), False, "cpu")))
+        ds = build_detector_set(load_config(write_config(folder, Path(rings), False, device)))
     x = torch.randn(rows, D, dtype=torch.bfloat16) * 3
     ds.scorer.score({LAYER: x})
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        ds.scorer.score({LAYER: x})
+        [s.cpu() for s in ds.scorer.score({LAYER: x}).values()]
         times.append(time.perf_counter() - t)
     return rows / statistics.median(times)
 
@@ -277,7 +276,7 @@ def main() -> None:
         print(f"[bench] writing a {D} x {D_SAE} SAE, three probes and four detectors ...", flush=True)
         build_artifacts(folder)
         print(f"[bench]   done in {time.perf_counter() - t:.0f} s", flush=True)
-        out["scoring_only_rows_per_s"] = {"256 rows": scoring_only(folder, 256), "2048 rows": scoring_only(folder, 2048)}
+        out["scoring_only_rows_per_s"] = {f"{n} rows": scoring_only(folder, n, args.device) for n in (256, 2048)}
         print(f"[bench] scoring pass alone: {out['scoring_only_rows_per_s']['256 rows']:,.0f} rows/s (256 rows), "
               f"{out['scoring_only_rows_per_s']['2048 rows']:,.0f} rows/s (2048 rows)", flush=True)
         for shape, slots in (("decode", 48), ("prefill", 6)):

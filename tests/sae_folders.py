@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from monitor.scoring.sae_file import SaeFileConfig, save_sae_folder
 
 ARCHES = ("standard", "jumprelu", "gated", "topk")
 
 
 def write_sae_folder(folder: Path, arch: str, d_in: int, d_sae: int, seed: int = 0, dtype: str = "float32",
                      **flags) -> Path:
-    """A random SAE of `arch` as `SAE.save_model` writes one; `flags`: normalize_activations,
-    apply_b_dec_to_input, k, rescale_acts_by_decoder_norm."""
+    """A random SAE of `arch`; `flags`: normalize_activations, apply_b_dec_to_input, k,
+    rescale_acts_by_decoder_norm."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -28,15 +28,7 @@ def write_sae_folder(folder: Path, arch: str, d_in: int, d_sae: int, seed: int =
         w["b_enc"] = randn(d_sae, scale=0.3)
     if arch == "jumprelu":
         w["threshold"] = torch.rand(d_sae, generator=g) * 0.5
-    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "dtype": dtype, "device": "cpu",
-           "apply_b_dec_to_input": flags.get("apply_b_dec_to_input", True),
-           "normalize_activations": flags.get("normalize_activations", "none"), "reshape_activations": "none",
-           "metadata": {"sae_lens_version": "6.54.12"}}
-    if arch == "topk":
-        cfg |= {"k": flags.get("k", 32), "rescale_acts_by_decoder_norm": flags.get("rescale_acts_by_decoder_norm",
-                                                                                  False)}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in w.items()},
-              str(folder / "sae_weights.safetensors"))
-    return folder
+    cfg = SaeFileConfig(arch, d_in, d_sae, dtype, flags.get("normalize_activations", "none"),
+                        flags.get("apply_b_dec_to_input", True), k=flags.get("k", 32) if arch == "topk" else None,
+                        rescale_acts_by_decoder_norm=flags.get("rescale_acts_by_decoder_norm", False))
+    return save_sae_folder(folder, cfg, w)

@@ -238,3 +238,49 @@ def test_context_rows_are_capped_and_fired_requests_keep_theirs():
     assert budget.context_dropped == 1 and budget.context_rows == 4
     store.release(np.array([1, 2]))
     assert budget.context_rows == 0
+
+
+def test_each_request_remembers_its_own_last_rows_across_polls():
+    """The rows kept for an evidence token's earlier neighbours: after polls of long (prefill) and short
+    (decode) segments, out of row order, each request's recent columns point at its own last `window`
+    rows, with their values (a row's value here is 1000 x request + position)."""
+    from monitor.detectors.trace import TraceBudget, TraceStore
+
+    w = 3
+    store = TraceStore(TraceBudget(per_request=100, total=1000), window=w, capacity=4)
+    slots = np.array([0, 1, 2])
+    store.open(slots)
+    next_pos = {0: 0, 1: 0, 2: 0}
+
+    def poll(counts, order):
+        counts = np.array(counts)
+        first = np.empty(len(order), dtype=np.int64)  # request order[i]'s rows sit at `first` in the slot
+        at = 0
+        for s in order:
+            first[s] = at
+            at += counts[s]
+        positions = np.empty(at, dtype=np.int64)
+        values = torch.empty(at, 2)
+        for s in order:
+            p = np.arange(next_pos[s], next_pos[s] + counts[s])
+            positions[first[s]:first[s] + counts[s]] = p
+            values[first[s]:first[s] + counts[s], 0] = torch.from_numpy(1000 * s + p).float()
+            next_pos[s] += int(counts[s])
+        store.keep_rows(slots, first, counts, positions, {7: values}, set(), lambda s: set())
+
+    def check():
+        for s in (0, 1, 2):
+            want = list(range(max(0, next_pos[s] - w), next_pos[s]))
+            got = []
+            for col in range(w):
+                row = store._recent_row(s, col)
+                if row is not None:
+                    got.append(int(row[7][0]) - 1000 * s)
+            assert got == want[-len(got):] and len(got) == min(w, next_pos[s]), (s, got, want)
+
+    poll([5, 9, 4], [2, 0, 1])  # prefill-shaped: every request brings >= window rows
+    check()
+    poll([1, 1, 1], [0, 1, 2])  # decode: one each; the older two columns come from the last poll
+    check()
+    poll([2, 1, 7], [1, 2, 0])
+    check()

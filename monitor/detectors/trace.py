@@ -283,34 +283,46 @@ class TraceStore:
 
     def _remember_recent(self, slots, first, counts, positions, rows) -> None:
         """Each request's last `window` rows, for a token that becomes evidence after its neighbours passed:
-        the poll's rows are copied once, whole (a contiguous copy), into a pool of the last `HISTORY`
-        slots, and each request points at its own rows there."""
+        those rows (not the whole poll: a prefill slot brings thousands, of which a few are any request's
+        last) are copied into a pool of the last `HISTORY` polls, and each request points at its own there."""
         w, k = self.window, self._history_serial
         self._history_serial += 1
-        n = len(positions)
-        for layer, t in rows.items():
-            pool = self.history.setdefault(layer, [None] * HISTORY)
-            buf = pool[k % HISTORY]
-            if buf is None or len(buf) < n:
-                buf = pool[k % HISTORY] = t.new_empty((max(n, 2 * (0 if buf is None else len(buf))), t.shape[1]))
-            buf[:n].copy_(t[:n])
         if (counts >= w).all():  # every request brought `window` rows or more (decode, window 1): its last ones
             last = _last_rows(first, counts, w)
+            self._keep_history(k, rows, last.ravel())
             self.recent_pos[slots] = positions[last]
             self.recent_from[slots] = k
-            self.recent_row[slots] = last
+            self.recent_row[slots] = np.arange(last.size).reshape(last.shape)
             return
         old = (self.recent_pos[slots], self.recent_from[slots], self.recent_row[slots])
         new = tuple(np.empty_like(a) for a in old)
         everyone = np.arange(len(slots))
-        for col in range(w):
-            src = counts - w + col  # >= 0: the request's new row src; < 0: its old recent column w + src
+        srcs = [counts - w + col for col in range(w)]  # >= 0: the request's new row; < 0: its old column w + src
+        taken = np.unique(np.concatenate([(first + src)[src >= 0] for src in srcs]))
+        self._keep_history(k, rows, taken)
+        for col, src in enumerate(srcs):
             fresh = src >= 0
             row = np.where(fresh, first + src, 0)
             before = np.where(fresh, 0, w + src)
-            for target, was, now in zip(new, old, (positions[row], np.full(len(slots), k), row)):
+            kept_at = np.searchsorted(taken, row)  # where the row went in this poll's pool entry
+            for target, was, now in zip(new, old, (positions[row], np.full(len(slots), k), kept_at)):
                 target[:, col] = np.where(fresh, now, was[everyone, before])
         self.recent_pos[slots], self.recent_from[slots], self.recent_row[slots] = new
+
+    def _keep_history(self, k: int, rows: dict[int, torch.Tensor], take: np.ndarray) -> None:
+        """Rows `take` of this poll into pool entry k, in that order."""
+        m = len(take)
+        whole = np.array_equal(take, np.arange(m))  # rows 0..m-1 (decode): one contiguous copy
+        index = None if whole else torch.from_numpy(take)
+        for layer, t in rows.items():
+            pool = self.history.setdefault(layer, [None] * HISTORY)
+            buf = pool[k % HISTORY]
+            if buf is None or len(buf) < m:
+                buf = pool[k % HISTORY] = t.new_empty((max(m, 2 * (0 if buf is None else len(buf))), t.shape[1]))
+            if whole:
+                buf[:m].copy_(t[:m])
+            elif m:
+                torch.index_select(t, 0, index, out=buf[:m])
 
     def _room(self, slot: int) -> bool:
         """Room for one more context row for `slot`: the budget has some, or an older request that has not

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from monitor.scoring.watched import ScoringError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES = ("standard", "jumprelu", "gated", "topk")
+WRITTEN_AS = "6.54.12"  # the sae-lens release whose format and encode this module mirrors
 _NEEDS = {
     "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec"),  # + threshold (or log_threshold)
@@ -195,6 +197,22 @@ def load_sae_folder(folder: str | Path, device: str | torch.device = "cpu") -> S
         if not bool(torch.isfinite(weights[name]).all()):
             raise ScoringError(f"{path}: {name} holds NaN or infinite values")
     return SaeFile(cfg, weights)
+
+
+def save_sae_folder(folder: str | Path, cfg: SaeFileConfig, weights: dict[str, torch.Tensor]) -> Path:
+    """Write an SAE as `SAE.save_model` does (what `load_sae_folder` and sae-lens both read): for tools and
+    tests that make SAEs where sae-lens is not installed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"architecture": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
+           "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": cfg.normalize_activations,
+           "reshape_activations": cfg.reshape_activations, "metadata": {"sae_lens_version": WRITTEN_AS}}
+    if cfg.arch == "topk":
+        doc |= {"k": cfg.k, "rescale_acts_by_decoder_norm": cfg.rescale_acts_by_decoder_norm}
+    dtype = _DTYPES[cfg.dtype]
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_FILE))
+    (folder / CFG_FILE).write_text(json.dumps(doc))
+    return folder
 
 
 def load_sae(folder: str | Path | None = None, release: str | None = None, sae_id: str | None = None):

@@ -171,7 +171,12 @@ class _Mapped:
 
     def close(self) -> None:
         del self.np
-        self.mm.close()
+        try:
+            self.mm.close()
+        except BufferError:
+            # A lent row is still referenced (a caller's slot, a logged traceback's frame): the mapping is
+            # unmapped when the last view of it goes, not now.
+            pass
 
 
 def _header_counters(b) -> dict[str, int]:
@@ -344,8 +349,9 @@ class RingReader:
     """The sidecar side. Attaches to an existing ring; a restarted reader resumes at the newest slot."""
 
     def __init__(self, path: str | Path, pin_memory: bool = False) -> None:
-        """`pin_memory`: `poll(reuse=True)` copies into page-locked buffers, so a reader that scores on a GPU
-        copies them to the device without another staging copy (needs CUDA)."""
+        """`pin_memory` (needs CUDA): the ring's memory is registered with the driver (page-locked), so rows
+        lent by `poll(reuse=True)` go to the GPU by DMA straight from shared memory, asynchronously: one copy
+        per slot. Where registration fails, `poll` copies into page-locked buffers instead."""
         self.path = Path(path)
         self.pin_memory = pin_memory
         m = _Mapped(self.path, None, create=False)
@@ -366,7 +372,12 @@ class RingReader:
         self.corrupt_slots = 0  # complete slots whose header or metadata could not be read: skipped
         self.inode = m.inode  # a file replaced under the same name (a restarted producer) has another
         self.created_ns = _u64(b, 56)
-        self._buffers: list[torch.Tensor] = []  # `poll(reuse=True)`'s copies
+        self._buffers: list[torch.Tensor] = []  # `poll(reuse=True)`'s copies, where it cannot lend
+        # Under drop_newest the producer never writes a slot the reader has not released (READ_SEQ), so
+        # `poll(reuse=True)` can lend the slots' rows in place until the next poll. Under overwrite_oldest it
+        # may, so rows are copied out and checked against the slot's state.
+        self.lends = not self.spec.overwrite
+        self.registered = pin_memory and self.lends and _register_cuda(m)
 
     def counters(self) -> dict[str, int]:
         b = self._m.mm
@@ -381,11 +392,14 @@ class RingReader:
     def poll(self, max_slots: int = 64, reuse: bool = False) -> list[Slot]:
         """Every complete slot since the last poll (up to max_slots), copied out of shared memory.
 
-        With `reuse`, rows are copied into buffers the reader keeps and are valid only until the next
-        poll: a reader that is done with a slot before it polls again saves an allocation per slot
-        (whose fresh pages cost as much as the copy itself: ~1 GB/s instead of several, measured)."""
+        With `reuse`, rows are valid only until the next poll: under drop_newest they are the ring's own
+        memory, lent (the producer cannot write those slots until the next poll releases them: one copy
+        fewer per slot); under overwrite_oldest they are copies in buffers the reader keeps (fresh
+        allocations page-fault at ~1 GB/s, so reused buffers save as much as the copy costs)."""
         b = self._m.mm
         out: list[Slot] = []
+        lend = reuse and self.lends
+        _set_u64(b, READ_SEQ, self.next_seq)  # what the last poll lent is given back
         written = _u64(b, WRITE_SEQ)
         if written - self.next_seq > self.spec.slots:  # lapped while we were away (overwrite mode)
             skipped = written - self.spec.slots - self.next_seq
@@ -409,6 +423,8 @@ class RingReader:
             meta_raw = bytes(b[off + SLOT_HEADER : off + SLOT_HEADER + meta_len])
             if not n:
                 rows = []
+            elif lend:
+                rows = [self._rows[i][li, :n] for li in range(len(self.spec.layers))]
             elif reuse:
                 buf = self._staging(len(out))
                 rows = [buf[li, :n] for li in range(len(self.spec.layers))]
@@ -428,7 +444,8 @@ class RingReader:
                 continue
             out.append(Slot(s, step, meta, rows, ids))
             self.next_seq += 1
-        _set_u64(b, READ_SEQ, self.next_seq)
+        if not lend:
+            _set_u64(b, READ_SEQ, self.next_seq)
         return out
 
     def _corrupt(self, seq: int, why: str) -> None:
@@ -450,4 +467,28 @@ class RingReader:
         self._rows = []
         self._ids = []
         self._buffers = []
+        if self.registered:
+            _unregister_cuda(self._m)
+            self.registered = False
         self._m.close()
+
+
+def _register_cuda(m: _Mapped) -> bool:
+    """Page-lock the ring's mapping for DMA (cudaHostRegister); False where the driver refuses (the reader then
+    copies into pinned buffers). The producer's pages are the same ones: pinning them costs it nothing."""
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(m.np.ctypes.data, m.size, 0)
+    except Exception as e:  # noqa: BLE001 - no CUDA, or a build without the runtime bindings
+        log.warning("cannot page-lock ring %s (%s): rows are staged through pinned buffers", m.path, e)
+        return False
+    if int(getattr(err, "value", err)) != 0:
+        log.warning("cudaHostRegister refused ring %s (error %s): rows are staged through pinned buffers", m.path, err)
+        return False
+    return True
+
+
+def _unregister_cuda(m: _Mapped) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(m.np.ctypes.data)
+    except Exception:  # noqa: BLE001 - closing must not fail over this
+        log.exception("cudaHostUnregister failed for ring %s", m.path)

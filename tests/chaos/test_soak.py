@@ -29,4 +29,6 @@ def test_every_fired_alert_reaches_kafka_through_a_bounce_and_a_restart(tmp_path
     # The restarted sidecar, once warm (its Kafka producer made), holds steady: threads, files, memory.
     warm, last = res["process"][1], res["process"][-1]
     assert last["threads"] == warm["threads"] and last["fds"] == warm["fds"], res["process"]
-    assert last["rss_kib"] <= 1.05 * warm["rss_kib"], res["process"]
+    # Its own memory (RssAnon), not the ring's shared pages, which it touches for the first time as the producer
+    # goes round the ring (bounded by the ring's size).
+    assert last["anon_kib"] <= 1.05 * warm["anon_kib"], res["process"]
