@@ -93,7 +93,8 @@ def write_config(folder: Path, rings: Path, incidents: bool, device: str) -> Pat
 def segments_decode(step: int, n_req: int = 256, n_prompt: int = 64):
     from monitor.transport.meta import Segment
 
-    return tuple(Segment(f"d{i}-0000abcd", f"chatcmpl-d{i}", f"d{i}", 0, n_prompt + step, 1, n_prompt, i)
+    # Ids as vLLM's OpenAI server makes them: the response id and the caller's id follow from the worker's.
+    return tuple(Segment(f"chatcmpl-d{i}-0000abcd", f"chatcmpl-d{i}", f"d{i}", 0, n_prompt + step, 1, n_prompt, i)
                  for i in range(n_req))
 
 
@@ -149,7 +150,7 @@ def loop_rate(folder: Path, shape: str, incidents: bool, device: str, cycles: in
                 if shape == "decode":
                     meta = SlotMeta(segments_decode(step), (), time.time())
                 else:
-                    segs = tuple(Segment(f"p{step}-{i}-0000abcd", f"chatcmpl-p{step}-{i}", f"p{step}-{i}", 0, 0, 512,
+                    segs = tuple(Segment(f"chatcmpl-p{step}-{i}-0000abcd", f"chatcmpl-p{step}-{i}", f"p{step}-{i}", 0, 0, 512,
                                          512, 512 * i) for i in range(4))
                     meta = SlotMeta(segs, tuple(previous), time.time())
                     previous = [s.req for s in segs]

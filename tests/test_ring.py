@@ -144,14 +144,37 @@ def test_separate_process_producer(tmp_path):
 
 def test_metadata_roundtrip_and_version_mismatch():
     meta = SlotMeta((Segment("0_chatcmpl-x-1a2b3c4d", "chatcmpl-x", "x", 0, 7, 2, 5, 3),), ("done",), 1.5)
-    assert SlotMeta.from_bytes(meta.to_bytes()) == meta
-    newer = meta.to_bytes().replace(b'"v":2', b'"v":99')
+    raw = meta.to_bytes()
+    assert SlotMeta.from_bytes(raw) == meta
+    newer = raw[:2] + struct.pack("<H", 99) + raw[4:]
     with pytest.raises(MetaError, match="version 99 is not understood .* same release"):
         SlotMeta.from_bytes(newer)
     with pytest.raises(MetaError, match="malformed"):
-        SlotMeta.from_bytes(b'{"v":2,"segments":[[1,2]],"finished":[]}')
-    with pytest.raises(MetaError, match="version 1 is not understood"):  # the previous release's format
-        SlotMeta.from_bytes(b'{"v":1,"segments":[],"finished":[]}')
+        SlotMeta.from_bytes(raw[:30])  # cut short
+    with pytest.raises(MetaError, match="ids' lengths add up to"):
+        SlotMeta.from_bytes(raw + b"x")
+    with pytest.raises(MetaError, match="version 2 is not understood"):  # the previous release's JSON
+        SlotMeta.from_bytes(b'{"v":2,"segments":[],"finished":[]}')
+    with pytest.raises(MetaError, match="neither this release's format nor valid JSON"):
+        SlotMeta.from_bytes(b"{not json")
+
+
+def test_metadata_keeps_odd_ids_and_a_missing_time():
+    """Ids are whatever the engine was given: non-ASCII, a lone surrogate, ids that are not a worker's."""
+    segs = (Segment("0_chatcmpl-\u00e9t\u00e9-\ud800-1a2b3c4d", "e", "r", 4, 0, 3, 2, 0),
+            Segment("plain-id", "plain-id", "plain-id", 0, 5, 1, 5, 3))
+    meta = SlotMeta(segs, ("fin-\udfff", "x"), None)
+    back = SlotMeta.from_bytes(meta.to_bytes())
+    assert back == meta and back.t is None and back.table().ids(0) == ("e", "r", 4)
+
+
+def test_a_segment_that_claims_more_rows_than_its_slot_is_refused():
+    meta = SlotMeta((Segment("a-1a2b3c4d", "a", "a", 0, 0, 1000, 4, 0),), (), 1.0)
+    meta.check_rows(1000)
+    with pytest.raises(MetaError, match=r"claims rows 0..1000 from position 0, the slot holds 1 rows"):
+        meta.check_rows(1)
+    with pytest.raises(MetaError, match="claims rows"):
+        SlotMeta((Segment("a-1a2b3c4d", "a", "a", 0, 3, -2, 4, 0),), (), 1.0).check_rows(4)
 
 
 def test_ring_from_another_release_is_refused(ring):

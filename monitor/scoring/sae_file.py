@@ -193,8 +193,10 @@ def load_sae_folder(folder: str | Path, device: str | torch.device = "cpu") -> S
         if tuple(weights[name].shape) != shape:
             raise ScoringError(f"{path}: {name} has shape {tuple(weights[name].shape)}, {CFG_FILE} says {shape} "
                                f"(d_in {cfg.d_in}, d_sae {cfg.d_sae})")
+    # The per-feature vectors are checked here; the matrices' watched columns where they are taken
+    # (`WatchedEncoder.from_sae`): a whole 65k x 4096 bfloat16 matrix takes seconds to check on a CPU.
     for name in needs:
-        if not bool(torch.isfinite(weights[name]).all()):
+        if weights[name].ndim == 1 and not bool(torch.isfinite(weights[name]).all()):
             raise ScoringError(f"{path}: {name} holds NaN or infinite values")
     return SaeFile(cfg, weights)
 

@@ -144,6 +144,9 @@ class WatchedEncoder:
     def from_sae(cls, sae, features: Sequence[int], mode: Mode = "exact") -> "WatchedEncoder":
         arch = sae_architecture(sae)
         idx = _check_features(features, sae.cfg.d_sae)
+        bad = [int(f) for f, ok in zip(idx, torch.isfinite(sae.W_enc.detach()[:, idx]).all(dim=0)) if not ok]
+        if bad:  # every score of that feature would be NaN: refused here, not discovered as a silent detector
+            raise ScoringError(f"the encoder columns of watched features {bad} hold NaN or infinite values")
         feats = tuple(int(i) for i in idx)
         pre = preprocess_of(sae)
         with torch.no_grad():

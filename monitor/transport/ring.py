@@ -21,7 +21,7 @@ File layout (little-endian), one file per producer, e.g. /dev/shm/misalignment-m
       8   n_rows u32, meta_len u32
       16  step u64
       24  has_token_ids u32
-      64  meta (meta_bytes): `monitor.transport.meta.SlotMeta`, versioned compact JSON
+      64  meta (meta_bytes): `monitor.transport.meta.SlotMeta`, versioned binary columns
       ... token ids: slot_rows x int32, the input token of each row (no text: ids only)
       ... rows: n_layers x slot_rows x d_model in `dtype`
 
@@ -49,7 +49,8 @@ from monitor.transport.meta import MetaError, SlotMeta
 log = logging.getLogger("monitor.ring")
 
 MAGIC = b"MMRING01"
-# 2: slot metadata became `SlotMeta` (versioned, segments as arrays). 3: a token id per row.
+# 2: slot metadata became `SlotMeta` (versioned, segments as arrays). 3: a token id per row. (The metadata
+# carries its own version: `META_VERSION`.)
 VERSION = 3
 HEADER_BYTES = 4096
 SLOT_HEADER = 64
@@ -439,6 +440,7 @@ class RingReader:
                 continue
             try:
                 meta = SlotMeta.from_bytes(meta_raw)
+                meta.check_rows(n)  # before anything moves: a lying segment skips its slot, nothing else
             except MetaError as e:
                 self._corrupt(s, str(e))
                 continue
