@@ -41,6 +41,7 @@ from monitor.config.load import ConfigError, ConfigIssue, LoadedConfig
 from monitor.detectors.runtime import DetectorBank, DetectorSet, build_detector_set, scope_batch
 from monitor.detectors.trace import FeatureContext, Incident, TraceBudget, TraceStore
 from monitor.detectors.updates import DetectorUpdate
+from monitor.scoring.staging import DeviceStager, Staged
 from monitor.scoring.tokens import SlotScored, TokenScores
 from monitor.sidecar.requests import RequestInfo, SlotTable
 from monitor.sidecar.sampling import Sampler
@@ -109,6 +110,7 @@ class Sidecar:
         self.loaded = loaded
         self.device = device
         self.detectors: DetectorSet = build_detector_set(loaded, device)
+        self.stager = DeviceStager(self.detectors.scorer.device)  # the device is fixed for the sidecar's life
         self.bus = ScoreBus()
         self.stats = LoopStats()
         self.readers: dict[str, RingReader] = {}
@@ -237,13 +239,16 @@ class Sidecar:
                 if key not in self._usable:
                     self._usable[key] = self._unusable(reader)
                 unusable = self._usable[key]
-                for slot in reader.poll(8, reuse=True):
+                polled = reader.poll(8, reuse=True)
+                # On a GPU every slot's copy starts now, on a side stream: slot k+1 moves while slot k is worked on.
+                staged = [None if unusable else self.stager.stage(slot.rows) for slot in polled]
+                for slot, rows in zip(polled, staged):
                     n += 1
                     if unusable:
                         self._skip(slot, "unusable_ring", unusable)
                         continue
                     try:
-                        self._process(reader, slot)
+                        self._process(reader, slot, rows)
                     except Exception as e:  # noqa: BLE001 - one bad slot must not stop the monitor
                         self._skip(slot, "error", f"{type(e).__name__}: {e}")
                         if self.stats.slots_skipped.get("error", 0) <= 10:
@@ -282,11 +287,11 @@ class Sidecar:
                 log.exception("scoring loop error; carrying on")
                 time.sleep(0.1)
 
-    def _process(self, reader: RingReader, slot: Slot) -> None:
+    def _process(self, reader: RingReader, slot: Slot, staged: Staged) -> None:
         self.stats.slots += 1
         meta = slot.meta
         if slot.rows and meta.n_segments:
-            self._rows(reader, slot)
+            self._rows(reader, slot, self.stager.ready(staged))
         for req in meta.finished:
             self._finish(req)
 
@@ -324,7 +329,8 @@ class Sidecar:
                     self.traces.open(np.array([info.slot]))
         return out
 
-    def _rows(self, reader: RingReader, slot: Slot) -> None:
+    def _rows(self, reader: RingReader, slot: Slot, rows: list[torch.Tensor]) -> None:
+        """`rows`: the slot's rows per layer, on the scoring device (`DeviceStager`)."""
         meta = slot.meta
         seg = meta.table()
         slots = self._admit(seg)
@@ -334,18 +340,19 @@ class Sidecar:
         layers = reader.spec.layers
         row, n = seg.row, seg.n
         token_ids = slot.token_ids
-        rows_by_layer = {layer: slot.rows[i] for i, layer in enumerate(layers)}
+        rows_by_layer = {layer: rows[i] for i, layer in enumerate(layers)}
         if not tracked.all():  # score only the rows of requests that are tracked
             row, n = row[tracked], n[tracked]
-            take = torch.from_numpy(_ranges(row, n))
-            rows_by_layer = {layer: t[take] for layer, t in rows_by_layer.items()}
-            token_ids = None if token_ids is None else token_ids[take.numpy()]
+            take = _ranges(row, n)
+            index = torch.from_numpy(take).to(rows[0].device)
+            rows_by_layer = {layer: t[index] for layer, t in rows_by_layer.items()}
+            token_ids = None if token_ids is None else token_ids[take]
             row = np.cumsum(n) - n
         slots, start, n_prompt = slots[tracked], seg.start[tracked], seg.n_prompt[tracked]
         n_rows = int(n.sum())
         t0 = time.perf_counter()
-        scores = {k: v.cpu().numpy() for k, v in self.detectors.scorer.score(
-            {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.layers}).items()}
+        scores = _to_host(self.detectors.scorer.score(
+            {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.layers}))
         self.stats.tokens_scored += n_rows
         self.bus.emit_slot(SlotScored(n_rows, time.perf_counter() - t0, meta.t))
 
@@ -564,6 +571,21 @@ def _producer_dead(reader: RingReader, timeout: float) -> bool:
     except PermissionError:  # alive, someone else's
         return False
     return False
+
+
+def _to_host(scores: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every head's scores as numpy arrays: from a GPU in one copy (one wait), not one per head."""
+    if not scores:
+        return {}
+    first = next(iter(scores.values()))
+    if first.device.type == "cpu":
+        return {k: v.numpy() for k, v in scores.items()}
+    flat = torch.cat([v.float() for v in scores.values()], dim=1).cpu().numpy()
+    out, at = {}, 0
+    for k, v in scores.items():
+        out[k] = flat[:, at : at + v.shape[1]]
+        at += v.shape[1]
+    return out
 
 
 def _ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
