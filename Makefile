@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup system-deps test demo model bench clean
+.PHONY: setup system-deps test demo model bench clean gpu-wheels
 SYSTEM_PKGS := prometheus prometheus-alertmanager postgresql chromium
 
 setup: $(STAMP) system-deps
@@ -53,6 +53,21 @@ demo: setup
 
 bench: $(STAMP)
 	$(PY) bench/scoring.py
+
+# What bench/gpu/run.sh carries to a GPU machine that has torch but reaches no registry: the wheels of the
+# package's light dependencies for its Python (CPython 3.12, manylinux x86-64) in .whl/, and the baseline
+# commit's package in .gpu/baseline/ for the side-by-side bench. Then: carry .whl and .gpu, run bench/gpu/run.sh.
+GPU_PYTHON ?= 3.12
+GPU_BASELINE ?= c044e20
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	python-json-logger==4.2.0
+gpu-wheels:
+	rm -rf .whl .gpu/baseline && mkdir -p .whl .gpu/baseline
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	git archive $(GPU_BASELINE) monitor | tar -x -C .gpu/baseline
+	@du -sh .whl .gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

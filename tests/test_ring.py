@@ -183,3 +183,39 @@ def test_ring_from_another_release_is_refused(ring):
         f.write(struct.pack("<I", 1))
     with pytest.raises(RingError, match="ring version 1 is not supported"):
         RingReader(ring.path)
+
+
+def test_reused_polls_lend_the_rings_own_rows_until_the_next_poll(tmp_path):
+    """Under drop_newest a reader polling with `reuse` gets the slots' rows in place (no copy), and the
+    producer cannot write those slots until the next poll gives them back: lent rows never change."""
+    spec = RingSpec(slots=4, slot_rows=2, d_model=3, layers=(0,), dtype=torch.float32)
+    w = RingWriter(tmp_path / "lend.ring", spec)
+    r = RingReader(w.path)
+    for k in range(4):
+        assert w.publish(k, SlotMeta(), [torch.full((2, 3), float(k))])
+    lent = r.poll(4, reuse=True)
+    assert [float(s.rows[0][0, 0]) for s in lent] == [0.0, 1.0, 2.0, 3.0]
+    base = r._rows[0].data_ptr()
+    assert base <= lent[0].rows[0].data_ptr() < base + spec.slots * spec.slot_bytes  # the ring's memory itself
+    assert not w.publish(4, SlotMeta(), [torch.full((2, 3), 9.0)])  # all four are lent: dropped, counted
+    assert [float(s.rows[0][0, 0]) for s in lent] == [0.0, 1.0, 2.0, 3.0]
+    assert r.poll(4, reuse=True) == [] and w.publish(5, SlotMeta(), [torch.full((2, 3), 5.0)])  # given back
+    assert [float(s.rows[0][0, 0]) for s in r.poll(4, reuse=True)] == [5.0]
+    assert w.counters()["dropped_slots"] == 1
+    r.close()
+    w.close()
+
+
+def test_under_overwrite_oldest_reused_polls_copy_out(tmp_path):
+    """A producer that may overwrite any slot: the reader copies rows out (into reused buffers) and checks
+    the slot was not overwritten meanwhile, as before."""
+    spec = RingSpec(slots=2, slot_rows=2, d_model=3, layers=(0,), dtype=torch.float32, overwrite=True)
+    w = RingWriter(tmp_path / "copy.ring", spec)
+    r = RingReader(w.path)
+    w.publish(0, SlotMeta(), [torch.full((2, 3), 1.0)])
+    got = r.poll(2, reuse=True)
+    w.publish(1, SlotMeta(), [torch.full((2, 3), 2.0)])
+    w.publish(2, SlotMeta(), [torch.full((2, 3), 3.0)])  # lands on slot 0's place
+    assert float(got[0].rows[0][0, 0]) == 1.0 and not r.lends
+    r.close()
+    w.close()
