@@ -242,6 +242,23 @@ def scoring_only(folder: Path, rows: int, device: str = "cpu", repeats: int = 20
     return rows / statistics.median(times)
 
 
+def write_profile(folder: Path, device: str, out: Path) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    text = io.StringIO()
+    for shape, slots in (("decode", 48), ("prefill", 6)):
+        prof = cProfile.Profile()
+        prof.enable()
+        rate = loop_rate(folder, shape, True, device, 4, slots)
+        prof.disable()
+        text.write(f"== {shape}, traces on, {device}: {rate:,.0f} rows/s under the profiler ==\n")
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    out.write_text(text.getvalue())
+    print(f"[bench] profile written to {out}", flush=True)
+
+
 def memory(folder: Path, n_req: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", MEMORY, str(folder), str(Path(__file__).parent), str(n_req)],
                           capture_output=True, text=True, check=True)
@@ -258,6 +275,8 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--baseline", default=None, help="a checkout of another commit to run side by side")
+    ap.add_argument("--profile", default=None, help="also write a cProfile of one decode and one prefill run, "
+                                                      "traces on, to this file (where the loop's time goes)")
     ap.add_argument("--child", nargs=6, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -292,6 +311,8 @@ def main() -> None:
                     f"{k} {v[-1]:,.0f}" for k, v in runs.items()) + " rows/s", flush=True)
             out["rounds"][shape] = runs
             out["rows_per_s"][shape] = {k: statistics.median(v) for k, v in runs.items()}
+        if args.profile:
+            write_profile(folder, args.device, Path(args.profile))
         if not args.skip_memory:
             print(f"[bench] memory with {args.requests:,} requests in flight ...", flush=True)
             out["memory"] = memory(folder, args.requests)

@@ -45,7 +45,8 @@ baseline=()
 for dev in "$device" cpu; do
   [ "$dev" = cpu ] && [ "$device" = cpu ] && [ -f "$out/fleet-cpu.json" ] && continue
   r=$rounds; [ "$dev" = cpu ] && [ "$device" = cuda ] && r=1  # the CPU side: one round is enough to see it did not fall
-  timeout 360 $py bench/fleet.py --device "$dev" --rounds "$r" --skip-memory "${baseline[@]}" \
+  profile=(); [ "$dev" = "$device" ] && profile=(--profile "$out/profile-$dev.txt")
+  timeout 360 $py bench/fleet.py --device "$dev" --rounds "$r" --skip-memory "${baseline[@]}" "${profile[@]}" \
     --json "$out/fleet-$dev.json" 2>&1 | tee "$out/fleet-$dev.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
