@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tier in one command, on a machine with CUDA and torch but no package registry:
 #
-#   bench/gpu/run.sh [OUT_DIR]        (DEVICE=cpu ROUNDS=1 bench/gpu/run.sh: the same steps on a CPU, to try it)
+#   bench/gpu/run.sh [OUT_DIR]        (DEVICE=cpu ROUNDS=1 bench/gpu/run.sh: the same steps on a CPU, to try it;
+#                                      SKIP_CPU=1: the GPU's figures only)
 #
 # What it carries comes from `make gpu-wheels` (docs/benchmarks.md, "On a GPU"): .whl/ (the wheels of the
 # package's light dependencies, for CPython 3.12) and .gpu/baseline/ (the baseline commit's package). It
@@ -43,6 +44,7 @@ fi
 baseline=()
 [ -d .gpu/baseline/monitor ] && baseline=(--baseline .gpu/baseline)
 for dev in "$device" cpu; do
+  [ "$dev" = cpu ] && [ "$device" = cuda ] && [ -n "${SKIP_CPU:-}" ] && continue
   [ "$dev" = cpu ] && [ "$device" = cpu ] && [ -f "$out/fleet-cpu.json" ] && continue
   r=$rounds; [ "$dev" = cpu ] && [ "$device" = cuda ] && r=1  # the CPU side: one round is enough to see it did not fall
   profile=(); [ "$dev" = "$device" ] && profile=(--profile "$out/profile-$dev.txt")

@@ -313,8 +313,10 @@ class TraceStore:
         """Rows `take` of this poll into pool entry k, in that order."""
         m = len(take)
         whole = np.array_equal(take, np.arange(m))  # rows 0..m-1 (decode): one contiguous copy
-        index = None if whole else torch.from_numpy(take)
+        index = None
         for layer, t in rows.items():
+            if not whole and index is None:
+                index = torch.from_numpy(take).to(t.device)  # the rows may be on the scoring GPU
             pool = self.history.setdefault(layer, [None] * HISTORY)
             buf = pool[k % HISTORY]
             if buf is None or len(buf) < m:

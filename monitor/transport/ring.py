@@ -477,16 +477,31 @@ class RingReader:
 
 def _register_cuda(m: _Mapped) -> bool:
     """Page-lock the ring's mapping for DMA (cudaHostRegister); False where the driver refuses (the reader then
-    copies into pinned buffers). The producer's pages are the same ones: pinning them costs it nothing."""
+    copies into pinned buffers). The producer's pages are the same ones: pinning them costs it nothing.
+    Seen on an H200: a ring in /dev/shm (tmpfs, the default) is accepted; one in a disk-backed folder is
+    refused with "invalid argument"."""
     try:
-        err = torch.cuda.cudart().cudaHostRegister(m.np.ctypes.data, m.size, 0)
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(m.np.ctypes.data, m.size, 0)
     except Exception as e:  # noqa: BLE001 - no CUDA, or a build without the runtime bindings
         log.warning("cannot page-lock ring %s (%s): rows are staged through pinned buffers", m.path, e)
         return False
-    if int(getattr(err, "value", err)) != 0:
-        log.warning("cudaHostRegister refused ring %s (error %s): rows are staged through pinned buffers", m.path, err)
+    if int(err) != 0:
+        _clear_cuda_error()
+        log.warning("the CUDA driver refused to page-lock ring %s (%s): rows are staged through pinned buffers; "
+                    "a ring in /dev/shm can be", m.path, cudart.cudaGetErrorString(err))
         return False
     return True
+
+
+def _clear_cuda_error() -> None:
+    """A refused cudaHostRegister leaves its error as the runtime's last error, which torch's next kernel
+    launch would report as its own failure. torch binds no cudaGetLastError; a launch checked by torch
+    reads (and so clears) it: done here, where the error is expected."""
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:
+        pass
 
 
 def _unregister_cuda(m: _Mapped) -> None:

@@ -9,6 +9,7 @@ requests fire.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def gap_thresholds(verdicts: dict) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sidecar-cuda")
+    shm = tempfile.TemporaryDirectory(dir="/dev/shm")  # where rings live in production (and can be page-locked)
+    folder = Path(shm.name)
     artifacts(folder)
     never = {d["name"]: 1e9 for d in DETECTORS}
     (folder / "r0").mkdir()
@@ -136,7 +138,8 @@ def runs(tmp_path_factory):
     for device in ("cpu", "cuda"):
         (folder / device).mkdir()
         out[device] = run(write_config(folder, folder / device, thresholds, device), folder / device)
-    return out
+    yield out
+    shm.cleanup()
 
 
 def test_the_cuda_loop_reads_a_page_locked_ring(runs):

@@ -12,7 +12,9 @@ into a real ring, and the sidecar's reader gets them back.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,7 +124,7 @@ def test_replayed_cuda_graphs_of_the_compiled_model_fill_the_tap_buffers_like_ea
 
 
 @torch.no_grad()
-def test_the_plugins_gpu_path_delivers_replayed_rows_to_the_sidecars_reader(tmp_path):
+def test_the_plugins_gpu_path_delivers_replayed_rows_to_the_sidecars_reader():
     """Device staging -> pinned host memory on a side stream -> publisher thread -> ring -> reader: the rows
     the sidecar reads are the rows the graph wrote, for steps of several sizes, each attributed to its
     requests."""
@@ -130,8 +132,10 @@ def test_the_plugins_gpu_path_delivers_replayed_rows_to_the_sidecars_reader(tmp_
     compiled = torch.compile(model, fullgraph=True)
     ordered = [buffers[layer] for layer in TAPPED]
     spec = RingSpec(slots=16, slot_rows=MAX_TOKENS, d_model=D, layers=tuple(TAPPED), dtype=torch.float32)
-    writer = RingWriter(tmp_path / "gpu.ring", spec)
+    shm = tempfile.TemporaryDirectory(dir="/dev/shm")  # where rings live in production (and can be page-locked)
+    writer = RingWriter(Path(shm.name) / "gpu.ring", spec)
     reader = RingReader(writer.path, pin_memory=True)
+    assert reader.registered
     stager = _GpuStager(len(TAPPED), MAX_TOKENS, D, torch.float32, torch.device("cuda"), _Publisher(writer))
     expected = []
     for step, n in enumerate([8, 32, 100, 128, 1]):
@@ -159,3 +163,4 @@ def test_the_plugins_gpu_path_delivers_replayed_rows_to_the_sidecars_reader(tmp_
     assert writer.counters()["dropped_slots"] == 0
     reader.close()
     writer.close()
+    shm.cleanup()
