@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,13 @@ def _model_prepare(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     from monitor.config import ConfigError, load_config
+    from monitor.config.load import check_sidecar_paths
 
     try:
         loaded = load_config(args.file)
+        issues = check_sidecar_paths(loaded)
+        if issues:
+            raise ConfigError(issues)
     except ConfigError as e:
         for issue in e.issues:
             print(f"error: {issue}", file=sys.stderr)
@@ -266,7 +271,13 @@ def _incidents(args: argparse.Namespace) -> int:
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             signal.signal(signal.SIGINT, lambda *_: stop.set())
-            stats = Ingester(cfg, store, base).run(stop)
+            ingester = Ingester(cfg, store, base)
+            if cfg.store.metrics_port:
+                from monitor.store.metrics import serve_metrics
+
+                host = os.path.expandvars(cfg.store.metrics_host)  # the chart says $POD_IP
+                serve_metrics(ingester.stats, store.name, host, cfg.store.metrics_port)
+            stats = ingester.run(stop)
             print(json.dumps(stats.__dict__))
             return 0
         if args.incidents_command == "migrate":

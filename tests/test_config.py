@@ -234,3 +234,56 @@ def test_the_config_layer_sizes_rings_as_the_transport_does():
     for slots, rows, d, layers in ((1024, 512, 4096, 1), (64, 7, 576, 3), (2, 1, 16, 32)):
         assert ring_bytes(slots, rows, d, layers) == RingSpec(slots, rows, d, tuple(range(layers)),
                                                               torch.bfloat16).file_bytes
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_threshold_that_can_never_fire_is_refused(workspace, value):
+    """Issue 29, finding 5: `threshold: .nan` (and the infinities) passed check-config with exit 0, and
+    the detector never fired. Every number in a config or pack must be finite."""
+    pack = workspace / "detectors/pii.yaml"
+    pack.write_text(pack.read_text().replace("threshold: 0.7", f"threshold: {value}"))
+    feat = workspace / "detectors/feat.yaml"
+    feat.write_text(feat.read_text().replace("token_threshold: 1.0", f"token_threshold: {value}"))
+    with pytest.raises(ConfigError) as e:
+        load_config(workspace / "monitor.yaml")
+    text = str(e.value)
+    assert f"{pack}: threshold: Input should be a finite number" in text
+    assert f"{feat}: aggregation.count_above.token_threshold: Input should be a finite number" in text
+
+
+def test_paths_the_sidecar_writes_are_checked_for_its_user(workspace):
+    """Issue 29, finding 5: a spool folder the sidecar's user cannot write passed check-config, then the
+    sidecar died with a raw OSError. check-config, run as that user, now names the field; so does the
+    sidecar, before it starts anything."""
+    import io
+    import shutil
+    import tempfile
+
+    from as_user import exit_code_as
+
+    ws = Path(tempfile.mkdtemp(prefix="mm-paths-"))
+    try:
+        shutil.copytree(workspace, ws, dirs_exist_ok=True)
+        spool = ws / "spool"
+        spool.mkdir()
+        cfg = base_config() | {"sinks": {"kafka": {"enabled": True, "spool_dir": str(spool)}}}
+        write(ws / "monitor.yaml", cfg)
+        for p in [ws, *ws.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)  # readable by anyone, writable by root only
+
+        def as_nobody(argv: list[str], expect: str) -> int:
+            def check() -> int:
+                err = io.StringIO()
+                sys.stderr = err
+                code = main(argv)
+                return code if expect in err.getvalue() else 3
+            return exit_code_as(65534, 65534, check)
+
+        assert main(["check-config", str(ws / "monitor.yaml")]) == 0  # root may write there
+        want = f"sinks.kafka.spool_dir: {spool} is not writable by uid 65534"
+        assert as_nobody(["check-config", str(ws / "monitor.yaml")], want) == 1
+        assert as_nobody(["sidecar", "--config", str(ws / "monitor.yaml")], want) == 1
+        assert as_nobody(["sidecar", "--config", str(ws / "monitor.yaml"), "--decisions", str(ws / "d.jsonl")],
+                         f"--decisions: {ws} is not writable by uid 65534") == 1
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)

@@ -300,6 +300,10 @@ def test_filters_counts_and_pages_on_both_databases(tmp_path, corpus, db_url):
     ({"severity": "urgent"}, "severity"), ({"since": "yesterday-ish"}, "not a time"),
     ({"status": "closed"}, "status"), ({"since": "1h", "until": "3h"}, "after until"),
     ({"cursor": "garbage!"}, "cursor"), ({"limit": "0"}, "limit"),
+    # Issue 29, finding 4: each of these was an unhandled OverflowError or a bind error, a 500.
+    ({"since": "9" * 30}, "since"), ({"since": "99999999999d"}, "since"), ({"until": "9" * 400}, "until"),
+    ({"since": "9999-12-31T23:59:59-23:59"}, "outside the times"), ({"until": "0001-01-01T00:00:00+23:59"}, "until"),
+    ({"from": "9" * 20}, "since"),
 ])
 def test_malformed_filters_are_400_with_the_reason(site, query, reason):
     api = site.client(site.viewer).get("/api/incidents", params=query)
@@ -314,6 +318,25 @@ def test_unknown_alert_id_is_a_404_page(site):
     r = c.get("/incidents/3b0f7d7e-0000-0000-0000-000000000000")
     assert r.status_code == 404 and "no incident with alert id" in r.text and "<html" in r.text
     assert c.get("/api/incidents/nope").status_code == 404
+
+
+def test_an_alert_id_with_a_slash_opens_its_page(tmp_path, corpus):
+    """Issue 29, finding 6: an incident whose alert id held "/" was listed, but its page was a 404 with a
+    JSON body. Ids are whatever the ingested events carry; every link and route takes them whole."""
+    old = alert_of(corpus, 0)
+    odd = "team/a b?c#1"
+    events = json.loads(json.dumps(list(corpus[0])).replace(old, odd))
+    site = Site(tmp_path, f"sqlite:///{tmp_path}/odd.sqlite", [tuple(events)])
+    c = site.client(site.triager)
+    listing = c.get("/incidents").text
+    link = re.search(r'href="(/incidents/team/[^"]+)"', listing).group(1)
+    assert link == "/incidents/team/a%20b%3Fc%231"
+    page = c.get(link)
+    assert page.status_code == 200 and "<html" in page.text and "req-00-pii" in page.text
+    assert odd in c.get(link + "/events.json").json()["incident"]["data"]["alert_ids"]
+    assert odd in c.get("/api/incidents/team/a%20b%3Fc%231").json()["alert_ids"]
+    form = c.post(link + "/triage", data={"action": "acknowledge", "csrf": csrf_of(page.text)})
+    assert form.status_code == 303 and form.headers["location"] == "/incidents/team/a%20b%3Fc%231"
 
 
 def test_a_database_that_is_down_is_a_503_page(tmp_path):

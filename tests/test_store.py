@@ -4,6 +4,7 @@ consumer group: each event stored once, bad messages dead-lettered, crashes and 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -206,3 +207,56 @@ def test_bad_database_url_is_a_clear_error(tmp_path, capsys):
     assert "not a usable database URL" in err and "hunter2" not in err
     with pytest.raises(StoreError, match="cannot reach the database"):
         Store("postgresql+psycopg://app@127.0.0.1:1/none")
+
+
+def test_poison_events_are_dead_lettered_and_later_events_stored(db_url, broker, tmp_path):
+    """Issue 29, finding 2: an escaped lone surrogate in an id killed the ingester's thread (and a restarted
+    one died on the same offset); on PostgreSQL a 20 kB request id, a NUL, or a NaN/inf score was taken for
+    "database unreachable" and retried forever. Each is now a dead letter with its reason, the same on
+    SQLite and PostgreSQL, and the events after it are stored."""
+    cfg = config(tmp_path, broker, db_url)
+    good = [events_for(f"ok-{i}") for i in range(3)]
+    alert, incident = events_for("poison")
+    raw = json.dumps(alert)
+    poison = [
+        (ALERTS, "surrogate", raw.replace(alert["id"], alert["id"][:8] + "\\ud800").encode()),
+        (ALERTS, "nul", raw.replace(alert["id"], alert["id"][:8] + "\\u0000").encode()),
+        (ALERTS, "long", raw.replace(f'"request_id": "{alert["data"]["request_id"]}"',
+                                     f'"request_id": "{"r" * 20_000}"').encode()),
+        (ALERTS, "nan", raw.replace('"score": 0.9', '"score": NaN').encode()),
+        (ALERTS, "inf", raw.replace('"score": 0.9', '"score": Infinity').encode()),
+        (INCIDENTS, "nul-text", json.dumps(incident).replace('"model": "m"', '"model": "m\\u0000"').encode()),
+    ]
+    produce(broker, poison + encoded(good))
+    t, stop, ing = run_ingester(cfg)
+    got = wait_for(ing.store, {"alerts": 3, "incidents": 3, "dead_letters": 6})
+    stop.set()
+    t.join(timeout=20)
+    assert not t.is_alive()
+    assert got == {"alerts": 3, "incidents": 3, "dead_letters": 6}, got
+    assert ing.stats.db_outages == 0
+    from monitor.store.schema import DeadLetter
+
+    with ing.store.session() as s:
+        reasons = sorted(d.reason for d in s.query(DeadLetter).all())
+    # pydantic already refuses the lone surrogate (not a valid string); the store's own check is the backstop
+    assert sum("does not match" in r and "id" in r for r in reasons) == 1 and sum("NUL" in r for r in reasons) == 2
+    assert any("alerts.request_id: 20000 characters, the column holds 512" in r for r in reasons)
+    assert sum("is no number in RFC 8259" in r for r in reasons) == 2
+    assert ing.stats.dead_by_reason == {"schema": 1, "unstorable_text": 2, "too_long": 1, "not_json": 2}
+    # What Prometheus scrapes from `monitor incidents ingest` (the rules' inputs).
+    import urllib.request
+
+    from monitor.store.metrics import serve_metrics
+
+    server = serve_metrics(ing.stats, ing.store.name, "127.0.0.1", 0)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+    assert 'misalignment_monitor_ingester_dead_letters_total{reason="too_long"} 1.0' in text
+    assert "misalignment_monitor_ingester_events_stored_total 6.0" in text
+    assert "misalignment_monitor_ingester_db_retries_total 0.0" in text
+    last = float(re.search(r"^misalignment_monitor_ingester_last_success_timestamp_seconds (\S+)$", text, re.M).group(1))
+    assert time.time() - 120 < last <= time.time()
+    ing.store.close()

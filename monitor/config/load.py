@@ -436,6 +436,45 @@ def _check_transport(lc: LoadedConfig) -> list[ConfigIssue]:
     return issues
 
 
+def check_sidecar_paths(lc: LoadedConfig, files: dict[str, Path | None] | None = None) -> list[ConfigIssue]:
+    """What the sidecar will write, checked for the user running this (`monitor check-config` runs it as
+    the sidecar's user; `monitor sidecar` runs it before it starts): the spool while Kafka is unreachable,
+    the rings it maps read-write, and output files named on its command line (`files`: flag -> path). Not
+    part of `load_config`: vLLM's plugin loads the same config as another user and writes none of these."""
+    issues: list[ConfigIssue] = []
+    k = lc.config.sinks.kafka
+    if k.enabled:
+        why = _cannot_write(Path(k.spool_dir))
+        if why:
+            issues.append(ConfigIssue(lc.path, "sinks.kafka.spool_dir", f"{why}: the spool holds events while the "
+                                      "broker is unreachable; give the sidecar's user a writable folder"))
+    rings = Path(lc.config.transport.directory)
+    if rings.is_dir() and not os.access(rings, os.R_OK | os.W_OK | os.X_OK):
+        issues.append(ConfigIssue(lc.path, "transport.directory", f"{rings} is not readable and writable by uid "
+                                  f"{os.getuid()}: the sidecar maps vLLM's rings there read-write (the chart shares "
+                                  "it through fsGroup)"))
+    for flag, path in (files or {}).items():
+        why = None if path is None else _cannot_write(Path(path).parent, Path(path))
+        if why:
+            issues.append(ConfigIssue(Path(path), flag, why))
+    return issues
+
+
+def _cannot_write(folder: Path, file: Path | None = None) -> str | None:
+    """Why this user cannot create files in `folder` (or, when it does not exist yet, in the nearest folder
+    above it that does), or append to `file`; None if it can."""
+    if file is not None and file.exists():
+        return None if os.access(file, os.W_OK) else f"{file} is not writable by uid {os.getuid()}"
+    at = folder
+    while not at.exists() and at.parent != at:
+        at = at.parent
+    if not at.is_dir():
+        return f"{at} is not a folder"
+    if not os.access(at, os.W_OK | os.X_OK):
+        return f"{at} is not writable by uid {os.getuid()}" + ("" if at == folder else f" (to make {folder})")
+    return None
+
+
 def credential_path(p: str) -> str:
     """A secret's path as written, with `~` and `$VAR` expanded (a mounted secret's folder often comes from
     the environment). An unset variable is an error, never a literal `$VAR` folder."""

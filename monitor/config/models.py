@@ -17,8 +17,10 @@ NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 
 class Strict(BaseModel):
-    # Unknown keys are errors: a misspelt key would otherwise silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are errors: a misspelt key would otherwise silently fall back to a default. NaN and
+    # infinities are errors too: a threshold of .nan compares false with every score (a detector that can
+    # never fire), and one of .inf is the same thing said differently.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(Strict):
@@ -247,6 +249,9 @@ class StoreSettings(Strict):
     session_timeout_ms: int = Field(45000, gt=0, description="Kafka consumer setting (Kafka's default).")
     heartbeat_interval_ms: int = Field(3000, gt=0, description="Kafka consumer setting (Kafka's default).")
     max_event_bytes: int = Field(4 * 1024 * 1024, gt=0, description="A larger message goes to the dead letters.")
+    metrics_host: str = Field("127.0.0.1", description="Where `monitor incidents ingest` serves `/metrics` (loopback "
+                              "unless set; the chart sets 0.0.0.0 inside the pod).")
+    metrics_port: int = Field(9466, ge=0, le=65535, description="Its port; 0: no metrics endpoint.")
 
 
 Role = Literal["viewer", "triager", "admin"]

@@ -383,16 +383,6 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
             "Content-Disposition": 'attachment; filename="incidents-labelled.jsonl"',
             "X-Exported": str(stats.written), "X-Skipped": json.dumps(stats.skipped)})
 
-    @app.get("/incidents/{alert_id}", response_class=HTMLResponse, include_in_schema=False)
-    def incident_page(request: Request, alert_id: str, who: Identity = Depends(viewer)):
-        inc, alerts = incident_or_404(alert_id)
-        view = incident_view(inc.event, show_text=who.text)
-        audit_text(who, inc, request)
-        history = db(lambda s: c.store.triage_history(inc.event_id))
-        links = _links(inc, view)
-        return render(request, "incident.html", inc=inc, d=inc.event["data"], v=view, alert_id=alert_id,
-                      history=history, links=links, alerts=alerts)
-
     def _links(inc, view) -> dict:
         t = inc.event_time
         lo, hi = int((t - timedelta(minutes=30)).timestamp() * 1000), int((t + timedelta(minutes=30)).timestamp() * 1000)
@@ -402,14 +392,14 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
                                 + urlencode({"var-detector": view.primary.name, "from": lo, "to": hi}))
         return links
 
-    @app.get("/incidents/{alert_id}/events.json", include_in_schema=False)
+    @app.get("/incidents/{alert_id:path}/events.json", include_in_schema=False)
     def raw_events(request: Request, alert_id: str, who: Identity = Depends(viewer)):
         inc, alerts = incident_or_404(alert_id)
         audit_text(who, inc, request)
         event = inc.event if who.text else without_text(inc.event)
         return JSONResponse({"incident": event, "alerts": alerts})
 
-    @app.get("/incidents/{alert_id}/export.jsonl", include_in_schema=False)
+    @app.get("/incidents/{alert_id:path}/export.jsonl", include_in_schema=False)
     def export_one(request: Request, alert_id: str, who: Identity = Depends(triager)):
         may_export(who)
         inc, _ = incident_or_404(alert_id)
@@ -422,7 +412,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
         return PlainTextResponse(json.dumps(rec, ensure_ascii=False) + "\n", media_type="application/x-ndjson",
                                  headers={"Content-Disposition": f'attachment; filename="incident-{quote(alert_id)}.jsonl"'})
 
-    @app.post("/incidents/{alert_id}/triage", include_in_schema=False)
+    @app.post("/incidents/{alert_id:path}/triage", include_in_schema=False)
     def triage_form(request: Request, alert_id: str, who: Identity = Depends(triager), action: str = Form(...),
                     verdict: str = Form(""), note: str = Form(""), csrf: str = Form("")):
         check_csrf(request, who, csrf)
@@ -432,6 +422,18 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
             raise HTTPException(400, "; ".join(err["msg"] for err in e.errors())) from None
         _triage(request, who, alert_id, req)
         return RedirectResponse(f"/incidents/{quote(alert_id)}", status_code=303)
+
+    # Ids are whatever the ingested events carry, "/" included: `:path` takes them whole, and this route comes
+    # after the `/incidents/<id>/...` ones it would otherwise swallow.
+    @app.get("/incidents/{alert_id:path}", response_class=HTMLResponse, include_in_schema=False)
+    def incident_page(request: Request, alert_id: str, who: Identity = Depends(viewer)):
+        inc, alerts = incident_or_404(alert_id)
+        view = incident_view(inc.event, show_text=who.text)
+        audit_text(who, inc, request)
+        history = db(lambda s: c.store.triage_history(inc.event_id))
+        links = _links(inc, view)
+        return render(request, "incident.html", inc=inc, d=inc.event["data"], v=view, alert_id=alert_id,
+                      history=history, links=links, alerts=alerts)
 
     def _triage(request: Request, who: Identity, alert_id: str, req: TriageRequest):
         if req.action == "verdict" and req.verdict is None:
@@ -478,7 +480,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
         return IncidentList(items=[summary(r) for r in page.rows], total=page.total, counts=page.counts,
                             next_cursor=page.next_cursor)
 
-    @app.get("/api/incidents/{alert_id}", response_model=IncidentDetail, tags=["incidents"],
+    @app.get("/api/incidents/{alert_id:path}", response_model=IncidentDetail, tags=["incidents"],
              summary="One incident, by any of its alert ids", responses={404: {"description": "Unknown alert id"}})
     def api_incident(request: Request, alert_id: str, who: Identity = Depends(viewer)) -> IncidentDetail:
         inc, alerts = incident_or_404(alert_id)
@@ -489,7 +491,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
                               triage=[TriageEntry(action=h.action, verdict=h.verdict, note=h.note, actor=h.actor,
                                                   at=h.at) for h in history])
 
-    @app.post("/api/incidents/{alert_id}/triage", tags=["incidents"], summary="Acknowledge, resolve, reopen, or give a verdict",
+    @app.post("/api/incidents/{alert_id:path}/triage", tags=["incidents"], summary="Acknowledge, resolve, reopen, or give a verdict",
               responses={403: {"description": "Not a triager, or a cookie session without the CSRF header"}})
     def api_triage(request: Request, alert_id: str, body: TriageRequest, who: Identity = Depends(triager)) -> dict:
         check_csrf(request, who, request.headers.get("x-csrf-token"))

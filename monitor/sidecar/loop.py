@@ -353,6 +353,10 @@ class Sidecar:
         t0 = time.perf_counter()
         scores = _to_host(self.detectors.scorer.score(
             {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.layers}))
+        bad = _nonfinite(scores, n_rows)  # a NaN would blind max/mean/EMA for the rest of the request: left out
+        if bad is not None:
+            self.stats.nonfinite_rows += int(bad.sum())
+            scores = {h: np.where(bad[:, None], np.nan, s) for h, s in scores.items()}  # NaN: "no score" in traces
         self.stats.tokens_scored += n_rows
         self.bus.emit_slot(SlotScored(n_rows, time.perf_counter() - t0, meta.t))
 
@@ -382,10 +386,11 @@ class Sidecar:
         if not len(slots):
             return
         first = row + first_pos - start  # each request's first new row
-        if int(count.sum()) == n_rows:  # every row is new (the usual case): no copies
+        if int(count.sum()) == n_rows and bad is None:  # every row is new and finite (the usual case): no copies
             self.bus.emit_tokens(TokenScores(positions, positions < prompt_end, scores))
         else:
             new = _ranges(first, count)
+            new = new if bad is None else new[~bad[new]]
             self.bus.emit_tokens(TokenScores(positions[new], positions[new] < prompt_end[new],
                                              {h: s[new] for h, s in scores.items()}))
 
@@ -394,19 +399,22 @@ class Sidecar:
         if traces is not None:
             entries = traces.add(slots, first, count, positions, token_ids, scores)
         changed: set[int] = set()
+        pieces = [(slots, first, first_pos, count, n_prompt)] if bad is None else \
+            _finite_pieces(slots, first, first_pos, count, n_prompt, bad)
         for bank in self.banks.values():
-            found = scope_batch(bank.spec, slots, first, first_pos, count, n_prompt)
-            if found is None:
-                continue
-            batch, _ = found
-            step = bank.update(batch, positions, scores, running=traces is not None)
-            if traces is not None:
-                traces.add_running(bank.spec.name, entries[batch.index[batch.mask]], step.running[batch.mask])
-                changed.update(batch.slots[step.changed].tolist())
-            for k in step.fired.tolist():
-                info = table.info[int(batch.slots[k])]
-                self.bus.emit_detector(bank.snapshot(info.slot, info.req, info.request_id, info.external_id,
-                                                     info.sample, fired_now=True, final=False, step_time=meta.t))
+            for p_slots, p_first, p_pos, p_count, p_prompt in pieces:
+                found = scope_batch(bank.spec, p_slots, p_first, p_pos, p_count, p_prompt)
+                if found is None:
+                    continue
+                batch, _ = found
+                step = bank.update(batch, positions, scores, running=traces is not None)
+                if traces is not None:
+                    traces.add_running(bank.spec.name, entries[batch.index[batch.mask]], step.running[batch.mask])
+                    changed.update(batch.slots[step.changed].tolist())
+                for k in step.fired.tolist():
+                    info = table.info[int(batch.slots[k])]
+                    self.bus.emit_detector(bank.snapshot(info.slot, info.req, info.request_id, info.external_id,
+                                                         info.sample, fired_now=True, final=False, step_time=meta.t))
         if traces is not None and self.detectors.context:
             context = {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.context_layers}
             traces.keep_rows(slots, first, count, positions, context, changed, self._evidence_positions,
@@ -571,6 +579,39 @@ def _producer_dead(reader: RingReader, timeout: float) -> bool:
     except PermissionError:  # alive, someone else's
         return False
     return False
+
+
+def _nonfinite(scores: dict[str, np.ndarray], n_rows: int) -> np.ndarray | None:
+    """[n_rows] bool: rows with a NaN or infinite score in any head; None when every row is finite (the usual
+    case, checked in one pass per head)."""
+    bad = None
+    for s in scores.values():
+        if not np.isfinite(s).all():
+            row_bad = ~np.isfinite(s).all(axis=1)
+            bad = row_bad if bad is None else bad | row_bad
+    return bad if bad is not None and bad.any() else None
+
+
+def _finite_pieces(slots, first, first_pos, count, n_prompt, bad: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """Each request's new rows cut around its non-finite ones into runs of consecutive positions, as rounds
+    of (slots, first row, first position, count, prompt length): round k holds every request's k-th run,
+    so a detector sees a request's runs in order, once each. Only a poll with a bad row takes this path."""
+    runs: list[list[tuple[int, int, int]]] = []
+    for f, p, c in zip(first.tolist(), first_pos.tolist(), count.tolist()):
+        ok = ~bad[f : f + c]
+        if ok.all():
+            runs.append([(f, p, c)])
+            continue
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+        runs.append([(f + a, p + a, e - a) for a, e in zip(edges[::2].tolist(), edges[1::2].tolist())])
+    rounds = []
+    for k in range(max((len(r) for r in runs), default=0)):
+        which = np.array([i for i, r in enumerate(runs) if len(r) > k], dtype=np.int64)
+        if not len(which):
+            continue
+        f, p, c = (np.array([runs[i][k][j] for i in which], dtype=np.int64) for j in range(3))
+        rounds.append((slots[which], f, p, c, n_prompt[which]))
+    return rounds
 
 
 def _to_host(scores: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

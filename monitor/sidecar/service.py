@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from monitor.config import ConfigError, load_config
-from monitor.config.load import ConfigIssue, detector_files
+from monitor.config.load import ConfigIssue, check_sidecar_paths, detector_files
 from monitor.sidecar.loop import Sidecar
 from monitor.sinks.decisions import DecisionLog
 from monitor.sinks.jsonl import JsonLines
@@ -37,6 +37,9 @@ def one_scoring_thread() -> None:
 def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Event | None = None,
                 watch_every: float = 2.0, incidents: Path | None = None) -> int:
     loaded = load_config(config)
+    issues = check_sidecar_paths(loaded, {"--decisions": decisions, "--incidents": incidents})
+    if issues:  # before anything starts: a clear error now, not an OSError traceback from a thread later
+        raise ConfigError(issues)
     if "OMP_NUM_THREADS" not in os.environ:
         # The sidecar shares the machine with vLLM, whose OpenMP threads are pinned to cores; one
         # scoring thread avoids fighting them (torch's and numpy's BLAS: scoring may use either).

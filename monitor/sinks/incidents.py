@@ -19,7 +19,6 @@ evidence (the window narrows until it fits) and says so in `data.trace.trimmed`.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import uuid
@@ -32,6 +31,7 @@ from pydantic import Field
 
 from monitor.config.models import DetectorSpec, Redaction
 from monitor.detectors.trace import Incident
+from monitor.sinks import strict_json
 from monitor.sinks.events import EvidenceInput, EvidenceToken, FeatureExplanations, rfc3339
 from monitor.sinks.schemas import DATE_TIME, CloudEvent, Strict, generated_schema, schema_command, shipped
 
@@ -203,7 +203,7 @@ class IncidentBuilder:
             event = IncidentEvent(id=str(uuid.uuid4()), source=f"/misalignment-monitor/{self.deployment}/{self.pod or 'local'}",
                                   time=rfc3339(datetime.now(timezone.utc)), subject=inc.request_id,
                                   data=IncidentData(trace=trace, **data)).model_dump(mode="json")
-            if len(json.dumps(event, separators=(",", ":"))) <= self.max_bytes or window == 0:
+            if len(strict_json.dumps(event)) <= self.max_bytes or window == 0:
                 return event
             window = (int(keep.sum()) // 4) if window is None else window // 2
             keep = np.zeros(len(t.positions), dtype=bool)

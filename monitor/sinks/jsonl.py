@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from monitor.sinks import strict_json
 
 
 class JsonLines:
@@ -11,7 +12,7 @@ class JsonLines:
         self.f = Path(path).open("a", buffering=1)
 
     def write(self, obj: dict) -> None:
-        self.f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self.f.write(strict_json.dumps(obj) + "\n")
 
     def close(self) -> None:
         self.f.close()

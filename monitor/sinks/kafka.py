@@ -17,7 +17,6 @@ error of its own (counted, retried) and reports its last turn, which `/readyz` a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -29,6 +28,7 @@ from typing import Callable
 
 from monitor.config.load import credential_path
 from monitor.config.models import Kafka
+from monitor.sinks import strict_json
 from monitor.sinks.spool import Spool
 
 log = logging.getLogger("monitor.kafka")
@@ -125,7 +125,7 @@ class KafkaSink:
     # ---- called from the scoring thread: never blocks ----
     def submit(self, event: dict, topic: str | None = None) -> bool:
         """Queue a CloudEvent for `topic` (default: the alert topic), keyed by its subject (the request id)."""
-        record = json.dumps(event, separators=(",", ":")).encode()
+        record = strict_json.dumps(event).encode()
         try:
             self.queue.put_nowait((topic or self.cfg.topic, event["subject"], record, time.monotonic()))
             return True

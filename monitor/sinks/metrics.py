@@ -153,6 +153,8 @@ class MonitorCollector(Collector):
                        {"sampled_out": st.requests_sampled_out, "over_limit": st.requests_over_limit})
         yield counter("late_rows", "Rows of a request that had already ended (a late or second copy); ignored.",
                       st.late_rows)
+        yield counter("nonfinite_rows", "Rows whose scores held NaN or infinity (a broken model or SAE); each was left "
+                      "out of every detector, the request's other rows were scored.", st.nonfinite_rows)
         yield counter("slots_read", "Ring slots read by the sidecar.", st.slots)
         yield counter("incidents", "Fired requests that finished and became an incident (with their trace).",
                       st.incidents)

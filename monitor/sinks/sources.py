@@ -26,6 +26,7 @@ class LoopStats:
     requests_expired: int = 0
     duplicate_rows: int = 0
     late_rows: int = 0  # rows of a request that had already ended (a late or second copy): ignored
+    nonfinite_rows: int = 0  # rows with a NaN or infinite score: left out of every detector, one by one
     requests_sampled_out: int = 0  # not scored: left out by `sampling`
     requests_over_limit: int = 0  # not scored: `sampling.max_requests` were tracked already
     uncovered_positions: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -12,6 +13,45 @@ from monitor.config.models import StoreSettings
 from monitor.paths import cache_dir
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+
+
+class BadRow(ValueError):
+    """A value the store will not hold (too long for its column, a NUL, a lone surrogate, a non-finite
+    number); the message names the column."""
+
+
+def check_row(table, row: dict) -> None:
+    """The store's boundary, the same on SQLite and PostgreSQL: SQLite ignores a column's length and takes a
+    NUL, PostgreSQL refuses both (and NaN in JSON, and lone surrogates anywhere) with an error the
+    ingester would otherwise take for an outage."""
+    columns = table.__table__.columns
+    for name, value in row.items():
+        length = getattr(columns[name].type, "length", None)
+        if isinstance(value, str) and length is not None and len(value) > length:
+            raise BadRow(f"{table.__tablename__}.{name}: {len(value)} characters, the column holds {length}")
+        why = _unstorable(value)
+        if why:
+            raise BadRow(f"{table.__tablename__}.{name}: {why}")
+
+
+def _unstorable(value, depth: int = 0) -> str | None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "holds a NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "holds a lone surrogate (not UTF-8)"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"holds a non-finite number ({value})"
+    if depth > 64:
+        return "nested deeper than 64 levels"
+    if isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := _unstorable(k, depth + 1) or _unstorable(v, depth + 1))), None)
+    if isinstance(value, list):
+        return next((w for v in value if (w := _unstorable(v, depth + 1))), None)
+    return None
 
 
 class StoreError(RuntimeError):
@@ -63,6 +103,13 @@ class Store:
                 # WAL's usual pairing: a commit survives a crash of the process, syncs wait for checkpoints
                 # (a power loss may take the last commits; PostgreSQL is the store for that).
                 conn.execute("PRAGMA synchronous=NORMAL")
+                # SQLAlchemy's recipe for pysqlite: the driver's own implicit BEGIN breaks SAVEPOINTs, which the
+                # ingester uses to dead-letter one refused record without losing its batch.
+                conn.isolation_level = None
+
+            @event.listens_for(self.engine, "begin")
+            def _begin(conn):
+                conn.exec_driver_sql("BEGIN")
         if migrate:
             self.migrate()
 
@@ -93,7 +140,10 @@ class Store:
 
     def _insert(self, session, table, values) -> bool:
         """INSERT, ignoring a row whose key is already there; True when this one was new. (RETURNING, not
-        rowcount: psycopg's rowcount for ON CONFLICT DO NOTHING does not say.)"""
+        rowcount: psycopg's rowcount for ON CONFLICT DO NOTHING does not say.) Values are checked first
+        (`check_row`): what one database refuses, both refuse, before anything is sent."""
+        for row in values if isinstance(values, list) else [values]:
+            check_row(table, row)
         if self.engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:

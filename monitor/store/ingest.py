@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
@@ -27,7 +27,7 @@ from monitor.config.models import MonitorConfig
 from monitor.sinks.events import EVENT_TYPE as ALERT_TYPE, AlertEvent
 from monitor.sinks.incidents import EVENT_TYPE as INCIDENT_TYPE, IncidentEvent
 from monitor.sinks.kafka import client_options
-from monitor.store.db import Store
+from monitor.store.db import BadRow, Store
 
 log = logging.getLogger("monitor.store")
 MODELS = {ALERT_TYPE: AlertEvent, INCIDENT_TYPE: IncidentEvent}
@@ -41,9 +41,11 @@ def parse(raw: bytes, max_bytes: int) -> dict:
     if len(raw) > max_bytes:
         raise BadEvent(f"oversized: {len(raw)} bytes > store.max_event_bytes {max_bytes}")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadEvent(f"not valid JSON (truncated?): {e}") from e
+    except RecursionError:
+        raise BadEvent("not storable JSON: nested too deep") from None
     if not isinstance(doc, dict):
         raise BadEvent("not a CloudEvent: the message is not a JSON object")
     kind = doc.get("type")
@@ -58,6 +60,22 @@ def parse(raw: bytes, max_bytes: int) -> dict:
     return doc
 
 
+def _no_constant(name: str):
+    raise BadEvent(f"not JSON: {name} is no number in RFC 8259 (a sidecar writes null)")
+
+
+def _row_is_bad(e: Exception) -> bool:
+    """A database error about this row (a value it refuses, a constraint) rather than about the database
+    (down, restarting, the connection lost): only the latter is worth retrying. SQLSTATE classes 22 (data
+    exception) and 23 (integrity) on PostgreSQL; SQLite's own data and integrity errors."""
+    from sqlalchemy.exc import DataError, IntegrityError
+
+    if isinstance(e, (DataError, IntegrityError)):
+        return True
+    code = getattr(getattr(e, "orig", None), "sqlstate", None) or ""
+    return code[:2] in ("22", "23")
+
+
 @dataclass
 class IngestStats:
     stored: int = 0
@@ -65,6 +83,10 @@ class IngestStats:
     dead_letters: int = 0
     db_outages: int = 0
     expired: int = 0
+    dead_by_reason: dict[str, int] = field(default_factory=dict)  # short reason -> dead letters
+    last_success: float = 0.0  # wall-clock time of the last batch committed
+    last_poll: float = 0.0  # wall-clock time of the last poll of Kafka
+    lag: int = 0  # messages on its partitions not yet consumed
 
 
 class Ingester:
@@ -86,7 +108,7 @@ class Ingester:
         from sqlalchemy.exc import DBAPIError
 
         consumer = self.consumer()
-        backoff, last_expire = 0.5, 0.0
+        backoff, last_expire, last_lag = 0.5, 0.0, 0.0
         log.info("ingesting %s and %s into %s", self.cfg.sinks.kafka.topic, self.cfg.sinks.kafka.incident_topic,
                  self.store.name, extra={"store": self.store.name, "group": self.cfg.store.consumer_group})
         try:
@@ -95,6 +117,10 @@ class Ingester:
                     last_expire = time.monotonic()
                     self._expire()
                 batch = consumer.poll(timeout_ms=500, max_records=500)
+                self.stats.last_poll = time.time()
+                if time.monotonic() - last_lag > 5.0:
+                    last_lag = time.monotonic()
+                    self.stats.lag = _lag(consumer)
                 if not batch:
                     continue
                 try:
@@ -117,27 +143,46 @@ class Ingester:
         return self.stats
 
     def _store(self, batch) -> None:
+        """One transaction for the batch; each record in a savepoint of its own, so a record the database
+        refuses is dead-lettered alone. An error about the database (not the row) propagates: the caller
+        rolls the batch back and reads it again later."""
+        from sqlalchemy.exc import DBAPIError
+
         max_bytes = self.cfg.store.max_event_bytes
-        stored = duplicates = dead = 0
+        stored = duplicates = 0
+        dead: list[str] = []
         with self.store.session() as s:
             for tp, records in batch.items():
                 for r in records:
                     try:
                         event = parse(r.value, max_bytes)
-                    except BadEvent as e:
-                        dead += self.store.dead_letter(s, tp.topic, tp.partition, r.offset, str(e), r.value)
-                        log.warning("dead letter %s[%d]@%d: %s", tp.topic, tp.partition, r.offset, e,
-                                    extra={"topic": tp.topic, "partition": tp.partition, "offset": r.offset})
-                        continue
-                    add = self.store.add_alert if event["type"] == ALERT_TYPE else self.store.add_incident
-                    if add(s, event):
-                        stored += 1
+                        add = self.store.add_alert if event["type"] == ALERT_TYPE else self.store.add_incident
+                        with s.begin_nested():
+                            new = add(s, event)
+                    except (BadEvent, BadRow) as e:
+                        why = str(e)
+                    except DBAPIError as e:
+                        if not _row_is_bad(e):
+                            raise
+                        why = f"refused by the database: {str(e.orig).splitlines()[0][:300]}"
+                    except (ValueError, TypeError, KeyError, UnicodeError) as e:  # a value no check foresaw
+                        why = f"cannot be stored: {type(e).__name__}: {e}"
                     else:
-                        duplicates += 1
+                        stored += new
+                        duplicates += not new
+                        continue
+                    if self.store.dead_letter(s, tp.topic, tp.partition, r.offset, why, r.value):
+                        dead.append(why)
+                    log.warning("dead letter %s[%d]@%d: %s", tp.topic, tp.partition, r.offset, why,
+                                extra={"topic": tp.topic, "partition": tp.partition, "offset": r.offset})
             s.commit()
         self.stats.stored += stored
         self.stats.duplicates += duplicates
-        self.stats.dead_letters += dead
+        self.stats.dead_letters += len(dead)
+        for why in dead:
+            key = _reason_key(why)
+            self.stats.dead_by_reason[key] = self.stats.dead_by_reason.get(key, 0) + 1
+        self.stats.last_success = time.time()
 
     def _expire(self) -> None:
         from sqlalchemy.exc import DBAPIError
@@ -150,3 +195,27 @@ class Ingester:
         if n:
             self.stats.expired += n
             log.info("deleted %d event(s) older than %s (retention)", n, before.isoformat(), extra={"deleted": n})
+
+
+def _lag(consumer) -> int:
+    """End offsets minus positions over the assigned partitions (0 when nothing is assigned yet)."""
+    try:
+        parts = consumer.assignment()
+        if not parts:
+            return 0
+        ends = consumer.end_offsets(list(parts))
+        return int(sum(max(0, ends[tp] - consumer.position(tp)) for tp in parts))
+    except Exception:  # noqa: BLE001 - a metric must never stop the consumer; the last value stays
+        log.debug("could not measure the consumer's lag", exc_info=True)
+        return 0
+
+
+_REASONS = (("oversized", "oversized"), ("not valid JSON", "not_json"), ("not JSON:", "not_json"),
+            ("not a CloudEvent", "not_cloudevent"), ("unknown event type", "unknown_type"),
+            ("does not match", "schema"), ("characters, the column holds", "too_long"), ("NUL", "unstorable_text"),
+            ("lone surrogate", "unstorable_text"), ("non-finite", "non_finite"), ("refused by the database", "refused"))
+
+
+def _reason_key(why: str) -> str:
+    """A dead letter's reason as a bounded label value (the full reason is in the dead-letter table)."""
+    return next((key for needle, key in _REASONS if needle in why), "other")

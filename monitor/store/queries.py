@@ -18,29 +18,42 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 STATUSES = ("open", "acknowledged", "resolved")
 VERDICTS = ("true_positive", "false_positive", "unsure")
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+_MAX_TIME_CHARS = 40
+_EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc)  # margin below what datetime and the databases hold
 
 
 def parse_time(value: str, now: datetime | None = None) -> datetime:
     """ISO 8601 (`2026-11-30T12:00:00Z`), epoch milliseconds (Grafana's `${__from}`), an age (`15m`,
-    `24h`, `7d`, `2w`: that long before now), or Grafana's `now` / `now-6h`."""
+    `24h`, `7d`, `2w`: that long before now), or Grafana's `now` / `now-6h`. Always a UTC time from 1970
+    to 9999, or a ValueError that says what is wrong: a value from a query string never becomes a 500."""
     value = value.strip()
+    if len(value) > _MAX_TIME_CHARS:
+        raise ValueError(f"{value[:_MAX_TIME_CHARS]!r}… is not a time: at most {_MAX_TIME_CHARS} characters")
     now = now or datetime.now(timezone.utc)
     if value == "now":  # Grafana's time syntax, from the dashboard's links: now, now-6h
         return now
     if value.startswith("now-"):
         value = value[4:]
-    if value.isdigit():
-        return datetime.fromtimestamp(int(value) / 1000, timezone.utc)
-    m = _RELATIVE.match(value)
-    if m:
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if value.isdigit():
+            t = _EARLIEST + timedelta(milliseconds=int(value))
+        elif m := _RELATIVE.match(value):
+            t = now - timedelta(seconds=int(m.group(1)) * _SECONDS[m.group(2)])
+        else:
+            t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    except OverflowError:  # an age or epoch past what a date holds, a date pushed off the calendar by its offset
+        raise ValueError(f"{value!r} is outside the times the console can show (1970 to 9999)") from None
     except ValueError:
         raise ValueError(f"{value!r} is not a time: use ISO 8601 (2026-11-30T12:00:00Z), epoch milliseconds, "
                          "or an age such as 15m, 24h, 7d") from None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    if not _EARLIEST <= t <= _LATEST:
+        raise ValueError(f"{value!r} is outside the times the console can show (1970 to 9999)")
+    return t
 
 
 class IncidentFilter(BaseModel):

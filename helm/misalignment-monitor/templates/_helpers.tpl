@@ -68,7 +68,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- $_ = set $c "sinks" (dict "kafka" $kafka "prometheus" (dict "enabled" true "host" "$POD_IP" "port" (int .Values.monitor.port))) }}
 {{- $_ = set $c "deployment" (dict "name" (include "mm.fullname" .) "namespace" .Release.Namespace) }}
-{{- $_ = set $c "store" (dict "retention_days" .Values.store.retentionDays) }}
+{{- $_ = set $c "store" (dict "retention_days" .Values.store.retentionDays "metrics_host" "$POD_IP" "metrics_port" 9466) }}
 {{- with .Values.console }}
 {{- $console := dict "host" "0.0.0.0" "port" (int .port) }}
 {{- if .tokens.existingSecret }}{{ $_ = set $console "tokens_file" "/etc/misalignment-monitor/console-tokens/tokens.yaml" }}{{ end }}
