@@ -34,6 +34,12 @@ def check_row(table, row: dict) -> None:
             raise BadRow(f"{table.__tablename__}.{name}: {why}")
 
 
+def _storable(text: str, limit: int | None = None) -> str:
+    """A dead letter's text made storable whatever the message held: NULs and lone surrogates replaced."""
+    text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    return text if limit is None else text[:limit]
+
+
 def _unstorable(value, depth: int = 0) -> str | None:
     if isinstance(value, str):
         if "\x00" in value:
@@ -187,8 +193,8 @@ class Store:
     def dead_letter(self, session, topic: str, partition: int, offset: int, reason: str, raw: bytes) -> bool:
         from monitor.store.schema import DeadLetter
 
-        row = dict(topic=topic, partition=partition, offset=offset, reason=reason,
-                   raw=raw[:65536].decode("utf-8", "replace"), received_at=datetime.now(timezone.utc))
+        row = dict(topic=_storable(topic, 256), partition=partition, offset=offset, reason=_storable(reason),
+                   raw=_storable(raw[:65536].decode("utf-8", "replace")), received_at=datetime.now(timezone.utc))
         return self._insert(session, DeadLetter, row)
 
     def expire(self, before: datetime) -> int:

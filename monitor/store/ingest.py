@@ -171,7 +171,16 @@ class Ingester:
                         stored += new
                         duplicates += not new
                         continue
-                    if self.store.dead_letter(s, tp.topic, tp.partition, r.offset, why, r.value):
+                    try:
+                        with s.begin_nested():
+                            if self.store.dead_letter(s, tp.topic, tp.partition, r.offset, why, r.value):
+                                dead.append(why)
+                    except DBAPIError as e:
+                        if not _row_is_bad(e):
+                            raise
+                        # Not even its dead letter can be stored: the log is its only record, and it is counted.
+                        log.error("dead letter %s[%d]@%d could not be stored either (%s)", tp.topic, tp.partition,
+                                  r.offset, str(e.orig).splitlines()[0][:200])
                         dead.append(why)
                     log.warning("dead letter %s[%d]@%d: %s", tp.topic, tp.partition, r.offset, why,
                                 extra={"topic": tp.topic, "partition": tp.partition, "offset": r.offset})

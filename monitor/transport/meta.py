@@ -183,8 +183,9 @@ class SlotMeta:
         return self._table
 
     def check_rows(self, n_rows: int) -> None:
-        """Every segment lies within the slot's `n_rows` rows: a segment that claims more (a damaged or lying
-        slot) would move its request's position past rows it never had."""
+        """The segments tile the slot's `n_rows` rows, in order, from row 0 (as the plugin writes them): a
+        segment that claims other rows (a damaged or lying slot) would move its request's position past
+        rows it never had, or split rows that are not there."""
         tb = self.table()
         if not len(tb):
             return
@@ -193,6 +194,12 @@ class SlotMeta:
             i = int(bad[0])
             raise MetaError(f"segment {i} of {len(tb)} (request {tb.req[i]!r}) claims rows {int(tb.row[i])}.."
                             f"{int(tb.row[i] + tb.n[i])} from position {int(tb.start[i])}, the slot holds {n_rows} rows")
+        ends = np.cumsum(tb.n)
+        gap = np.flatnonzero(tb.row != ends - tb.n)
+        if len(gap) or int(ends[-1]) != n_rows:
+            i = int(gap[0]) if len(gap) else len(tb) - 1
+            raise MetaError(f"the slot's {len(tb)} segments do not tile its {n_rows} rows in order (segment {i}, "
+                            f"request {tb.req[i]!r}, starts at row {int(tb.row[i])})")
 
     def to_bytes(self) -> bytes:
         tb = self.table()
