@@ -205,3 +205,22 @@ def test_whatever_an_event_holds_it_is_strict_json(doc):
     text = strict_json.dumps({"data": doc})
     json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
     text.encode("utf-8")
+
+
+config_doc = st.fixed_dictionaries({"model": st.just({"name": "m", "num_layers": 4, "d_model": 8})}, optional={
+    "taps": st.one_of(st.just([{"layer": 1}]), value), "scoring": value, "sampling": value, "transport": value,
+    "incidents": value, "sinks": value, "store": value, "console": value, "extra": value})
+
+
+@FUZZ
+@given(config_doc)
+def test_any_config_is_loaded_or_refused_naming_the_file(tmp_path_factory, doc):
+    from monitor.config import load_config
+
+    folder = tmp_path_factory.mktemp("fuzz-config")
+    path = folder / "monitor.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert e.issues and all(i.file and i.message for i in e.issues)  # each names a file and says what
