@@ -137,7 +137,8 @@ def read_config(folder: Path) -> SaeFileConfig:
     if not isinstance(raw, dict):
         raise ScoringError(f"{path}: must hold a JSON object")
     version = raw.get("sae_lens_version") or (raw.get("metadata") or {}).get("sae_lens_version")
-    if not version or int(str(version).split(".")[0]) < 6:
+    major = str(version or "").split(".")[0]
+    if not major.isdigit() or int(major) < 6:
         raise UnreadableSae(f"{path}: written by sae-lens {version or 'before 6.0'}; its config needs sae-lens's "
                             "own conversion")
     arch = raw.get("architecture", "standard")
