@@ -5,7 +5,10 @@ One server for this module (a cold compile takes ~2 min on CPU): chunked prefill
 Every received row is checked against transformers' `hidden_states[16]` for the same request's
 tokens, computed alone: that proves both the tap (parity) and the attribution (right request,
 right position). The reference runs in float32: vLLM's bf16 rows are closer to it (cosine >= 0.9999
-on every row we looked at) than transformers' own bf16 pass is (down to 0.9985 at some tokens).
+on every row we looked at on AMD EPYC machines) than transformers' own bf16 pass is (down to 0.9985 at
+some tokens). On an Intel Xeon with AMX, vLLM's bf16 kernels drift further: 0.99888 at one generated
+token of an n=2 request. A row of the wrong request or position scores far lower (below 0.9), so the
+bound is 0.998.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from monitor.stack.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
 
-MIN_COSINE = 0.999
+MIN_COSINE = 0.998
 
 
 @pytest.fixture(scope="module")
