@@ -72,10 +72,9 @@ def test_bad_folders_get_errors_naming_the_file_and_the_field(tmp_path):
         load_sae_folder(folder)
 
 
-def test_an_architecture_only_sae_lens_reads_goes_to_sae_lens(tmp_path):
-    """A matryoshka SAE (an architecture this reader does not serve) still loads, through sae-lens."""
-    from sae_lens import MatryoshkaBatchTopKTrainingSAEConfig  # noqa: F401 - present in the pinned range
-
+def test_a_folder_only_sae_lens_reads_goes_to_sae_lens(tmp_path):
+    """A folder whose config predates sae-lens 6 (it needs sae-lens's own conversion) still loads, through
+    sae-lens; the same path serves architectures this reader does not (`UnreadableSae`)."""
     folder = write_sae_folder(tmp_path / "j", "jumprelu", 16, 32)
     cfg = json.loads((folder / "cfg.json").read_text())
     (folder / "cfg.json").write_text(json.dumps({**cfg, "metadata": {"sae_lens_version": "5.9.0"},

@@ -13,7 +13,6 @@ Readiness never depends on Kafka: a broker outage must not take the vLLM pod out
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from monitor.scoring.tokens import SlotScored, TokenScores
 from monitor.sinks.kafka import KafkaStats
 from monitor.sinks.sources import LoopHealth, LoopSnapshot
 from monitor.transport.control import SenderStats
+from monitor.sinks import strict_json
 
 log = logging.getLogger("monitor.metrics")
 
@@ -464,7 +464,7 @@ class MetricsServer:
                     k = metrics.kafka_stats()
                     doc["kafka_sender"] = {"up": k.sender_up, "last_turn_age_seconds": round(k.sender_turn_age_s, 3),
                                            "spool_events": k.spool_events, "queue_events": k.queue_events}
-                body = json.dumps(doc).encode()
+                body = strict_json.dumps(doc, separators=(", ", ": ")).encode()  # an age may be inf: null
                 start_response("200 OK" if ok else "503 Service Unavailable",
                                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
                 return [body]

@@ -12,7 +12,6 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch

@@ -23,7 +23,7 @@ from monitor.config import load_config
 from monitor.scoring.probe import LinearProbe, ProbeMetadata
 from monitor.sidecar.loop import Sidecar
 from monitor.transport.meta import Segment, SlotMeta
-from monitor.transport.ring import RingReader, RingSpec, RingWriter
+from monitor.transport.ring import RingSpec, RingWriter
 
 D, D_SAE, LAYER, REQUESTS, PROMPT, DECODE = 256, 1024, 6, 24, 40, 12
 DETECTORS = [
