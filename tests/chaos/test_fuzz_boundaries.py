@@ -179,14 +179,19 @@ pack = st.fixed_dictionaries({}, optional={
     "threshold": numbers, "severity": st.one_of(st.just("critical"), value), "scope": value, "extra": value})
 
 
+def written(tmp_path_factory, name: str, doc):
+    """`doc` as YAML in a fresh folder of its own."""
+    path = tmp_path_factory.mktemp("fuzz-yaml") / name
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return path
+
+
 @FUZZ
 @given(pack)
 def test_any_detector_pack_is_loaded_or_refused_naming_the_file(tmp_path_factory, doc):
-    folder = tmp_path_factory.mktemp("fuzz-pack")
-    path = folder / "d.yaml"
-    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    path = written(tmp_path_factory, "d.yaml", doc)
     try:
-        detectors, issues = load_detectors([folder])
+        detectors, issues = load_detectors([path.parent])
     except ConfigError as e:  # allowed: it names the file
         issues, detectors = e.issues, []
     assert bool(detectors) != bool(issues)
@@ -194,16 +199,6 @@ def test_any_detector_pack_is_loaded_or_refused_naming_the_file(tmp_path_factory
         assert str(path) in str(issue)
     for d in detectors:
         assert math.isfinite(d.spec.threshold)
-
-
-# ---- what leaves the sidecar --------------------------------------------------------------------
-
-@FUZZ
-@given(value)
-def test_whatever_an_event_holds_it_is_strict_json(doc):
-    text = strict_json.dumps({"data": doc})
-    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
-    text.encode("utf-8")
 
 
 config_doc = st.fixed_dictionaries({"model": st.just({"name": "m", "num_layers": 4, "d_model": 8})}, optional={
@@ -216,10 +211,18 @@ config_doc = st.fixed_dictionaries({"model": st.just({"name": "m", "num_layers":
 def test_any_config_is_loaded_or_refused_naming_the_file(tmp_path_factory, doc):
     from monitor.config import load_config
 
-    folder = tmp_path_factory.mktemp("fuzz-config")
-    path = folder / "monitor.yaml"
-    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
     try:
-        load_config(path)
+        load_config(written(tmp_path_factory, "monitor.yaml", doc))
     except ConfigError as e:
         assert e.issues and all(i.file and i.message for i in e.issues)  # each names a file and says what
+
+
+# ---- what leaves the sidecar --------------------------------------------------------------------
+
+@FUZZ
+@given(value)
+def test_whatever_an_event_holds_it_is_strict_json(doc):
+    text = strict_json.dumps({"data": doc})
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    text.encode("utf-8")
+
