@@ -353,7 +353,7 @@ class Sidecar:
         t0 = time.perf_counter()
         scores = _to_host(self.detectors.scorer.score(
             {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.layers}))
-        bad = _nonfinite(scores, n_rows)  # a NaN would blind max/mean/EMA for the rest of the request: left out
+        bad = _nonfinite(scores)  # a NaN would blind max/mean/EMA for the rest of the request: left out
         if bad is not None:
             self.stats.nonfinite_rows += int(bad.sum())
             scores = {h: np.where(bad[:, None], np.nan, s) for h, s in scores.items()}  # NaN: "no score" in traces
@@ -581,8 +581,8 @@ def _producer_dead(reader: RingReader, timeout: float) -> bool:
     return False
 
 
-def _nonfinite(scores: dict[str, np.ndarray], n_rows: int) -> np.ndarray | None:
-    """[n_rows] bool: rows with a NaN or infinite score in any head; None when every row is finite (the usual
+def _nonfinite(scores: dict[str, np.ndarray]) -> np.ndarray | None:
+    """[rows] bool: rows with a NaN or infinite score in any head; None when every row is finite (the usual
     case, checked in one pass per head)."""
     bad = None
     for s in scores.values():
