@@ -334,7 +334,7 @@ def test_an_alert_id_with_a_slash_opens_its_page(tmp_path, corpus):
     page = c.get(link)
     assert page.status_code == 200 and "<html" in page.text and "req-00-pii" in page.text
     assert odd in c.get(link + "/events.json").json()["incident"]["data"]["alert_ids"]
-    assert odd in c.get("/api/incidents/team/a%20b%3Fc%231").json()["alert_ids"]
+    assert odd in c.get("/api/incidents/team/a%20b%3Fc%231").json()["incident"]["data"]["alert_ids"]
     form = c.post(link + "/triage", data={"action": "acknowledge", "csrf": csrf_of(page.text)})
     assert form.status_code == 303 and form.headers["location"] == "/incidents/team/a%20b%3Fc%231"
 
