@@ -120,7 +120,8 @@ class Ingester:
                 self.stats.last_poll = time.time()
                 if time.monotonic() - last_lag > 5.0:
                     last_lag = time.monotonic()
-                    self.stats.lag = _lag(consumer)
+                    lag = _lag(consumer)
+                    self.stats.lag = self.stats.lag if lag is None else lag
                 if not batch:
                     continue
                 try:
@@ -206,8 +207,9 @@ class Ingester:
             log.info("deleted %d event(s) older than %s (retention)", n, before.isoformat(), extra={"deleted": n})
 
 
-def _lag(consumer) -> int:
-    """End offsets minus positions over the assigned partitions (0 when nothing is assigned yet)."""
+def _lag(consumer) -> int | None:
+    """End offsets minus positions over the assigned partitions (0 when nothing is assigned yet; None when
+    it cannot be measured now)."""
     try:
         parts = consumer.assignment()
         if not parts:
@@ -216,7 +218,7 @@ def _lag(consumer) -> int:
         return int(sum(max(0, ends[tp] - consumer.position(tp)) for tp in parts))
     except Exception:  # noqa: BLE001 - a metric must never stop the consumer; the last value stays
         log.debug("could not measure the consumer's lag", exc_info=True)
-        return 0
+        return None
 
 
 _REASONS = (("oversized", "oversized"), ("not valid JSON", "not_json"), ("not JSON:", "not_json"),
