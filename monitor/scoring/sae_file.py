@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from monitor.scoring.watched import ScoringError
+from monitor.scoring.watched import Preprocess, ScoringError, preprocess_of
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -80,6 +80,7 @@ class SaeFile:
         self.b_enc = weights.get("b_enc")
         self.threshold = weights.get("threshold")
         self.b_gate, self.r_mag, self.b_mag = weights.get("b_gate"), weights.get("r_mag"), weights.get("b_mag")
+        self._preprocess: Preprocess | None = None
 
     @property
     def device(self) -> torch.device:
@@ -96,15 +97,10 @@ class SaeFile:
         return self
 
     def process_sae_in(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
-        if self.cfg.reshape_activations == "hook_z":
-            x = x.flatten(-2)
-        if self.cfg.normalize_activations == "constant_norm_rescale":
-            x = x * ((self.cfg.d_in**0.5) / x.norm(dim=-1, keepdim=True))
-        elif self.cfg.normalize_activations == "layer_norm":
-            x = x - x.mean(dim=-1, keepdim=True)
-            x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
-        return x - self.b_dec * self.cfg.apply_b_dec_to_input
+        # The watched-feature scorer's own mirror of sae-lens's input processing, not a second copy of it.
+        if self._preprocess is None:
+            self._preprocess = preprocess_of(self)
+        return self._preprocess(x)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
