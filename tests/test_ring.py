@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from monitor.plugin.capture import _Publisher
 from monitor.transport.meta import MetaError, Segment, SlotMeta
 from monitor.transport.ring import HEADER_BYTES, RingError, RingReader, RingSpec, RingWriter
 
@@ -185,23 +186,48 @@ def test_ring_from_another_release_is_refused(ring):
         RingReader(ring.path)
 
 
-def test_reused_polls_lend_the_rings_own_rows_until_the_next_poll(tmp_path):
-    """Under drop_newest a reader polling with `reuse` gets the slots' rows in place (no copy), and the
-    producer cannot write those slots until the next poll gives them back: lent rows never change."""
+def test_reused_polls_lend_the_rings_own_rows_until_released(tmp_path):
+    """Under drop_newest a reader polling with `reuse` gets the slots' rows in place (no copy); the
+    producer cannot write a lent slot until the reader releases it (or polls again): lent rows never
+    change. At most half the ring is lent, so a slow reader still leaves the producer room."""
     spec = RingSpec(slots=4, slot_rows=2, d_model=3, layers=(0,), dtype=torch.float32)
     w = RingWriter(tmp_path / "lend.ring", spec)
     r = RingReader(w.path)
     for k in range(4):
         assert w.publish(k, SlotMeta(), [torch.full((2, 3), float(k))])
-    lent = r.poll(4, reuse=True)
-    assert [float(s.rows[0][0, 0]) for s in lent] == [0.0, 1.0, 2.0, 3.0]
+    lent = r.poll(8, reuse=True)
+    assert [float(s.rows[0][0, 0]) for s in lent] == [0.0, 1.0]  # half the ring
     base = r._rows[0].data_ptr()
     assert base <= lent[0].rows[0].data_ptr() < base + spec.slots * spec.slot_bytes  # the ring's memory itself
-    assert not w.publish(4, SlotMeta(), [torch.full((2, 3), 9.0)])  # all four are lent: dropped, counted
-    assert [float(s.rows[0][0, 0]) for s in lent] == [0.0, 1.0, 2.0, 3.0]
-    assert r.poll(4, reuse=True) == [] and w.publish(5, SlotMeta(), [torch.full((2, 3), 5.0)])  # given back
-    assert [float(s.rows[0][0, 0]) for s in r.poll(4, reuse=True)] == [5.0]
-    assert w.counters()["dropped_slots"] == 1
+    assert not w.publish(4, SlotMeta(), [torch.full((2, 3), 9.0)])  # two lent, two unread: full, dropped, counted
+    assert [float(s.rows[0][0, 0]) for s in lent] == [0.0, 1.0]
+    r.release(lent[0].seq)  # done with the first: the producer may write there at once
+    assert w.publish(5, SlotMeta(), [torch.full((2, 3), 5.0)])
+    assert not w.publish(6, SlotMeta(), [torch.full((2, 3), 6.0)])
+    assert float(lent[1].rows[0][0, 0]) == 1.0
+    assert [float(s.rows[0][0, 0]) for s in r.poll(8, reuse=True)] == [2.0, 3.0]  # the next poll gives slot 1 back
+    assert w.publish(7, SlotMeta(), [torch.full((2, 3), 7.0)])
+    assert w.counters()["dropped_slots"] == 2
+    r.close()
+    w.close()
+
+
+def test_a_request_whose_end_falls_in_a_dropped_slot_still_ends(tmp_path):
+    """The slot that announces a request's end may be dropped (the ring is full): the end rides on the
+    next slot that gets through, so the sidecar still closes the request and gives its verdict."""
+    spec = RingSpec(slots=2, slot_rows=4, d_model=3, layers=(0,), dtype=torch.float32)
+    w = RingWriter(tmp_path / "ends.ring", spec)
+    r = RingReader(w.path)
+    pub = _Publisher(w)
+    row = [torch.ones(1, 3)]
+    for step, req in enumerate(("a", "b", "c")):
+        pub.publish(step, [Segment(req, req, req, 0, 0, 1, 1, 0)], [], row, 0.0)
+    pub.publish(3, [], ["a", "b"], None, 0.0)  # full ring: the slot with both ends is dropped
+    assert w.counters()["dropped_slots"] == 2
+    assert [s.meta.finished for s in r.poll(8)] == [(), ()]
+    pub.publish(4, [Segment("d", "d", "d", 0, 0, 1, 1, 0)], ["c"], row, 0.0)
+    (last,) = r.poll(8)
+    assert set(last.meta.finished) == {"a", "b", "c"}
     r.close()
     w.close()
 

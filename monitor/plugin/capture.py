@@ -52,17 +52,25 @@ def _write_off_marker(ring: Path, reason: str) -> None:
         pass
 
 
+MAX_UNSENT_FINISHED = 4096
+
+
 class _Publisher:
     """Splits a step into ring slots and writes them; rows come as per-layer [n, d] CPU tensors."""
 
     def __init__(self, ring: RingWriter) -> None:
         self.ring = ring
         self.lock = threading.Lock()  # the GPU path writes from the publisher thread
+        # Requests whose end was announced in a dropped slot: a lost end would leave the request open in
+        # the sidecar (no verdict until it expires), so it rides on the next slot that gets through.
+        self.unsent_finished: list[str] = []
 
     def publish(self, step: int, segments: list[Segment], finished: list[str], rows: list[torch.Tensor] | None,
                 t: float, token_ids: np.ndarray | None = None) -> None:
         # `t`: wall-clock time the step's forward pass returned; the sidecar measures detection latency from it.
         with self.lock:
+            if self.unsent_finished:
+                finished, self.unsent_finished = self.unsent_finished + list(finished), []
             chunks = split_segments(segments, self.ring.spec.slot_rows) if segments else []
             if not chunks and finished:
                 self._finished_only(step, finished, t)
@@ -73,6 +81,7 @@ class _Publisher:
                rows: list[torch.Tensor] | None, token_ids: np.ndarray | None) -> None:
         if not self.ring.has_room():  # full (no or slow reader): count it, build nothing
             self.ring.drop(n)
+            self._keep_unsent(finished)
             return
         meta = SlotMeta(tuple(segs), tuple(finished), t)
         payload = meta.to_bytes()
@@ -89,8 +98,9 @@ class _Publisher:
             self._chunk(step, first, cut, left, [], t, rows, token_ids)
             self._chunk(step, first + cut, n - cut, right, finished, t, rows, token_ids)
             return
-        self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None,
-                          None if token_ids is None else token_ids[first : first + n], payload)
+        if not self.ring.publish(step, meta, [r[first : first + n] for r in rows] if rows is not None else None,
+                                 None if token_ids is None else token_ids[first : first + n], payload):
+            self._keep_unsent(finished)
 
     def _finished_only(self, step: int, finished: list[str], t: float) -> None:
         meta = SlotMeta((), tuple(finished), t)
@@ -100,11 +110,19 @@ class _Publisher:
             self._finished_only(step, finished[:half], t)
             self._finished_only(step, finished[half:], t)
             return
-        self.ring.publish(step, meta, None, None, payload)
+        if not self.ring.publish(step, meta, None, None, payload):
+            self._keep_unsent(finished)
 
-    def drop(self, n_rows: int) -> None:
+    def drop(self, n_rows: int, finished: list[str]) -> None:
         with self.lock:
             self.ring.drop(n_rows)
+            self._keep_unsent(finished)
+
+    def _keep_unsent(self, finished: list[str]) -> None:
+        # Bounded: with no reader for hours every step drops, and vLLM's memory must not grow for it. A
+        # reader that attaches later never saw those requests, so only the newest ends can still matter.
+        self.unsent_finished += finished
+        del self.unsent_finished[:-MAX_UNSENT_FINISHED]
 
 
 class _GpuStager:
@@ -121,7 +139,7 @@ class _GpuStager:
     def submit(self, buffers: list[torch.Tensor], n: int, step: int, segments: list[Segment], finished: list[str],
                t: float, token_ids: np.ndarray | None) -> None:
         if not self.free:  # every staging slot still in flight: drop, never wait
-            self.publisher.drop(n)
+            self.publisher.drop(n, finished)
             return
         k = self.free.popleft()
         main = torch.cuda.current_stream()

@@ -234,7 +234,7 @@ class Sidecar:
         n = 0
         with self._lock:
             for reader in list(self.readers.values()):
-                # Slots are read 8 at a time into the reader's reused buffers: done with before the next poll.
+                # Slots are read 8 at a time (lent in place, or copied into the reader's reused buffers).
                 key = (id(reader), id(self.detectors))
                 if key not in self._usable:
                     self._usable[key] = self._unusable(reader)
@@ -246,13 +246,15 @@ class Sidecar:
                     n += 1
                     if unusable:
                         self._skip(slot, "unusable_ring", unusable)
-                        continue
-                    try:
-                        self._process(reader, slot, rows)
-                    except Exception as e:  # noqa: BLE001 - one bad slot must not stop the monitor
-                        self._skip(slot, "error", f"{type(e).__name__}: {e}")
-                        if self.stats.slots_skipped.get("error", 0) <= 10:
-                            log.exception("scoring a slot failed; skipped")
+                    else:
+                        try:
+                            self._process(reader, slot, rows)
+                        except Exception as e:  # noqa: BLE001 - one bad slot must not stop the monitor
+                            self._skip(slot, "error", f"{type(e).__name__}: {e}")
+                            if self.stats.slots_skipped.get("error", 0) <= 10:
+                                log.exception("scoring a slot failed; skipped")
+                    # Done with its rows: a lent slot goes back to the producer now, not at the next poll.
+                    reader.release(slot.seq)
             self._expire()
         return n
 

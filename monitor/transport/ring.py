@@ -393,13 +393,17 @@ class RingReader:
     def poll(self, max_slots: int = 64, reuse: bool = False) -> list[Slot]:
         """Every complete slot since the last poll (up to max_slots), copied out of shared memory.
 
-        With `reuse`, rows are valid only until the next poll: under drop_newest they are the ring's own
-        memory, lent (the producer cannot write those slots until the next poll releases them: one copy
-        fewer per slot); under overwrite_oldest they are copies in buffers the reader keeps (fresh
-        allocations page-fault at ~1 GB/s, so reused buffers save as much as the copy costs)."""
+        With `reuse`, rows are valid only until the next poll (or until `release` gives their slot back):
+        under drop_newest they are the ring's own memory, lent (the producer cannot write those slots
+        until they are released: one copy fewer per slot); under overwrite_oldest they are copies in
+        buffers the reader keeps (fresh allocations page-fault at ~1 GB/s, so reused buffers save as much
+        as the copy costs). At most half the ring is lent at once, so a slow reader never leaves a
+        producer without room (a full ring drops steps)."""
         b = self._m.mm
         out: list[Slot] = []
         lend = reuse and self.lends
+        if lend:
+            max_slots = min(max_slots, max(1, self.spec.slots // 2))
         _set_u64(b, READ_SEQ, self.next_seq)  # what the last poll lent is given back
         written = _u64(b, WRITE_SEQ)
         if written - self.next_seq > self.spec.slots:  # lapped while we were away (overwrite mode)
@@ -449,6 +453,14 @@ class RingReader:
         if not lend:
             _set_u64(b, READ_SEQ, self.next_seq)
         return out
+
+    def release(self, seq: int) -> None:
+        """Give back every lent slot up to and including `seq`: the reader is done with its rows. The
+        producer may write there at once, instead of waiting for the next poll."""
+        if self.lends and seq < self.next_seq:
+            b = self._m.mm
+            if seq + 1 > _u64(b, READ_SEQ):
+                _set_u64(b, READ_SEQ, seq + 1)
 
     def _corrupt(self, seq: int, why: str) -> None:
         """Skip a slot that cannot be read; the rest of the ring is read as usual."""
