@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -94,7 +95,8 @@ def test_fire_reaches_the_pager_through_prometheus_and_alertmanager(tmp_path):
     try:
         with Alertmanager(tmp_path / "am").start(local_alertmanager_config(receiver.url)) as am, \
                 Prometheus(tmp_path / "prom").start(local_prometheus_config(
-                    f"127.0.0.1:{port}", None, am.address, console_url="https://monitor.example.com")) as prom:
+                    f"127.0.0.1:{port}", None, am.address, console_url="https://monitor.example.com",
+                    runbook_base_url="https://monitor.example.com/runbooks")) as prom:
             # Let Prometheus see the counter at 0 first: a fire is an increase from a known value.
             deadline = time.time() + 30
             while not prom.query('misalignment_monitor_detector_fires_total{detector="feat"}'):
@@ -113,9 +115,13 @@ def test_fire_reaches_the_pager_through_prometheus_and_alertmanager(tmp_path):
             alert = hook.body["alerts"][0]
             assert alert["labels"]["alertname"] == "MisalignmentDetectorFired"
             assert alert["labels"]["detector"] == "feat" and alert["labels"]["severity"] == "critical"
-            assert alert["annotations"]["runbook_url"].endswith("/misalignmentdetectorfired.md")
+            # The deployment's own runbook, and the alert's landing page from 15 minutes before it was sent.
+            assert alert["annotations"]["runbook_url"] == "https://monitor.example.com/runbooks/misalignmentdetectorfired.md"
             model = alert["labels"].get("model_name", "")
-            assert alert["annotations"]["console_url"] == f"https://monitor.example.com/incidents?detector=feat&model={model}"
+            landing, since = alert["annotations"]["console_url"].split("&since=")
+            assert landing == f"https://monitor.example.com/alert?detector=feat&model={model}"
+            sent = datetime.fromisoformat(alert["startsAt"].replace("Z", "+00:00")).timestamp()
+            assert sent - 960 < int(since) / 1000 <= sent - 840, (since, alert["startsAt"])
             pd = [p for p in pager if "pagerduty" in p.path]
             assert pd and pd[0].body["event_action"] == "trigger" and pd[0].body["routing_key"] == "local-not-a-secret"
             assert pd[0].body["payload"]["custom_details"]["console"] == alert["annotations"]["console_url"]

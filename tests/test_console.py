@@ -562,3 +562,91 @@ def test_several_workers_share_logins(tmp_path, corpus):
         assert codes == [200] * 12, codes
         children = subprocess.run(["pgrep", "-P", str(console.proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) >= 2  # the two workers (and uvicorn's own helper, if any)
+
+
+# ---- from the page to a decision -----------------------------------------------------------------
+
+
+def test_an_alert_lands_on_the_incidents_behind_it(site, corpus):
+    """An alert's `console_url` (/alert?detector&model&since): its incidents, newest first, the newest open,
+    each with its score, words and whether the model went along."""
+    c = site.client(site.triager)
+    since = int((NOW - timedelta(hours=6, minutes=30)).timestamp() * 1000)  # epoch ms, as the rule writes it
+    page = c.get(f"/alert?detector=pii-probe&model=smollm2&since={since}")
+    assert page.status_code == 200, page.text
+    expected = [e for _, e in corpus if e["data"]["model"] == "smollm2" and
+                datetime.fromisoformat(e["time"].replace("Z", "+00:00")) >= NOW - timedelta(hours=6, minutes=30)]
+    assert f"{len(expected)} incidents behind this alert" in page.text
+    blocks = re.findall(r'<details class="alert-incident"( open)? id="alert-incident-(\d+)"', page.text)
+    assert [b[1] for b in blocks] == [str(k) for k in range(len(expected))] and blocks[0][0] == " open"
+    assert not any(b[0] for b in blocks[1:])
+    links = re.findall(r'href="/incidents/([^"]+)" class="open-incident"', page.text)
+    newest_first = sorted(expected, key=lambda e: e["time"], reverse=True)
+    assert links == [e["data"]["alert_ids"][0] for e in newest_first]
+    assert "score <b>" in page.text and "refused" in page.text or "answered" in page.text
+    # The alert's own filter decides what is listed: another model's incidents are not behind it.
+    assert not any(e["data"]["alert_ids"][0] in page.text for _, e in corpus if e["data"]["model"] == "llama")
+    assert c.get("/alert?model=smollm2").status_code == 400  # no detector: says what is missing
+    assert "not a time" in c.get("/alert?detector=pii-probe&since=yesterday-ish").text
+
+
+def test_incident_page_answers_the_four_questions_on_its_first_screen(site, corpus):
+    """Which words (headline), how sure (plain words from the calibration), did the model go along (from
+    its reply), seen before (the detector's other incidents and their verdicts), and what to do (the
+    runbook's first steps, served by this console)."""
+    c = site.client(site.triager)
+    refused, answered = alert_of(corpus, 0), alert_of(corpus, 1)  # "I won't keep that." / "Order ... ships tomorrow."
+    assert c.post(f"/api/incidents/{alert_of(corpus, 3)}/triage", json={"action": "verdict", "verdict": "false_positive",
+                                                                         "note": "test card"}).status_code == 200
+    page = c.get(f"/incidents/{refused}").text
+    sure = re.search(r'id="how-sure">([^<]+)<', page).group(1)
+    assert "about 1 in 125 normal conversations" in sure.lower() and "1,200" in sure
+    assert re.search(r'id="outcome" class="outcome refused">The model refused', page)
+    assert 'class="outcome answered">The model answered' in c.get(f"/incidents/{answered}").text
+    similar = page[page.index('id="similar"'):page.index('id="first-steps"')]
+    assert "<b>0</b> were true positives and <b>1</b> false positives" in similar
+    assert "false positive" in similar and "test card" in similar
+    steps = page[page.index('id="first-steps"'):page.index("</section>", page.index('id="first-steps"'))]
+    assert "True positive" in steps and "False positive" in steps
+    runbook = re.search(r'href="([^"]+)" id="runbook-first"', page).group(1)
+    assert runbook == "/runbooks/misalignmentdetectorfired.md"
+    served = c.get(runbook)
+    assert served.status_code == 200 and "<h2>Mitigation</h2>" in served.text
+    assert c.get("/runbooks/").status_code == 200 and "misalignmentmonitorblind.md" in c.get("/runbooks/").text
+    for bad in ("..%2Fpyproject.toml", "../README.md", "nope.md", "README.txt"):
+        assert c.get(f"/runbooks/{bad}").status_code == 404, bad
+
+
+def test_template_tokens_are_drawn_but_kept_out_of_the_colour_scales(corpus):
+    """`<|im_start|>`, role names and the system prompt carry outsized activations in every chat: they are
+    greyed, and the words people wrote set each heatmap row's scale."""
+    import copy
+
+    from monitor.console.views import incident_view, template_mask
+
+    event = copy.deepcopy(corpus[1][1])  # a chat with a system prompt
+    trace = event["data"]["trace"]
+    texts = trace["text"]
+    template = template_mask(texts, trace["positions"])
+    assert template[0] and texts[0] == "<|im_start|>"
+    assert any(t and "shop assistant" in "".join(texts[j:j + 4]) for j, t in enumerate(template))  # the system prompt
+    user_words = [j for j, t in enumerate(template) if not t]
+    assert "55012" in "".join(texts[j] for j in user_words) and "<|im_start|>" not in "".join(texts[j] for j in user_words)
+    for vals in trace["inputs"].values():  # the template's tokens dwarf everything, as in a real model
+        for j, t in enumerate(template):
+            if t:
+                vals[j] = 1000.0
+    v = incident_view(event, show_text=True)
+    for row in v.heat:
+        levels = [lvl for _, lvl, _ in row.cells]
+        assert all(lvl == -1.0 for lvl, t in zip(levels, template) if t)
+        assert max(lvl for lvl, t in zip(levels, template) if not t) == pytest.approx(1.0)
+    assert all(tok.background == "transparent" for tok, t in zip(v.tokens, template) if t)
+    shaded = [tok for tok in v.tokens if tok.score is not None and not tok.template]
+    assert shaded and all(tok.level == pytest.approx(min(tok.score / v.scale_max, 1.0)) for tok in shaded)
+    assert v.scale_max == pytest.approx(min(2 * v.scale_threshold, 1.0))  # the threshold is the middle shade
+
+
+def test_favicon_answers_without_a_login(site):
+    r = site.client().get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")

@@ -306,10 +306,16 @@ class Console(Strict):
     grafana_url: str | None = Field(None, description="Grafana's URL: the incident page links to the detector "
                                     "dashboard at the incident's time.")
     runbook_url: str = Field("https://github.com/misalignment-monitor/misalignment-monitor/blob/main/runbooks",
-                             description="Where the runbooks are (the pages link to `<runbook_url>/<alert>.md`).")
+                             description="Where the runbooks are when the console does not serve them (the pages "
+                             "link to `<runbook_url>/<alert>.md`).")
+    runbooks_dir: str | None = Field(None, description="A folder of runbook pages (`<alert>.md`) the console serves "
+                                     "at `/runbooks/`, and links to from its pages; its first steps are shown on the "
+                                     "incident page. Unset: the `runbooks/` folder of a source checkout, when there.")
+    alertmanager_url: str | None = Field(None, description="Alertmanager's URL: the console's Alerts page lists its "
+                                         "active alerts (through its API), each linked to the incidents behind it.")
     proxy: ProxyAuth = Field(default_factory=ProxyAuth)
 
-    @field_validator("base_url", "grafana_url", "runbook_url")
+    @field_validator("base_url", "grafana_url", "runbook_url", "alertmanager_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://[^\s/]+", v):

@@ -10,14 +10,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import urllib.request
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field, ValidationError
@@ -26,14 +27,18 @@ from sqlalchemy.exc import DBAPIError
 from monitor.config.models import MonitorConfig
 from monitor.console.auth import (CSRF_COOKIE, SESSION_COOKIE, AuthError, Identity, LoginLimiter, Sessions,
                                   TokenStore, csrf_ok, new_csrf, proxy_identity, session_secret)
-from monitor.console.views import incident_view, shade, without_text
+from monitor.console import runbooks
+from monitor.console.views import gist, incident_view, shade, without_text
 from monitor.store.db import Store, StoreError
 from monitor.store.export import EXPORTABLE, labelled_record, write_export
-from monitor.store.queries import STATUSES, VERDICTS, IncidentFilter, facets, list_incidents
+from monitor.store.queries import (STATUSES, VERDICTS, IncidentFilter, events_of, facets, list_incidents,
+                                   parse_time, verdict_counts)
 
 log = logging.getLogger("monitor.console")
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
+LANDING_SIZE = 20  # an alert's landing page: the newest incidents behind it, each read in full
+LANDING_WINDOW = timedelta(hours=24)  # without `since`: what "behind this alert" means
 
 
 class Unavailable(Exception):
@@ -135,6 +140,13 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
     templates.env.globals.update(shade=shade, STATUSES=STATUSES, VERDICTS=VERDICTS)
     templates.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, ensure_ascii=False)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    served_runbooks = runbooks.runbooks_dir(cfg.console.runbooks_dir)
+    templates.env.globals.update(nav_alerts=bool(cfg.console.alertmanager_url), nav_runbooks=served_runbooks is not None)
+
+    def runbook_link(alert: str) -> str:
+        """The deployment's own runbook page when the console serves them, else the configured base."""
+        page = f"{alert.lower()}.md"
+        return f"/runbooks/{page}" if served_runbooks is not None else f"{cfg.console.runbook_url}/{page}"
 
     def client(request: Request) -> str:
         return request.client.host if request.client else "unknown"
@@ -247,6 +259,11 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
         return {"status": "ok"}
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # browsers ask for it on every page, whatever the page's <link rel="icon"> says
+        return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml",
+                            headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_form(request: Request, next: str = "/incidents"):
@@ -386,7 +403,8 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
     def _links(inc, view) -> dict:
         t = inc.event_time
         lo, hi = int((t - timedelta(minutes=30)).timestamp() * 1000), int((t + timedelta(minutes=30)).timestamp() * 1000)
-        links = {"runbook": f"{cfg.console.runbook_url}/misalignmentdetectorfired.md"}
+        links = {"runbook": runbook_link("MisalignmentDetectorFired"),
+                 "alert": "/alert?" + urlencode({"detector": view.primary.name, "model": inc.model})}
         if cfg.console.grafana_url:
             links["grafana"] = (f"{cfg.console.grafana_url}/d/misalignment-monitor-detector?"
                                 + urlencode({"var-detector": view.primary.name, "from": lo, "to": hi}))
@@ -432,8 +450,87 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
         audit_text(who, inc, request)
         history = db(lambda s: c.store.triage_history(inc.event_id))
         links = _links(inc, view)
+        similar, judged = db(similar_incidents, view.primary.name, inc.event_id)
         return render(request, "incident.html", inc=inc, d=inc.event["data"], v=view, alert_id=alert_id,
-                      history=history, links=links, alerts=alerts)
+                      history=history, links=links, alerts=alerts, similar=similar, judged=judged,
+                      first_steps=first_steps("MisalignmentDetectorFired"))
+
+    def similar_incidents(s, detector: str, event_id: str, n: int = 5):
+        """The detector's other recent incidents (with their verdicts) and how its incidents were judged."""
+        page = list_incidents(s, IncidentFilter(detector=detector), limit=n + 1)
+        return [r for r in page.rows if r.event_id != event_id][:n], verdict_counts(s, detector)
+
+    def first_steps(alert: str) -> str | None:
+        """The runbook's Mitigation section, as HTML, for the page's first screen."""
+        if served_runbooks is None:
+            return None
+        text = runbooks.page(served_runbooks, f"{alert.lower()}.md")
+        part = runbooks.section(text, "Mitigation") if text else None
+        return runbooks.render(part) if part else None
+
+    @app.get("/alert", response_class=HTMLResponse, include_in_schema=False)
+    def alert_page(request: Request, who: Identity = Depends(viewer)):
+        """Where an alert lands (its `console_url`): the incidents behind it, newest first, the top one open."""
+        params = dict(request.query_params)
+        if not params.get("detector"):
+            raise HTTPException(400, "an alert's page needs its detector: /alert?detector=<name>&model=<model>")
+        params.setdefault("since", (datetime.now(timezone.utc) - LANDING_WINDOW).isoformat())
+        try:
+            f = IncidentFilter.model_validate({k: v for k, v in params.items() if k in IncidentFilter.model_fields})
+        except ValidationError as e:
+            reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'filter'}: {err['msg']}" for err in e.errors())
+            raise HTTPException(400, f"bad alert link: {reasons}") from None
+
+        def read(s):
+            page = list_incidents(s, f, LANDING_SIZE)
+            return page, events_of(s, [r.event_id for r in page.rows])
+
+        page, events = db(read)
+        shown = [(r, gist(events[r.event_id], who.text)) for r in page.rows if r.event_id in events]
+        if who.text and shown:
+            _audit(who.name, "view_text", ",".join(r.alert_ids[0] for r, _ in shown)[:500], client(request))
+        return render(request, "alert.html", f=f, page=page, shown=shown, query=f.query(),
+                      list_url="/incidents?" + urlencode(f.query()),
+                      runbook=runbook_link("MisalignmentDetectorFired"))
+
+    @app.get("/alerts", response_class=HTMLResponse, include_in_schema=False)
+    def alerts_page(request: Request, who: Identity = Depends(viewer)):
+        """Alertmanager's active alerts (Debian's build serves no web UI), each linked to its landing page."""
+        if not cfg.console.alertmanager_url:
+            raise HTTPException(404, "this console knows no Alertmanager (console.alertmanager_url is unset)")
+        url = f"{cfg.console.alertmanager_url}/api/v2/alerts?active=true"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                raw = json.loads(r.read())
+        except (OSError, ValueError) as e:
+            return render(request, "error.html", status=502, title="Alertmanager is not answering",
+                          message=f"{url}: {e}. Its alerts cannot be listed; incidents are still in the list.")
+        rows = []
+        for a in sorted(raw, key=lambda a: a.get("startsAt", ""), reverse=True):
+            lab, ann = a.get("labels", {}), a.get("annotations", {})
+            started = parse_time(a["startsAt"]) if a.get("startsAt") else None
+            landing = None
+            if lab.get("detector"):
+                q = {"detector": lab["detector"], **({"model": lab["model_name"]} if lab.get("model_name") else {})}
+                if started:
+                    q["since"] = (started - timedelta(minutes=15)).isoformat()
+                landing = "/alert?" + urlencode(q)
+            rows.append({"labels": lab, "summary": ann.get("summary", ""), "started": started,
+                         "state": a.get("status", {}).get("state", ""), "landing": landing,
+                         "runbook": runbook_link(lab.get("alertname", "")) if lab.get("alertname") else None})
+        return render(request, "alerts.html", rows=rows, source=cfg.console.alertmanager_url)
+
+    @app.get("/runbooks/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/runbooks/{name}", response_class=HTMLResponse, include_in_schema=False)
+    def runbook_page(request: Request, name: str = "", who: Identity = Depends(viewer)):
+        if served_runbooks is None:
+            raise HTTPException(404, "this console serves no runbooks (console.runbooks_dir is unset); they are at "
+                                f"{cfg.console.runbook_url}")
+        text = runbooks.page(served_runbooks, name)
+        if text is None:
+            raise HTTPException(404, f"no runbook {name!r}: the index at /runbooks/ lists them")
+        title = text.splitlines()[0].lstrip("# ").strip() if text else name
+        return render(request, "runbook.html", title=title, body=runbooks.render(text))
 
     def _triage(request: Request, who: Identity, alert_id: str, req: TriageRequest):
         if req.action == "verdict" and req.verdict is None:

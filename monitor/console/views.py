@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.config.models import DetectorSpec, FeatureInput, ProbeInput
+from monitor.console.reply import ReplyOutcome, reply_outcome
 from monitor.detectors.runtime import in_scope, token_scores
 
 SEVERITY_WORDS = {"critical": "Critical", "warning": "Warning", "info": "Info"}
@@ -44,14 +45,15 @@ class Token:
     fired_here: bool
     special: bool
     token_id: int | None
+    template: bool = False  # written by the chat template: drawn, kept out of the colour scale
 
     @property
     def background(self) -> str:
-        return shade(self.level) if self.score is not None else "transparent"
+        return shade(self.level) if self.score is not None and not self.template else "transparent"
 
     @property
     def color(self) -> str:
-        return ink(self.level) if self.score is not None else "#777"
+        return ink(self.level) if self.score is not None and not self.template else "#777"
 
 
 @dataclass
@@ -114,6 +116,10 @@ class IncidentView:
     prompt_tokens: int
     words: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # evidence position -> (before, token, after)
     notes: list[str] = field(default_factory=list)
+    how_sure: str | None = None
+    outcome: ReplyOutcome | None = None
+    scale_max: float = 1.0
+    hidden_context: int = 0  # context features left out (no readable explanation, or not active)
 
     @staticmethod
     def input_words(name: str) -> str:
@@ -166,6 +172,38 @@ def _roles(texts: list[str]) -> list[str | None]:
     return roles
 
 
+def template_mask(texts: list[str] | None, positions: list[int]) -> list[bool]:
+    """Tokens the chat template wrote, not a person: special tokens, the role header after each (up to
+    its line break), the system prompt, and position 0 (where every model stores outsized
+    activations). They are drawn but kept out of the colour scales: otherwise `<|im_start|>` or the
+    default system prompt is the darkest cell of every incident and the words that matter wash out.
+    Without text only position 0 is known."""
+    if texts is None:
+        return [p == 0 for p in positions]
+    roles = _roles(texts)
+    out, header = [], False
+    for j, t in enumerate(texts):
+        special = bool(_SPECIAL.match(t.strip()))
+        if special:
+            header = True
+            out.append(True)
+            continue
+        out.append(header or roles[j] == "system" or positions[j] == 0)
+        if header and "\n" in t:
+            header = False
+    return out
+
+
+def usable_explanation(text: str | None) -> bool:
+    """An explanation a newcomer can read: not "never active", and a mechanical "peaks on:" label only
+    when it names a word (a feature that peaks on digits or punctuation says nothing here)."""
+    if not text or text.startswith("never active"):
+        return False
+    if text.startswith("peaks on:"):
+        return bool(re.search(r"[A-Za-z]{3,}", text[len("peaks on:"):]))
+    return True
+
+
 def _words(texts: list[str], j: int, span: int = 6, before_only: bool = False, start: int = 0) -> str:
     """The words around token j (or the ones leading up to it, from `start` on), without the chat
     template's markers."""
@@ -209,44 +247,34 @@ def _trajectory(d: DetectorView, running: dict | None, first: int, last: int, bo
                       boundary_x=x(boundary - 0.5) if first < boundary <= last else None)
 
 
-def incident_view(event: dict, show_text: bool) -> IncidentView:
-    data = event["data"]
-    trace = data["trace"]
-    positions = np.asarray(trace["positions"], dtype=np.int64)
-    n_prompt = data["prompt_tokens"]
-    texts = trace.get("text") if show_text else None
-    detectors = [detector_view(d) for d in data["detectors"]]
+def _primary(detectors: list[DetectorView]) -> DetectorView:
     fired = [d for d in detectors if d.fired]
-    primary = max(fired or detectors, key=lambda d: ({"critical": 2, "warning": 1, "info": 0}[d.severity],
-                                                    (d.score or 0) / (d.threshold or 1)))
-    spec = DetectorSpec.model_validate(primary.definition)
-    inputs = trace["inputs"]
-    labels = input_labels(spec, list(inputs))
-    per_token = np.full(len(positions), np.nan)
-    if positions.size and all(labels):
-        cols = [np.asarray(inputs[lab], dtype=np.float64) for lab in labels]
-        per_token = np.asarray(token_scores(spec, cols), dtype=np.float64)
-        per_token[~in_scope(spec, positions, n_prompt)] = np.nan
-    kind = spec.aggregation.kind
-    scale_threshold = spec.aggregation.token_threshold if kind in ("count_above", "fraction_above") else primary.threshold
-    probability = all(isinstance(i, ProbeInput) for i in spec.inputs) and spec.combine != "weighted"
-    finite = per_token[np.isfinite(per_token)]
-    scale_max = 1.0 if probability else float(max(scale_threshold * 1.5, finite.max() if finite.size else 0, 1e-9))
-    evidence_pos = {e["position"] for e in primary.evidence}
-    tokens = []
-    for j, p in enumerate(positions.tolist()):
-        s = per_token[j]
-        raw = texts[j] if texts is not None else None
-        label = raw if raw is not None else f"#{p}"
-        tokens.append(Token(
-            position=p, label=label, score=None if not np.isfinite(s) else float(s),
-            level=0.0 if not np.isfinite(s) else float(s) / scale_max, completion=p >= n_prompt,
-            evidence=p in evidence_pos, fired_here=p == primary.fired_at,
-            special=raw is not None and bool(_SPECIAL.match(raw.strip())),
-            token_id=(trace.get("token_ids") or [None] * len(positions))[j] if show_text else None))
-    legend = [(f"{v:.2g}", shade(v / scale_max)) for v in np.linspace(0, scale_max, 6)]
+    return max(fired or detectors, key=lambda d: ({"critical": 2, "warning": 1, "info": 0}[d.severity],
+                                                  (d.score or 0) / (d.threshold or 1)))
 
-    # The headline: which detector, where, which words. Plain words; numbers follow in `why`.
+
+def how_sure(d: DetectorView) -> str | None:
+    """How unusual this score is for normal traffic, in plain words, from the threshold's calibration."""
+    cal = d.calibration or {}
+    fpr = cal.get("achieved_fpr")
+    if fpr is None:
+        fpr = cal.get("target_fpr")
+    if fpr is None:
+        return None
+    n = cal.get("n_benign")
+    on = f" (measured on {n:,} normal conversations" if n else " (the calibration's target"
+    upper = cal.get("fpr_upper_95")
+    bound = f"; at most about 1 in {max(1, round(1 / upper)):,} with 95% confidence)" if upper else ")"
+    rate = "none" if fpr <= 0 else f"about 1 in {max(1, round(1 / fpr)):,}"
+    times = ""
+    if d.score is not None and d.threshold and d.threshold > 0 and d.score > d.threshold:
+        times = f" This one scored {d.score / d.threshold:.1f} times the threshold."
+    return f"{rate.capitalize()} normal conversations reach this detector's threshold{on}{bound}.{times}"
+
+
+def _headline(primary: DetectorView, kind: str, trace: dict, texts: list[str] | None, n_prompt: int) -> tuple[str, str, str | None]:
+    """(headline, why, the firing words) in plain words; numbers follow in `why`."""
+    positions = trace["positions"]
     # A `last` detector decides on the one token it fired at (with `scope: prompt`, the end of the prompt,
     # in the chat template's header for the reply): the headline names the words that led up to it, not
     # the token of strongest score, which did not decide.
@@ -254,8 +282,8 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
     top = primary.fired_at if decided_by_one else (
         primary.evidence[0]["position"] if primary.evidence else primary.fired_at)
     where, words = ("the model's reply" if top is not None and top >= n_prompt else "the prompt"), None
-    if top is not None and top in trace["positions"] and texts is not None:
-        j = trace["positions"].index(top)
+    if top is not None and top in positions and texts is not None:
+        j = positions.index(top)
         roles = _roles(texts)
         if decided_by_one and top == n_prompt - 1:  # step back out of the reply's header to the message before
             opened = roles[j]
@@ -285,6 +313,74 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
     score = "—" if primary.score is None else f"{primary.score:.3g}"
     why = (f"Its score reached {score} against a threshold of {primary.threshold:.3g} ({primary.space})"
            + (f", crossing it at token {primary.fired_at}." if primary.fired_at is not None else "."))
+    return headline, why, words
+
+
+@dataclass
+class Gist:
+    """One incident in a line or two: what an alert's landing page lists."""
+
+    primary: DetectorView
+    headline: str
+    words: str | None
+    outcome: ReplyOutcome
+    how_sure: str | None
+
+
+def gist(event: dict, show_text: bool) -> Gist:
+    data = event["data"]
+    trace = data["trace"]
+    texts = trace.get("text") if show_text else None
+    primary = _primary([detector_view(d) for d in data["detectors"]])
+    kind = primary.definition.get("aggregation", {}).get("kind", "max")
+    headline, _, words = _headline(primary, kind, trace, texts, data["prompt_tokens"])
+    return Gist(primary=primary, headline=headline, words=words, how_sure=how_sure(primary),
+                outcome=reply_outcome(texts, trace["positions"], data["prompt_tokens"]))
+
+
+def incident_view(event: dict, show_text: bool) -> IncidentView:
+    data = event["data"]
+    trace = data["trace"]
+    positions = np.asarray(trace["positions"], dtype=np.int64)
+    n_prompt = data["prompt_tokens"]
+    texts = trace.get("text") if show_text else None
+    detectors = [detector_view(d) for d in data["detectors"]]
+    fired = [d for d in detectors if d.fired]
+    primary = _primary(detectors)
+    spec = DetectorSpec.model_validate(primary.definition)
+    inputs = trace["inputs"]
+    labels = input_labels(spec, list(inputs))
+    per_token = np.full(len(positions), np.nan)
+    if positions.size and all(labels):
+        cols = [np.asarray(inputs[lab], dtype=np.float64) for lab in labels]
+        per_token = np.asarray(token_scores(spec, cols), dtype=np.float64)
+        per_token[~in_scope(spec, positions, n_prompt)] = np.nan
+    template = np.asarray(template_mask(texts, trace["positions"]), dtype=bool)
+    kind = spec.aggregation.kind
+    scale_threshold = spec.aggregation.token_threshold if kind in ("count_above", "fraction_above") else primary.threshold
+    probability = all(isinstance(i, ProbeInput) for i in spec.inputs) and spec.combine != "weighted"
+    # The scale is the threshold's: it sits at the middle, twice the threshold is the darkest shade, so a
+    # word's shade says how far past the line it is, the same on every incident of this detector.
+    if scale_threshold > 0:
+        scale_max = min(2 * scale_threshold, 1.0) if probability else 2 * scale_threshold
+    else:
+        signal = per_token[np.isfinite(per_token) & ~template]
+        scale_max = 1.0 if probability else float(max(signal.max() if signal.size else 0, 1e-9))
+    evidence_pos = {e["position"] for e in primary.evidence}
+    tokens = []
+    for j, p in enumerate(positions.tolist()):
+        s = per_token[j]
+        raw = texts[j] if texts is not None else None
+        label = raw if raw is not None else f"#{p}"
+        tokens.append(Token(
+            position=p, label=label, score=None if not np.isfinite(s) else float(s),
+            level=0.0 if not np.isfinite(s) else min(float(s) / scale_max, 1.0), completion=p >= n_prompt,
+            evidence=p in evidence_pos, fired_here=p == primary.fired_at,
+            special=raw is not None and bool(_SPECIAL.match(raw.strip())), template=bool(template[j]),
+            token_id=(trace.get("token_ids") or [None] * len(positions))[j] if show_text else None))
+    legend = [(f"{v:.2g}", shade(v / scale_max)) for v in np.linspace(0, scale_max, 5)]
+
+    headline, why, _ = _headline(primary, kind, trace, texts, n_prompt)
     others = [d.name for d in fired if d is not primary]
     if others:
         why += f" Also fired: {', '.join(others)}."
@@ -293,7 +389,8 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
     last = int(positions.max()) if positions.size else 0
     trajectories = [_trajectory(d, trace["running"].get(d.name), first, last, n_prompt) for d in detectors]
 
-    # Heatmap: every watched input on the layer, one row each, each on its own scale.
+    # Heatmap: every watched input on the layer, one row each, each on its own scale: its largest value
+    # on the words people wrote (template tokens are drawn grey, kept out of the scale).
     explanations: dict[str, str] = {}
     for d in detectors:
         for e in d.evidence:
@@ -305,11 +402,16 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
     heat = []
     for name, vals in inputs.items():
         arr = np.asarray(vals, dtype=np.float64)
-        top_v = float(np.nanmax(np.abs(arr))) if arr.size else 0.0
+        signal = arr[~template] if arr.size == template.size else arr
+        signal = signal[np.isfinite(signal)]
+        top_v = float(np.max(signal)) if signal.size else 0.0  # darkest at its highest; negatives stay white
         cells = []
         for j, (p, v) in enumerate(zip(positions.tolist(), arr.tolist())):
-            lvl = 0.0 if top_v <= 0 or not math.isfinite(v) else max(v, 0.0) / top_v
             word = f" {texts[j]!r}" if texts is not None else ""
+            if template[j]:
+                cells.append((round(j * cell, 2), -1.0, f"{name} at token {p}{word}: {v:.3g} (chat template: not in the scale)"))
+                continue
+            lvl = 0.0 if top_v <= 0 or not math.isfinite(v) else max(v, 0.0) / top_v
             cells.append((round(j * cell, 2), lvl, f"{name} at token {p}{word}: {v:.3g}"))
         heat.append(HeatRow(label=name, explanation=explanations.get(name), cells=cells))
 
@@ -324,10 +426,23 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
                     after = "".join(texts[j + 1:j + 5])
                     words[e["position"]] = (" ".join(before.split())[-40:] + (" " if before[-1:].isspace() else ""),
                                             texts[j], (" " if after[:1].isspace() else "") + " ".join(after.split())[:40])
+    # Evidence worth a row: a score above zero, on a token that is not the template's.
+    index = {p: j for j, p in enumerate(trace["positions"])}
+    for d in detectors:
+        d.evidence = [e for e in d.evidence if e["score"] > 0 and math.isfinite(e["score"]) and not (
+            e["position"] in index and template[index[e["position"]]])]
 
+    # What else the model represented there: features with a readable explanation and a real activation.
     context: dict[int, list[dict]] = {}
+    hidden_context = 0
     for c in data["context"]:
-        context.setdefault(c["position"], []).extend({"sae": c["sae"], **f} for f in c["features"])
+        for f in c["features"]:
+            if f["activation"] > 0 and usable_explanation(f.get("explanation")):
+                context.setdefault(c["position"], []).append({"sae": c["sae"], **f})
+            else:
+                hidden_context += 1
+    for fs in context.values():
+        fs.sort(key=lambda f: -f["activation"])
     notes = []
     if data["coverage"]["uncovered_positions"]:
         notes.append(f"{data['coverage']['uncovered_positions']} token(s) came from vLLM's prefix cache and were "
@@ -343,7 +458,8 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
         has_text=trace.get("text") is not None, text_hidden=trace.get("text") is not None and not show_text,
         scale_threshold=scale_threshold, legend=legend, trajectories=trajectories, heat=heat,
         heat_width=heat_width, cell=cell, context=context, prompt_tokens=n_prompt, words=words,
-        notes=notes)
+        notes=notes, how_sure=how_sure(primary), outcome=reply_outcome(texts, trace["positions"], n_prompt),
+        scale_max=scale_max, hidden_context=hidden_context)
 
 
 def without_text(event: dict) -> dict:

@@ -64,8 +64,10 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
         local.start_kafka(stack, say)
         local.metrics_port = port(9464)
         local.console_port = port(8470) if local.broker else 0
+        local.alertmanager_port = port(9093) if alerting else 0
         cfg_path = runtime_config(config, run, local.broker.bootstrap if local.broker else None, local.metrics_port,
-                                  tokenizer=model, console_port=local.console_port or None)
+                                  tokenizer=model, console_port=local.console_port or None,
+                                  alertmanager_port=local.alertmanager_port or None)
         loaded = load_config(cfg_path)
         detectors = {d.spec.name: d.spec for d in loaded.detectors}
         topic = loaded.config.sinks.kafka.topic
@@ -77,7 +79,7 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
             stored = checks.StoredIncidents(local.urls["incident_store"])
             stack.callback(stored.close)
             local.start_console(stack, cfg_path, say)
-            console = checks.ConsoleClient(f"http://127.0.0.1:{local.console_port}", local.console_token)
+            console = checks.ConsoleClient(f"http://127.0.0.1:{local.console_port}", local.checks_token)
         local.start_sidecar(stack, cfg_path, say)
         server = local.start_vllm(stack, model, loaded.config.model.name, cfg_path, eager, say)
         if alerting:

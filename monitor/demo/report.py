@@ -94,7 +94,8 @@ def show(s: dict) -> None:
             print(f"      {det} fired around: {words!r}")
     if s.get("console"):
         c = s["console"]
-        print(f"\n=== console: {c['url']}/incidents (log in with the demo token {c['token']}) " + "=" * 4)
+        print(f"\n=== console: {c['url']}/incidents " + "=" * 40)
+        print(f"  log in with the demo token:\n    {c['token']}")
         for i in s["incidents"]:
             print(f"  {', '.join(i['detectors']):<40} {c['url']}/incidents/{i['alert_ids'][0]}")
     print("\n=== Prometheus alerts " + "=" * 55)

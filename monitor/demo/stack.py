@@ -47,7 +47,7 @@ def port(preferred: int) -> int:
 # ---- the monitor config, relocated into the run folder ----------------------------------------
 
 def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: int, tokenizer: Path | None = None,
-                   console_port: int | None = None) -> Path:
+                   console_port: int | None = None, alertmanager_port: int | None = None) -> Path:
     """The demo config with its paths made absolute and the run's addresses filled in. With `tokenizer`
     (the served model's folder) the demo keeps the text of flagged requests (`evidence.text: flagged`);
     with `console_port`, alert events link to the console there, which reads the run's tokens file."""
@@ -79,7 +79,8 @@ def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: in
         cfg.setdefault("evidence", {}).update(text="flagged", tokenizer=str(tokenizer))
     if console_port is not None:
         cfg["console"] = {"port": console_port, "base_url": f"http://127.0.0.1:{console_port}",
-                          "tokens_file": str(run / "console-tokens.yaml")}
+                          "tokens_file": str(run / "console-tokens.yaml"),
+                          **({"alertmanager_url": f"http://127.0.0.1:{alertmanager_port}"} if alertmanager_port else {})}
     out = run / "monitor.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
@@ -99,7 +100,9 @@ class LocalStack:
     receiver: WebhookReceiver | None = None
     metrics_port: int = 0
     console_port: int = 0
+    alertmanager_port: int = 0
     console_token: str | None = None
+    checks_token: str | None = None
 
     def _degrade(self, msg: str, say) -> None:
         say(f"WARNING: {msg}")
@@ -148,13 +151,16 @@ class LocalStack:
         from monitor.console.tokens_file import add_token
 
         self.console_token = add_token(self.run / "console-tokens.yaml", "demo", "admin", True, None)
+        # The demo's own checks read every incident page: as a viewer without the text permission, so the
+        # audit log shows the person's reads, not the demo's.
+        self.checks_token = add_token(self.run / "console-tokens.yaml", "demo-checks", "viewer", False, None)
         try:
             console = stack.enter_context(ConsoleProcess(cfg, self.console_port, self.run / "console.log"))
         except RuntimeError as e:
             raise SystemExit(str(e))
         self.urls["console"] = f"{console.url}/incidents"
-        say(f"console {console.url}/incidents (log in with the demo token {self.console_token}; "
-            f"log: {self.run / 'console.log'})")
+        say(f"console {console.url}/incidents (log: {self.run / 'console.log'}); log in with the demo token:")
+        say(f"    {self.console_token}")
 
     def start_vllm(self, stack: ExitStack, model: Path, served_name: str, cfg: Path, eager: bool, say) -> VLLMServer:
         self.server = VLLMServer(model, served_name=served_name, monitor_config=cfg, port=port(8000), eager=eager,
@@ -168,13 +174,19 @@ class LocalStack:
     def start_alerting(self, stack: ExitStack, say) -> None:
         self.receiver = WebhookReceiver(port=port(9097))
         stack.callback(self.receiver.close)
-        self.alertmanager = stack.enter_context(Alertmanager(self.run / "alertmanager", port(9093)).start(
+        self.alertmanager = stack.enter_context(Alertmanager(self.run / "alertmanager", self.alertmanager_port or port(9093)).start(
             local_alertmanager_config(self.receiver.url)))
         self.prometheus = stack.enter_context(Prometheus(self.run / "prometheus", port(9090)).start(
             local_prometheus_config(f"127.0.0.1:{self.metrics_port}", f"127.0.0.1:{self.server.port}",
                                     self.alertmanager.address,
-                                    console_url=f"http://127.0.0.1:{self.console_port}" if self.console_token else None)))
-        self.urls.update(prometheus=self.prometheus.url, prometheus_alerts=f"{self.prometheus.url}/alerts",
-                         alertmanager=self.alertmanager.url, pager_receiver=self.receiver.url)
+                                    console_url=f"http://127.0.0.1:{self.console_port}" if self.console_token else None,
+                                    runbook_base_url=(f"http://127.0.0.1:{self.console_port}/runbooks"
+                                                      if self.console_token else None))))
+        # Every link printed opens in a browser: Debian's Alertmanager has no web UI, so its alerts are
+        # listed by the console (through Alertmanager's API) and the API itself is printed beside it.
+        self.urls.update(prometheus=self.prometheus.url, prometheus_alerts=self.prometheus.alerts_page(),
+                         alertmanager_alerts=(f"http://127.0.0.1:{self.console_port}/alerts" if self.console_token
+                                              else f"{self.alertmanager.url}/api/v2/alerts"),
+                         alertmanager_api=f"{self.alertmanager.url}/api/v2/alerts", pager_receiver=self.receiver.url)
         say(f"Prometheus {self.prometheus.url} (rules: deploy/prometheus/rules.yml), Alertmanager "
             f"{self.alertmanager.url}, pager receiver {self.receiver.url}")

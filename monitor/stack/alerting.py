@@ -66,14 +66,17 @@ def local_alertmanager_config(receiver_url: str, example: Path | None = None) ->
 
 
 def local_prometheus_config(sidecar: str, vllm: str | None, alertmanager: str, rules: Path | None = None,
-                            interval: str = "1s", console_url: str | None = None) -> dict:
-    """With `console_url`, the detector alerts' `console_url` annotation links to the console."""
+                            interval: str = "1s", console_url: str | None = None,
+                            runbook_base_url: str | None = None) -> dict:
+    """With `console_url`, the detector alerts' `console_url` annotation links to the console; with
+    `runbook_base_url`, every alert's `runbook_url` goes there instead of the project's repository."""
     scrape = [{"job_name": "misalignment-monitor", "static_configs": [{"targets": [sidecar]}]}]
     if vllm:
         scrape.append({"job_name": "vllm", "static_configs": [{"targets": [vllm]}]})
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval,
-                   **({"external_labels": {"console_url": console_url}} if console_url else {})},
+                   **({"external_labels": labels} if (labels := {k: v for k, v in (
+                       ("console_url", console_url), ("runbook_base_url", runbook_base_url)) if v}) else {})},
         "rule_files": [str(rules or rules_file())],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
         "scrape_configs": scrape,
@@ -142,6 +145,14 @@ class Prometheus(_Process):
     def alerts(self) -> list[dict]:
         return _get_json(f"{self.url}/api/v1/alerts")["data"]["alerts"]
 
+    def alerts_page(self) -> str:
+        """The web page listing the alerts, where this build has one: `/alerts` in the React UI, `/classic/alerts`
+        in builds without it (Debian's 2.42 answers 404 to `/alerts`)."""
+        for path in ("/alerts", "/classic/alerts"):
+            if http_ok(f"{self.url}{path}", timeout=3)():
+                return f"{self.url}{path}"
+        return f"{self.url}/api/v1/alerts"
+
     def query(self, promql: str) -> list[dict]:
         q = urllib.parse.urlencode({"query": promql})
         return _get_json(f"{self.url}/api/v1/query?{q}")["data"]["result"]
@@ -199,6 +210,14 @@ class WebhookReceiver:
                 self.end_headers()
                 self.wfile.write(answer)
 
+            def do_GET(self) -> None:  # noqa: N802 - a person opening the pager's URL sees what it received
+                answer = receiver.html().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
             def log_message(self, *args) -> None:
                 pass
 
@@ -210,6 +229,36 @@ class WebhookReceiver:
     def received(self) -> list[Page]:
         with self._lock:
             return list(self.pages)
+
+    def html(self) -> str:
+        """The pages received, newest first, each with its links: what the person paged would click."""
+        from html import escape
+
+        def link(url: str | None, text: str) -> str:
+            return f'<a href="{escape(url)}">{text}</a>' if url else ""
+
+        rows = []
+        for p in reversed(self.received()):
+            when = time.strftime("%H:%M:%S", time.localtime(p.received))
+            for a in p.body.get("alerts", []):
+                lab, ann = a.get("labels", {}), a.get("annotations", {})
+                rows.append(f"<tr><td>{when}</td><td>{escape(p.receiver)}</td><td>{escape(a.get('status', ''))}</td>"
+                            f"<td>{escape(lab.get('alertname', ''))}</td><td>{escape(lab.get('detector', ''))}</td>"
+                            f"<td>{escape(lab.get('severity', ''))}</td><td>{escape(ann.get('summary', ''))}</td>"
+                            f"<td>{link(ann.get('console_url'), 'console')} {link(ann.get('runbook_url'), 'runbook')}</td></tr>")
+            if "payload" in p.body:  # PagerDuty Events API v2
+                d = p.body["payload"].get("custom_details", {})
+                rows.append(f"<tr><td>{when}</td><td>{escape(p.receiver)} (PagerDuty)</td>"
+                            f"<td>{escape(p.body.get('event_action', ''))}</td><td colspan=3></td>"
+                            f"<td>{escape(p.body['payload'].get('summary', ''))}</td>"
+                            f"<td>{link(d.get('console'), 'console')} {link(d.get('runbook'), 'runbook')}</td></tr>")
+        body = "".join(rows) or '<tr><td colspan="8">Nothing received yet.</td></tr>'
+        return ("<!doctype html><meta charset=utf-8><title>Pages received</title>"
+                "<style>body{font:14px system-ui;margin:1.5em}td,th{border-bottom:1px solid #ddd;padding:.3em .6em;"
+                "text-align:left}</style><h1>Pages received</h1><p>This receiver stands in for the pager (PagerDuty, "
+                "the incident webhook): every notification Alertmanager sent it, newest first.</p>"
+                "<table><tr><th>When</th><th>Receiver</th><th>Status</th><th>Alert</th><th>Detector</th>"
+                f"<th>Severity</th><th>Summary</th><th>Links</th></tr>{body}</table>")
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -220,3 +220,24 @@ def facets(session) -> dict[str, list[str]]:
 
     return {"detector": values(IncidentDetector.detector), "concept": values(IncidentDetector.concept),
             "model": values(Incident.model), "deployment": values(Incident.deployment)}
+
+
+def events_of(session, event_ids: list[str]) -> dict[str, dict]:
+    """The stored events of some incidents (a page's worth: each is up to a megabyte)."""
+    from sqlalchemy import select
+
+    from monitor.store.schema import IncidentBody
+
+    if not event_ids:
+        return {}
+    return {b.event_id: b.event for b in session.scalars(select(IncidentBody).where(IncidentBody.event_id.in_(event_ids)))}
+
+
+def verdict_counts(session, detector: str) -> dict[str, int]:
+    """How the incidents of one detector were judged so far: verdict (or "none") -> incidents."""
+    from sqlalchemy import func, select
+
+    from monitor.store.schema import IncidentDetector as D
+
+    rows = session.execute(select(D.verdict, func.count()).where(D.detector == detector).group_by(D.verdict)).all()
+    return {(v or "none"): n for v, n in rows}
