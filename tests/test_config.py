@@ -287,3 +287,20 @@ def test_paths_the_sidecar_writes_are_checked_for_its_user(workspace):
                          f"--decisions: {ws} is not writable by uid 65534") == 1
     finally:
         shutil.rmtree(ws, ignore_errors=True)
+
+
+def test_recognizers_without_presidio_are_a_config_error_naming_the_extra(workspace, model_dir, monkeypatch, capsys):
+    """`evidence.recognize` on a sidecar image without Presidio: check-config says so, before the sidecar
+    would start and fail."""
+    import importlib.util
+
+    cfg = base_config() | {"evidence": {"text": "flagged", "recognize": ["CREDIT_CARD"],
+                                          "tokenizer": str(model_dir)}}
+    path = write(workspace / "monitor.yaml", cfg)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "presidio_analyzer" else real(name, *a))
+    assert main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "evidence.recognize" in err and "misalignment-monitor[redact]" in err
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert main(["check-config", str(path)]) == 0

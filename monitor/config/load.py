@@ -8,6 +8,7 @@ each as `FILE: field.path: problem`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -457,6 +458,11 @@ def check_sidecar_paths(lc: LoadedConfig, files: dict[str, Path | None] | None =
         why = None if path is None else _cannot_write(Path(path).parent, Path(path))
         if why:
             issues.append(ConfigIssue(Path(path), flag, why))
+    ev = lc.config.evidence
+    # find_spec, not an import: Presidio pulls spaCy (~5 s), and the sidecar builds it at start anyway.
+    if ev.text == "flagged" and ev.recognize and importlib.util.find_spec("presidio_analyzer") is None:
+        issues.append(ConfigIssue(lc.path, "evidence.recognize", "needs Microsoft Presidio, which is not installed "
+                                  "here: pip install 'misalignment-monitor[redact]'"))
     return issues
 
 

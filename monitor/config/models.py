@@ -200,6 +200,13 @@ class Redaction(Strict):
         return pattern
 
 
+# The personal data Presidio's pattern recognizers find without a language model (no spaCy model to
+# download): monitor/sinks/recognizers.py maps each to its recognizer.
+PII_ENTITIES = ("CREDIT_CARD", "EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "DATE_TIME",
+                "CRYPTO", "US_BANK_NUMBER", "US_PASSPORT", "US_DRIVER_LICENSE", "UK_NHS", "MEDICAL_LICENSE")
+PiiEntity = Literal[PII_ENTITIES]  # type: ignore[valid-type]
+
+
 class Evidence(Strict):
     """What of a flagged conversation may leave the sidecar, in incident events. Alert events never carry text."""
 
@@ -207,7 +214,14 @@ class Evidence(Strict):
         "none", description="`none`: neither text nor token ids leave the sidecar, only positions and scores. "
         "`flagged`: requests a detector fired on are detokenized in the sidecar and their text (after `redact`) "
         "and token ids go into the incident event.")
-    redact: list[Redaction] = Field(default_factory=list, description="Applied, in order, before text leaves.")
+    redact: list[Redaction] = Field(default_factory=list, description="Your own patterns (API keys, internal "
+                                    "ids), applied, in order, after `recognize`, before text leaves.")
+    recognize: list[PiiEntity] = Field(default_factory=list, description="Personal data found by Microsoft Presidio's "
+                                       "recognizers (checksums and context checked: a card number must pass Luhn, an "
+                                       "IBAN its check digits) and replaced by `[ENTITY]` before text leaves. Needs "
+                                       "the `redact` extra. One of: " + ", ".join(PII_ENTITIES) + ".")
+    recognize_min_score: float = Field(0.35, ge=0, le=1, description="A recognizer's confidence needed to redact "
+                                       "(Presidio's scale: a validated card is 1.0, a phone number 0.4, a bare date 0.6).")
     tokenizer: str | None = Field(None, description="Tokenizer folder for `flagged`; default: `model.path`.")
 
 

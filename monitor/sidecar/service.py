@@ -148,8 +148,16 @@ def _incident_builder(lc, who: dict):
                                            "transformers, which is not installed here: pip install "
                                            "'misalignment-monitor[text]', or set evidence.text: none")]) from None
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(lc))
+    recognizers = None
+    if cfg.evidence.text == "flagged" and cfg.evidence.recognize:
+        from monitor.sinks.recognizers import PiiRecognizers
+
+        try:
+            recognizers = PiiRecognizers(list(cfg.evidence.recognize), cfg.evidence.recognize_min_score)
+        except RuntimeError as e:
+            raise ConfigError([ConfigIssue(lc.path, "evidence.recognize", str(e))]) from None
     return IncidentBuilder(**who, text=cfg.evidence.text, redaction=list(cfg.evidence.redact), tokenizer=tokenizer,
-                           max_bytes=cfg.incidents.max_event_bytes)
+                           recognizers=recognizers, max_bytes=cfg.incidents.max_event_bytes)
 
 
 def _who(lc) -> dict:

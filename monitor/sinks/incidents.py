@@ -10,8 +10,9 @@ boundary, and what the trace does not cover.
 
 Text policy (`evidence.text`): `none` (the default) sends positions and scores only, no token id
 and no text. `flagged` detokenizes the request in the sidecar and sends text and token ids, after
-the `evidence.redact` rules: a token that overlaps a redacted span loses its id, and its text
-becomes the replacement (the first token of the span) or "" (the rest).
+the `evidence.recognize` recognizers (Presidio: personal data) and the `evidence.redact` rules: a
+token that overlaps a redacted span loses its id, and its text becomes the replacement (the first
+token of the span) or "" (the rest).
 
 Size: an event over `incidents.max_event_bytes` has its trace trimmed to the tokens nearest the
 evidence (the window narrows until it fits) and says so in `data.trace.trimmed`.
@@ -31,6 +32,7 @@ from pydantic import Field
 
 from monitor.config.models import DetectorSpec, Redaction
 from monitor.detectors.trace import Incident
+from monitor.sinks.recognizers import PiiRecognizers
 from monitor.sinks import strict_json
 from monitor.sinks.events import EvidenceInput, EvidenceToken, FeatureExplanations, rfc3339
 from monitor.sinks.schemas import DATE_TIME, CloudEvent, Strict, generated_schema, schema_command, shipped
@@ -129,23 +131,35 @@ def _floats(a: np.ndarray) -> list[float]:
     return [float(f"{x:.6g}") for x in np.asarray(a, dtype=np.float64).tolist()]
 
 
-def redact(texts: list[str], rules: list[Redaction]) -> tuple[list[str], list[bool], list[str]]:
-    """Apply the rules to the conversation's text; returns each token's text, whether it was redacted,
-    and the names of the rules that matched."""
+def _replace(out: list[str], hit: list[bool], spans: list[tuple[int, int]], replacement: str) -> None:
+    """Tokens overlapping a span: the first becomes the replacement, the rest ""."""
+    starts = np.cumsum([0] + [len(t) for t in out[:-1]]) if out else []
+    for a, b in spans:
+        first = True
+        for j, (s, t) in enumerate(zip(starts, out)):
+            if s < b and s + len(t) > a:  # the token overlaps the match
+                out[j] = replacement if first else ""
+                hit[j], first = True, False
+
+
+def redact(texts: list[str], rules: list[Redaction], recognizers: PiiRecognizers | None = None,
+           ) -> tuple[list[str], list[bool], list[str]]:
+    """Personal data the recognizers find (each becomes `[ENTITY]`), then the configured patterns; returns
+    each token's text, whether it was redacted, and the names of the recognizers and rules that matched."""
     out, hit, names = list(texts), [False] * len(texts), []
+    if recognizers is not None and out:
+        kept: list = []
+        for f in sorted(recognizers.find("".join(out)), key=lambda f: -f.score):  # a card is not also a phone number
+            if all(f.end <= k.start or f.start >= k.end for k in kept):
+                kept.append(f)
+        for entity in sorted({k.entity for k in kept}):
+            names.append(entity.lower().replace("_", "-"))
+            _replace(out, hit, [(k.start, k.end) for k in kept if k.entity == entity], f"[{entity}]")
     for rule in rules:
-        full = "".join(out)
-        spans = [m.span() for m in re.finditer(rule.pattern, full) if m.end() > m.start()]
-        if not spans:
-            continue
-        names.append(rule.name)
-        starts = np.cumsum([0] + [len(t) for t in out[:-1]]) if out else []
-        for a, b in spans:
-            first = True
-            for j, (s, t) in enumerate(zip(starts, out)):
-                if s < b and s + len(t) > a:  # the token overlaps the match
-                    out[j] = rule.replacement if first else ""
-                    hit[j], first = True, False
+        spans = [m.span() for m in re.finditer(rule.pattern, "".join(out)) if m.end() > m.start()]
+        if spans:
+            names.append(rule.name)
+            _replace(out, hit, spans, rule.replacement)
     return out, hit, names
 
 
@@ -158,6 +172,7 @@ class IncidentBuilder:
     explanations: FeatureExplanations = field(default_factory=FeatureExplanations)
     text: Literal["none", "flagged"] = "none"
     redaction: list[Redaction] = field(default_factory=list)
+    recognizers: PiiRecognizers | None = None
     tokenizer: object | None = None  # needed for text: flagged
     max_bytes: int = 900_000
 
@@ -174,7 +189,7 @@ class IncidentBuilder:
         if self.text == "flagged" and t.token_ids is not None:
             ids = [int(i) for i in t.token_ids.tolist()]
             texts = [self.tokenizer.decode([i]) for i in ids]
-            text, hit, redacted_by = redact(texts, self.redaction)
+            text, hit, redacted_by = redact(texts, self.redaction, self.recognizers)
             token_ids = [None if h else i for i, h in zip(ids, hit)]
         detectors = [IncidentDetector(
             name=u.detector.name, concept=u.detector.concept, severity=u.detector.severity, fired=u.fired,
