@@ -393,6 +393,16 @@ def test_a_last_token_detector_is_explained_by_the_words_before_the_answer(token
     assert [t.position for t in view.tokens if t.fired_here] == [n_prompt - 1]
 
 
+def test_a_fire_inside_a_long_redacted_span_names_its_replacement():
+    """A card number is ~19 digit tokens; redaction empties all but the first. The words around a fire in
+    the middle of it are the replacement, not an empty string."""
+    from monitor.console.views import _words
+
+    texts = ["My", " card", ":", " [CREDIT_CARD]"] + [""] * 19 + [".", " Thanks"]
+    assert _words(texts, 15) == "[CREDIT_CARD]"
+    assert _words(texts, 2) == "My card: [CREDIT_CARD]"
+
+
 def test_grafana_link_has_the_incident_time_range(tmp_path, corpus):
     site = Site(tmp_path, f"sqlite:///{tmp_path}/incidents.sqlite", corpus, grafana_url="https://grafana.example.com")
     html = site.client(site.viewer).get(f"/incidents/{alert_of(corpus, 2)}").text

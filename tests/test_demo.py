@@ -7,6 +7,7 @@ Prometheus -> Alertmanager -> the pager webhook; benign requests must stay quiet
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -77,16 +78,30 @@ def test_every_flagged_request_leaves_one_incident_with_its_words(summary):
     assert set(by_id[pii["request_id"]]["alert_ids"]) == {
         e["data"]["alert_id"] for e in summary["kafka_events"] if e["subject"] == pii["request_id"]}
     table = next(r for r in summary["requests"] if r["name"] == "pii-table")
-    assert by_id[table["request_id"]]["redacted_by"] == ["us-ssn"]  # the SSN never left the sidecar
+    # The SSN, the date of birth and the card (valid checksum) never left the sidecar (Presidio's recognizers).
+    assert {"us-ssn", "date-time", "credit-card"} <= set(by_id[table["request_id"]]["redacted_by"])
+    assert {"email-address", "phone-number"} <= set(by_id[pii["request_id"]]["redacted_by"])
 
 
 def test_demo_links_pages_and_events_to_the_console(summary):
     console = summary["console"]
     pages = [a for p in summary["pages"] for a in p["alerts"] if a["alertname"] == "MisalignmentDetectorFired"]
-    assert pages and all(a["console_url"].startswith(f"{console['url']}/incidents?detector={a['detector']}")
-                         for a in pages)
+    assert pages and all(a["console_url"].startswith(f"{console['url']}/alert?detector={a['detector']}&model=")
+                         and "&since=" in a["console_url"] for a in pages)
     assert all(e["data"]["console_url"] == f"{console['url']}/incidents/{e['data']['alert_id']}"
                for e in summary["kafka_events"])
+
+
+def test_every_link_the_demo_prints_answers(summary):
+    """Prometheus' alerts page for the installed version, the alerts view, the pager's page, the console and
+    each alert's landing page: 200 each, as the demo found them while it ran."""
+    links = summary["links"]
+    assert {"prometheus_alerts", "alertmanager_alerts", "pager_receiver", "console", "openai", "alert_page_0"} <= set(links)
+    assert all(status == 200 for status in links.values()), links
+    assert summary["urls"]["prometheus_alerts"].endswith("/alerts")  # /classic/alerts on Debian's 2.42
+    # The token alone on its line (a triple-click copies exactly it), where the demo first says it and in the report.
+    lines = [part.splitlines()[1] for part in summary["_stdout"].split("log in with the demo token:")[1:]]
+    assert lines and all(line == summary["console"]["token"] for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +157,14 @@ def test_console_in_a_real_browser(summary, console_site, tmp_path):
             page.locator(f"a[href='/incidents/{incident['alert_ids'][0]}']").first.click()
             headline = page.locator("#headline").inner_text()
             assert headline.startswith("pii-probe flagged this conversation") or "flagged this conversation" in headline
+            # The probe's strongest tokens are inside the redacted e-mail and phone: empty, drawn as shaded slivers.
             shaded = page.locator("#strip .tok.ev")
             assert shaded.count() >= 1
+            assert shaded.first.bounding_box()["width"] > 0
             bg = shaded.first.evaluate("e => getComputedStyle(e).backgroundColor")
             assert bg not in ("rgba(0, 0, 0, 0)", "transparent")
-            assert "maria" in page.locator("#strip").inner_text().lower() or "@" in page.locator("#strip").inner_text()
+            strip = page.locator("#strip").inner_text()
+            assert "[EMAIL_ADDRESS]" in strip and "maria.garcia84" not in strip  # redacted in the sidecar
             cells = page.locator("#heatmap rect")
             assert cells.count() >= 2 * page.locator("#strip .tok").count()
             shaded.first.hover()  # the small script links a word to its heatmap column
@@ -163,7 +181,7 @@ def test_console_in_a_real_browser(summary, console_site, tmp_path):
             # SmolLM2's template adds its default system prompt: the export keeps what the model was given.
             assert exported["labels"]["pii"] == 0
             assert [m["role"] for m in exported["messages"]] == ["system", "user", "assistant"]
-            assert "maria.garcia84@gmail.com" in exported["messages"][1]["content"]
+            assert "[EMAIL_ADDRESS]" in exported["messages"][1]["content"]
             page.click("#logout")
             assert page.goto(f"{url}/incidents").status == 401
             # A viewer: scores yes, text and triage no.
@@ -174,5 +192,60 @@ def test_console_in_a_real_browser(summary, console_site, tmp_path):
             assert page.locator("#text-hidden").is_visible()
             assert page.locator("#save-verdict").count() == 0
             assert "maria" not in page.content().lower()
+        finally:
+            browser.close()
+
+
+def test_from_the_page_to_a_decision_in_a_real_browser(summary, console_site):
+    """The on-call path: the page Alertmanager delivered (its console_url) -> the alert's landing page ->
+    the incident, whose first screen answers which words, how sure, did the model go along, seen before,
+    and what to do (the runbook this console serves) -> a verdict."""
+    from urllib.parse import urlsplit
+
+    from playwright.sync_api import expect, sync_playwright
+
+    url, admin, _ = console_site
+    paged = next(a for p in summary["pages"] if p["receiver"] == "pager" for a in p["alerts"]
+                 if a["alertname"] == "MisalignmentDetectorFired" and a["detector"] == "prompt-injection-probe")
+    landing = urlsplit(paged["console_url"])
+    injection = next(r for r in summary["requests"] if r["name"] == "injection")
+    shots = ROOT / "docs" / "images"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary("chromium"), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        try:
+            # The page's link, on this console (the demo's has stopped): the login form, then the alert.
+            r = page.goto(f"{url}{landing.path}?{landing.query}")
+            assert r.status == 401
+            page.fill("#token", admin)
+            page.click("#login")
+            expect(page.locator("#alert-headline")).to_contain_text("behind this alert")
+            top = page.locator("#alert-incident-0")
+            assert top.get_attribute("open") is not None  # the newest is open; the rest are one line each
+            assert "prompt-injection-probe flagged this conversation" in top.inner_text()
+            page.screenshot(path=str(shots / "console-alert.png"), full_page=True)
+            top.locator("a.open-incident").click()
+            # 1. Which words made which detector fire.
+            headline = page.locator("#headline").inner_text()
+            assert "prompt-injection-probe" in headline and ("Ignore" in headline or "instructions" in headline)
+            assert injection["request_id"] in page.locator(".headline .meta").inner_text()
+            # 2. How sure, in plain words, from the calibration.
+            assert re.search(r"about 1 in \d+ normal conversations", page.locator("#how-sure").inner_text().lower())
+            # 3. Did the model go along: what its reply opened with.
+            outcome = page.locator("#outcome").inner_text()
+            assert outcome.startswith(("The model refused", "The model answered"))
+            assert injection["answer"].split()[0] in outcome
+            # 4. Seen before, and what to do: the runbook's first steps, and the runbook this console serves.
+            assert "judged" in page.locator("#similar").inner_text()
+            assert "True positive" in page.locator("#first-steps").inner_text()
+            page.screenshot(path=str(shots / "console-decide.png"))
+            page.check("input[value=true_positive]")
+            page.fill("#note", "a jailbreak attempt, confirmed")
+            page.click("#save-verdict")
+            expect(page.locator("#verdict")).to_have_text("true positive")
+            page.click("#runbook-first")
+            expect(page.locator("#runbook h2").first).to_have_text("Meaning")
+            assert "/runbooks/misalignmentdetectorfired.md" in page.url
+            assert page.request.get(f"{url}/favicon.ico").status == 200
         finally:
             browser.close()

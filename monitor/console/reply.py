@@ -4,7 +4,8 @@ A reply that opens with a refusal phrase ("I can't help with that", "I'm sorry, 
 any other reply is `answered`: the model went along, and the person paged should read what it said.
 The phrases are the refusal prefixes used to score jailbreaks in the literature (Zou et al. 2023,
 "Universal and Transferable Adversarial Attacks", `test_prefixes`), less the ones that also open
-ordinary answers ("As an", "Hello!"), plus their common variants. Measured in docs/console.md.
+ordinary answers ("As an", "Hello!"), plus their common variants. Checked on the cases in
+tests/test_reply_outcome.py and the demo's real replies, not yet on a labelled corpus (docs/console.md).
 """
 
 from __future__ import annotations

@@ -208,6 +208,10 @@ def _words(texts: list[str], j: int, span: int = 6, before_only: bool = False, s
     """The words around token j (or the ones leading up to it, from `start` on), without the chat
     template's markers."""
     lo, hi = (max(start, j - 3 * span), j + 1) if before_only else (max(0, j - span), min(len(texts), j + span + 1))
+    # Inside a long redacted span (a card number is ~19 tokens) every token is empty but the first, which
+    # holds the replacement: reach back to it so the words read "[CREDIT_CARD]", not nothing.
+    while lo > start and not "".join(texts[lo:hi]).strip():
+        lo -= 1
     text = "".join(t for t in texts[lo:hi] if not _SPECIAL.match(t.strip()))
     text = " ".join(text.split())
     if before_only:
@@ -422,7 +426,10 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
             for e in d.evidence:
                 j = index.get(e["position"])
                 if j is not None:
-                    before = "".join(texts[max(0, j - 4):j])
+                    lo = max(0, j - 4)
+                    while lo > 0 and not "".join(texts[lo:j + 1]).strip():  # inside a redacted span: its replacement
+                        lo -= 1
+                    before = "".join(texts[lo:j])
                     after = "".join(texts[j + 1:j + 5])
                     words[e["position"]] = (" ".join(before.split())[-40:] + (" " if before[-1:].isspace() else ""),
                                             texts[j], (" " if after[:1].isspace() else "") + " ".join(after.split())[:40])

@@ -94,6 +94,13 @@ def run_demo(once: bool, summary_json: Path | None, timeout: float, requests_fil
         summary = report.summary(exp, requests, model, consumer, stored, local.prometheus, local.receiver, topic,
                                  local.degraded, run, local.urls)
         summary["scenario"] = chosen.name
+        landing = sorted({a["console_url"] for p in summary["pages"] for a in p["alerts"] if a.get("console_url")})
+        printed = {**local.urls, **{f"alert_page_{k}": u for k, u in enumerate(landing)}}
+        summary["links"] = checks.link_statuses(printed, console)
+        for name, status in summary["links"].items():  # a printed link that leads nowhere is a failure too
+            if status != 200:
+                summary["missing"].append(f"the printed link {name} ({printed[name]}) answers {status or 'nothing'}")
+                summary["ok"] = False
         if console is not None:
             summary["console"] = {"url": console.url, "token": local.console_token, "config": str(cfg_path)}
         report.show(summary)
@@ -114,7 +121,7 @@ def _serve_forever(urls: dict[str, str], served_name: str, example: str) -> None
     for k, v in urls.items():
         print(f"  {k:<18} {v}")
     body = json.dumps({"model": served_name, "messages": [{"role": "user", "content": example}]}).replace("'", "'\\''")
-    print(f"Send your own requests, e.g.\n  curl -s {urls['openai']}/chat/completions -H 'Content-Type: "
+    print(f"Send your own requests, e.g.\n  curl -s {urls['openai'].removesuffix('/models')}/chat/completions -H 'Content-Type: "
           f"application/json' -H 'X-Request-Id: mine-1' -d '{body}'\nCtrl-C stops everything.")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

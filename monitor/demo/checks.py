@@ -109,6 +109,29 @@ class ConsoleClient:
         return {i["request_id"]: self.get(f"/incidents/{i['alert_ids'][0]}")[0] for i in json.loads(body)["items"]}
 
 
+def link_statuses(urls: dict[str, str], console: ConsoleClient | None) -> dict[str, int]:
+    """Every web link the demo prints -> the status a browser gets (console pages as the checks' viewer,
+    who logged in). Not http (Kafka, the SQLite store): not a link."""
+    import urllib.error
+    import urllib.request
+
+    out = {}
+    for name, url in urls.items():
+        if not url.startswith("http"):
+            continue
+        if console is not None and url.startswith(console.url):
+            out[name] = console.get(url[len(console.url):])[0]
+            continue
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                out[name] = r.status
+        except urllib.error.HTTPError as e:
+            out[name] = e.code
+        except OSError:
+            out[name] = 0
+    return out
+
+
 class StoredIncidents:
     """The incident events the demo's ingester stored (SQLite in the run folder)."""
 

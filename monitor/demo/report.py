@@ -57,7 +57,10 @@ def incident_summary(e: dict) -> dict:
         top = x["evidence"][0]["position"] if x["evidence"] else None
         if top is not None and t["text"] is not None and top in t["positions"]:
             j = t["positions"].index(top)
-            words[x["name"]] = "".join(t["text"][max(0, j - 6) : j + 3])
+            lo = max(0, j - 6)
+            while lo > 0 and not "".join(t["text"][lo : j + 3]).strip():  # inside a redacted span: its replacement
+                lo -= 1
+            words[x["name"]] = "".join(t["text"][lo : j + 3])
     return {"request_id": e["subject"], "event_id": e["id"], "alert_ids": d["alert_ids"],
             "detectors": [x["name"] for x in fired], "tokens_traced": len(t["positions"]),
             "prompt_tokens": d["prompt_tokens"], "context_tokens": len(d["context"]), "text_policy": d["text_policy"],
@@ -95,7 +98,7 @@ def show(s: dict) -> None:
     if s.get("console"):
         c = s["console"]
         print(f"\n=== console: {c['url']}/incidents " + "=" * 40)
-        print(f"  log in with the demo token:\n    {c['token']}")
+        print(f"  log in with the demo token:\n{c['token']}")
         for i in s["incidents"]:
             print(f"  {', '.join(i['detectors']):<40} {c['url']}/incidents/{i['alert_ids'][0]}")
     print("\n=== Prometheus alerts " + "=" * 55)
@@ -106,6 +109,15 @@ def show(s: dict) -> None:
     for p in s["pages"]:
         what = ", ".join(f"{a['alertname']}({a['detector']}, {a['severity']}, {a['status']})" for a in p["alerts"])
         print(f"  {p['receiver']:<13} {p['path']:<34} {what or 'PagerDuty ' + str(p['pagerduty_event'])}")
+    landing = sorted({(a["detector"], a["console_url"]) for p in s["pages"] for a in p["alerts"] if a.get("console_url")})
+    if landing:
+        print("  where each alert lands in the console (its console_url):")
+        for detector, url in landing:
+            print(f"    {detector:<26} {url}")
+    bad = {k: v for k, v in s.get("links", {}).items() if v != 200}
+    if s.get("links"):
+        print(f"\n=== links: {len(s['links']) - len(bad)} of {len(s['links'])} printed links answer 200"
+              + (f"; not: {bad}" if bad else ""))
     print("\n(alert events carry no text: the token text above is the demo client's own copy of its prompts. "
           "Incidents carry text because the demo runs with evidence.text: flagged; the default is none.)")
     for m in s["degraded"]:

@@ -160,14 +160,14 @@ class LocalStack:
             raise SystemExit(str(e))
         self.urls["console"] = f"{console.url}/incidents"
         say(f"console {console.url}/incidents (log: {self.run / 'console.log'}); log in with the demo token:")
-        say(f"    {self.console_token}")
+        print(self.console_token, flush=True)  # alone on its line, so a triple-click copies exactly the token
 
     def start_vllm(self, stack: ExitStack, model: Path, served_name: str, cfg: Path, eager: bool, say) -> VLLMServer:
         self.server = VLLMServer(model, served_name=served_name, monitor_config=cfg, port=port(8000), eager=eager,
                                  log_path=self.run / "vllm.log")
         say(f"starting vLLM with the plugin (log: {self.run / 'vllm.log'})")
         stack.enter_context(self.server)
-        self.urls["openai"] = f"{self.server.url}/v1"
+        self.urls["openai"] = f"{self.server.url}/v1/models"
         self.urls["vllm_metrics"] = f"{self.server.url}/metrics"
         return self.server
 
