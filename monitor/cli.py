@@ -151,6 +151,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    if args.from_decisions:
+        return _calibrate_on_traffic(args)
+    if args.data is None:
+        print("error: give --benign FILE (an offline benign set) or --from-decisions FILE (the sidecar's decision "
+              "log: your own traffic)", file=sys.stderr)
+        return 2
     from monitor.offline.calibrate import calibrate
 
     results = _offline(args, lambda loaded, records, model: calibrate(
@@ -162,6 +168,89 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"{c.detector:<26} threshold {c.old_threshold:.4g} -> {c.threshold:.4g}  FPR {c.achieved_fpr:.4f} on "
               f"{c.n_benign} benign (95% upper bound {c.fpr_upper_95:.4f})"
               + (f", {c.skipped_positive} positive record(s) skipped" if c.skipped_positive else "")
+              + ("" if args.dry_run else f"  -> {c.file}"))
+    return 0
+
+
+def _features_search(args: argparse.Namespace) -> int:
+    import json
+
+    from monitor.config import ConfigError, load_config
+    from monitor.model_prep import ModelPrepError, prepare_model
+    from monitor.offline import OfflineError
+    from monitor.offline import features as fs
+
+    try:
+        if args.write_pack and not args.concept:
+            raise OfflineError("--write-pack needs --concept (the concept the drafts are tagged with)")
+        loaded = load_config(args.config)
+        result = fs.search_sae(loaded, args.sae, args.positive, args.negative, args.model or prepare_model().path,
+                               args.backend, args.scope, args.explanations, args.query, args.top)
+        written = []
+        if args.write_pack:
+            picks = args.pick or [h.feature for h in (result.matched or result.hits)[:1]]
+            written = fs.write_pack(result, picks, args.write_pack, args.concept, args.severity)
+        shown = fs.plot(result, args.report / "separation.png") if result.hits else None
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except (OfflineError, ModelPrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(fs.summary(result) | {"pack": [str(p) for p in written]}, indent=2))
+        return 0
+    print(f"{result.sae} (layer {result.layer}), scope {result.scope}: {result.n_pos} positive, {result.n_neg} negative "
+          "conversations; each feature's max over a conversation\n")
+    print(fs.table(result))
+    if args.query:
+        print(f"\nfeatures whose explanation matches {args.query!r}:")
+        print(fs.table(result, result.matched) if result.matched else "  none")
+    for note in fs.warnings_for(result):
+        print(f"\nnote: {note}")
+    if shown:
+        print(f"\nplot (the top features' separation): {shown}")
+    for p in written:
+        print(f"draft (mode: shadow, provisional threshold): {p}")
+    return 0
+
+
+def _calibrate_on_traffic(args: argparse.Namespace) -> int:
+    from monitor.config import ConfigError, load_config
+    from monitor.offline import OfflineError
+    from monitor.offline.traffic import calibrate_on_traffic, read_decisions
+    from monitor.store.db import Store, StoreError, store_url
+    from monitor.store.queries import parse_time, verdicts_of_alerts
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        loaded = load_config(args.config, detectors=[args.detectors])
+        if not loaded.detectors:
+            raise OfflineError(f"{args.detectors}: no detector files (*.yaml) found")
+        verdicts: dict[str, str] = {}
+        if not args.no_labels:  # a person's verdicts, from the store the config names
+            fired = [r["alert_id"] for recs in read_decisions(args.from_decisions, since).values()
+                     for r in recs if r.get("alert_id")]
+            store = Store(store_url(loaded.config.store, loaded.path.parent))
+            with store.session() as s:
+                verdicts = verdicts_of_alerts(s, fired)
+        results = calibrate_on_traffic(loaded, args.from_decisions, args.target_fpr, since, verdicts,
+                                       write=not args.dry_run, window=f"since {args.since}" if args.since else "all")
+    except ValueError as e:  # a bad --since, or an offline error
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"error: {e} (or pass --no-labels to calibrate without verdicts)", file=sys.stderr)
+        return 2
+    for c in results:
+        judged = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.labels.items()) if k != "none") or "none judged"
+        print(f"{c.detector:<26} threshold {c.old_threshold:.4g} -> {c.threshold:.4g}  fire rate {c.fire_rate:.4f} on "
+              f"{c.n_requests} requests of your traffic (95% upper bound {c.fire_rate_upper_95:.4f}; {judged})"
               + ("" if args.dry_run else f"  -> {c.file}"))
     return 0
 
@@ -467,11 +556,42 @@ def build_parser() -> argparse.ArgumentParser:
     _offline_options(pt, config=False)
     pt.set_defaults(func=_probe_train)
 
+    feats = sub.add_parser("features", help="SAE features").add_subparsers(dest="features_command", required=True)
+    fsr = feats.add_parser("search", help="rank an SAE's features by how well they separate two sets of conversations")
+    fsr.add_argument("--sae", required=True, help="an SAE of the config (`saes[].name`)")
+    fsr.add_argument("--positive", type=Path, required=True, help="JSON lines: conversations that are the concept")
+    fsr.add_argument("--negative", type=Path, required=True,
+                     help="JSON lines: conversations that are not (look-alikes make the ranking sharper)")
+    fsr.add_argument("--scope", choices=["prompt", "generation", "both"], default="prompt",
+                     help="the tokens a feature is read on (default prompt), as a detector's scope")
+    fsr.add_argument("--top", type=int, default=20, help="features listed (default 20)")
+    fsr.add_argument("--explanations", type=Path, default=None,
+                     help="feature explanations: Neuronpedia's export (JSON or JSON lines of {index, description}) "
+                          "or a label file; default: the SAE's `labels` file")
+    fsr.add_argument("--query", default=None, help="also rank the features whose explanation matches this text")
+    fsr.add_argument("--write-pack", type=Path, default=None, metavar="DIR",
+                     help="write detector drafts (mode: shadow, provisional threshold) for the chosen features")
+    fsr.add_argument("--pick", type=int, nargs="+", default=None,
+                     help="the features to draft (default: the best one, or the best query match)")
+    fsr.add_argument("--concept", default=None, help="the concept the drafts are tagged with (with --write-pack)")
+    fsr.add_argument("--severity", choices=["critical", "warning", "info"], default="info",
+                     help="the drafts' severity once live (default info)")
+    fsr.add_argument("--report", type=Path, default=Path("features-report"), help="folder for the plot")
+    fsr.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    _offline_options(fsr, config=True)
+    fsr.set_defaults(func=_features_search)
+
     cal = sub.add_parser("calibrate", help="set detector thresholds at a target false-positive rate on benign data")
     cal.add_argument("--detectors", type=Path, required=True, help="a detector file or a folder (searched recursively)")
-    cal.add_argument("--benign", dest="data", metavar="FILE", type=Path, required=True,
+    cal.add_argument("--benign", dest="data", metavar="FILE", type=Path, default=None,
                      help="JSON lines of benign conversations (records labelled 1 for a detector's concept are skipped)")
-    cal.add_argument("--target-fpr", type=float, required=True, help="e.g. 0.01")
+    cal.add_argument("--from-decisions", type=Path, nargs="+", default=None, metavar="FILE",
+                     help="instead of --benign: the sidecar's decision logs (`monitor sidecar --decisions`), your own "
+                          "traffic; a person's verdicts in the config's store are used as labels")
+    cal.add_argument("--since", default=None, help="with --from-decisions: only requests since then (24h, 7d, ISO 8601)")
+    cal.add_argument("--no-labels", action="store_true", help="with --from-decisions: do not read verdicts from the store")
+    cal.add_argument("--target-fpr", type=float, required=True,
+                     help="e.g. 0.01; with --from-decisions, the share of your traffic that may fire")
     cal.add_argument("--dry-run", action="store_true", help="print the thresholds, change no file")
     _offline_options(cal, config=True)
     cal.set_defaults(func=_calibrate)
@@ -503,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(f"--{field}", default=None, help=f"only incidents with this {field}")
             p.add_argument("--since", default=None, help="ISO 8601, epoch ms, or an age such as 24h or 7d")
             p.add_argument("--until", default=None)
+            # Listing is for the on-call (live); labels for calibration come from shadow verdicts too.
+            p.add_argument("--mode", choices=("live", "shadow", "all"), default="live" if name == "list" else "all",
+                           help="live: incidents a live detector fired on; shadow: only shadow detectors fired; "
+                                f"all (default: {'live' if name == 'list' else 'all'})")
         if name == "list":
             p.add_argument("--verdict", default=None, help="true_positive | false_positive | unsure | none")
             p.add_argument("--limit", type=int, default=50)

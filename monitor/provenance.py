@@ -5,6 +5,8 @@ A leaf module: the config schema, scoring and the offline tools all read and wri
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -55,3 +57,10 @@ class Calibration(BaseModel):
     date: str | None = None
     baseline: Baseline | None = Field(default=None, description="The calibration set's score distribution and "
                                       "input firing rates, for the sidecar's drift figures.")
+    source: Literal["offline", "traffic"] = Field(
+        "offline", description="`offline`: a benign set of conversations (`target_fpr` is a false-positive rate); "
+        "`traffic`: the deployment's own requests from the sidecar's decision log (`target_fpr` is a fire rate, "
+        "`n_benign` the requests counted).")
+    window: str | None = Field(None, description="For `traffic`: the requests' time window.")
+    labels: dict[str, int] | None = Field(None, description="For `traffic`: requests by a person's verdict "
+                                          "(`none`: not judged); true positives were left out of the count.")

@@ -27,6 +27,10 @@ SPECS = {
         "inputs": [{"probe": "pii"}], "aggregation": {"kind": "max"}, "threshold": 0.5, "severity": "critical",
         "calibration": {"threshold": 0.5, "target_fpr": 0.01, "achieved_fpr": 0.008, "n_benign": 1200,
                         "fpr_upper_95": 0.013, "data": "benign.jsonl", "data_sha256": "ab" * 32}}),
+    # Watched, not trusted: it would abort if it were live.
+    "pii-shadow": DetectorSpec.model_validate({
+        "name": "pii-shadow", "concept": "pii", "inputs": [{"probe": "pii"}], "aggregation": {"kind": "max"},
+        "threshold": 0.5, "severity": "critical", "action": "abort", "mode": "shadow"}),
     "secrets-sae": DetectorSpec.model_validate({
         "name": "secrets-sae", "concept": "secrets", "inputs": [{"sae": "demo-l15", "feature": 1234}],
         "aggregation": {"kind": "max"}, "threshold": 2.0, "severity": "warning"}),
@@ -55,12 +59,13 @@ def make_events(tokenizer, messages: list[dict], completion: str, *, detectors=(
     running = {}
     for name in detectors:
         spec = SPECS[name]
-        col = 1 / (1 + np.exp(-logit)) if name == "pii-probe" else feature
+        probe = name.startswith("pii-")
+        col = 1 / (1 + np.exp(-logit)) if probe else feature
         run = np.maximum.accumulate(col[1:])  # max aggregation, row 0 skipped as the runtime does
         running[name] = (pos[1:], run)
         crossed = np.flatnonzero(run >= spec.threshold)
         fired = crossed.size > 0
-        label = "pii/score" if name == "pii-probe" else "demo-l15/1234"
+        label = "pii/score" if probe else "demo-l15/1234"
         raw = inputs[label]
         top = tuple((float(col[j]), int(j), {label: float(raw[j])}) for j in np.argsort(col[1:])[-5:] + 1)
         alert_id = str(uuid.uuid4()) if fired else None

@@ -16,8 +16,9 @@ from monitor.transport.ring import RingSpec, RingWriter
 D = 16
 
 
-def tiny_monitor(tmp_path: Path, sinks: dict, severity: str = "critical") -> Path:
-    """Feature 3 of a 16->8 ReLU SAE is relu(x[0]); detector `feat` fires when its max reaches 5."""
+def tiny_monitor(tmp_path: Path, sinks: dict, severity: str = "critical", shadow: bool = False) -> Path:
+    """Feature 3 of a 16->8 ReLU SAE is relu(x[0]); detector `feat` fires when its max reaches 5 (with
+    `shadow`, so does `feat-shadow`, the same detector in shadow mode)."""
     sae = SAE.from_dict(StandardSAEConfig(d_in=D, d_sae=8, apply_b_dec_to_input=False).to_dict())
     with torch.no_grad():
         sae.W_enc.zero_()
@@ -28,6 +29,10 @@ def tiny_monitor(tmp_path: Path, sinks: dict, severity: str = "critical") -> Pat
     (tmp_path / "det/f.yaml").write_text(yaml.safe_dump({
         "name": "feat", "concept": "c", "inputs": [{"sae": "s", "feature": 3}], "aggregation": {"kind": "max"},
         "threshold": 5.0, "severity": severity}))
+    if shadow:
+        (tmp_path / "det/g.yaml").write_text(yaml.safe_dump({
+            "name": "feat-shadow", "concept": "c", "inputs": [{"sae": "s", "feature": 3}], "aggregation": {"kind": "max"},
+            "threshold": 5.0, "severity": severity, "mode": "shadow"}))
     cfg = tmp_path / "m.yaml"
     cfg.write_text(yaml.safe_dump({
         "model": {"name": "tiny", "num_layers": 4, "d_model": D}, "taps": [{"layer": 2}],

@@ -85,10 +85,11 @@ def test_local_alertmanager_config_is_the_shipped_routing_on_loopback(tmp_path):
 
 
 def test_fire_reaches_the_pager_through_prometheus_and_alertmanager(tmp_path):
-    """The sidecar's fire counter -> Prometheus rule -> Alertmanager route -> webhook and PagerDuty payloads."""
+    """The sidecar's fire counter -> Prometheus rule -> Alertmanager route -> webhook and PagerDuty payloads.
+    The same detector in shadow mode fires on the same request: counted, never paged."""
     binary("prometheus"), binary("prometheus-alertmanager")
     port = free_port()
-    cfg = tiny_monitor(tmp_path, {"prometheus": {"port": port}}, severity="critical")
+    cfg = tiny_monitor(tmp_path, {"prometheus": {"port": port}}, severity="critical", shadow=True)
     ring = open_ring(tmp_path)
     thread, stop = start_service(cfg, ring)
     receiver = WebhookReceiver()
@@ -125,6 +126,12 @@ def test_fire_reaches_the_pager_through_prometheus_and_alertmanager(tmp_path):
             pd = [p for p in pager if "pagerduty" in p.path]
             assert pd and pd[0].body["event_action"] == "trigger" and pd[0].body["routing_key"] == "local-not-a-secret"
             assert pd[0].body["payload"]["custom_details"]["console"] == alert["annotations"]["console_url"]
+            # Shadow: its fire is in Prometheus, yet no rule fired for it and Alertmanager never had it.
+            shadow = prom.query('misalignment_monitor_detector_fires_total{detector="feat-shadow"}')
+            assert shadow and shadow[0]["metric"]["mode"] == "shadow" and float(shadow[0]["value"][1]) == 1
+            assert not any(a["labels"].get("detector") == "feat-shadow" for a in prom.alerts())
+            assert not any(a["labels"].get("detector") == "feat-shadow" for a in am.alerts())
+            assert all(a["labels"].get("detector") != "feat-shadow" for p in receiver.received() for a in p.body.get("alerts", []))
             # The watchdog reaches the dead man's switch; nothing went to the warning queue.
             assert any(p.receiver == "deadmansswitch" for p in receiver.received()), [(p.path, p.alertnames()) for p in receiver.received()]
             assert not any(p.receiver == "safety-queue" for p in receiver.received())

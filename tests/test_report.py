@@ -82,7 +82,8 @@ def test_report_of_the_shipped_detectors(tmp_path):
 
 def test_report_reads_firing_and_drift_from_prometheus(tmp_path):
     """A sidecar whose traffic scores far above its calibration baseline: Prometheus scrapes its drift and
-    fires, and the report states them over the window."""
+    fires, and the report states them over the window. The detector starts in shadow and goes live by a
+    config reload halfway: the report says when."""
     binary("prometheus")
     port = free_port()
     cfg = tiny_monitor(tmp_path, {"prometheus": {"port": port}})
@@ -95,7 +96,7 @@ def test_report_reads_firing_and_drift_from_prometheus(tmp_path):
                            "data": "benign.jsonl", "baseline": {
                                "score_edges": [1.0, 2.0], "score_fractions": [0.8, 0.15, 0.05],
                                "input_rates": {"s/3": 0.1}, "n_requests": 1000, "n_tokens": 5000}}
-    det.write_text(yaml.safe_dump(spec))
+    det.write_text(yaml.safe_dump({**spec, "mode": "shadow"}))
     ring = open_ring(tmp_path)
     thread, stop = start_service(cfg, ring)
     try:
@@ -108,6 +109,14 @@ def test_report_reads_firing_and_drift_from_prometheus(tmp_path):
                 assert time.time() < deadline, "Prometheus never scraped the sidecar"
                 time.sleep(0.5)
             for i in range(12):  # final scores 3..14: all above the baseline's top bin; 10 of them fire (>= 5)
+                if i == 6:  # watched enough: live, by a reload (the sidecar re-reads its config's files)
+                    while not prom.query('misalignment_monitor_detector_fires_total{detector="feat", mode="shadow"} > 0'):
+                        assert time.time() < deadline + 30, "the shadow fires never reached Prometheus"
+                        time.sleep(0.5)
+                    det.write_text(yaml.safe_dump(spec))
+                    while not prom.query('misalignment_monitor_detector_fires_total{detector="feat", mode="live"}'):
+                        assert time.time() < deadline + 60, "the reload to live never reached Prometheus"
+                        time.sleep(0.5)
                 publish_request(ring, [0.0, 3.0 + i, 1.0], req=f"r{i}")
             while not prom.query("misalignment_monitor_detector_score_psi > 1"):
                 assert time.time() < deadline + 30, "no drift figure reached Prometheus"
@@ -127,6 +136,7 @@ def test_report_reads_firing_and_drift_from_prometheus(tmp_path):
     assert fires is not None, html[-3000:]
     assert 9 <= int(fires.group(1)) <= 12 and 11 <= int(fires.group(2)) <= 15  # increase() extrapolates a little
     assert "calibration: 10.00%" in html  # the input's baseline firing rate beside the window's
+    assert re.search(r"<dt>Mode</dt><dd>live: [^<]*; went live at \d{4}-\d\d-\d\d \d\d:\d\d UTC", html), html
     assert not (out / "report.pdf").exists()
 
 

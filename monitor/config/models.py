@@ -549,6 +549,11 @@ class DetectorSpec(Strict):
         "none", description="What happens to a request when the detector fires: `none` (alert only), `annotate` "
         "(the response names the alert: headers, or a trailing SSE event), `abort` (vLLM stops the request; the "
         "caller gets `finish_reason: content_filter`). Needs the middleware in vLLM's API server.")
+    mode: Literal["live", "shadow"] = Field(
+        "live", description="`live`: fires page (through the Prometheus rules), act, and count. `shadow`: the "
+        "detector scores, counts and records incidents (marked shadow, listed apart in the console) but never "
+        "pages and never acts: how a new detector is watched on real traffic before it is trusted. Switching is "
+        "a config reload.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels carried into events.")
     calibration: Calibration | None = Field(None, description="Provenance of `threshold` (written by `monitor calibrate`).")
 

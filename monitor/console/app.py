@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -29,9 +30,11 @@ from monitor.console.auth import (CSRF_COOKIE, SESSION_COOKIE, AuthError, Identi
                                   TokenStore, csrf_ok, new_csrf, proxy_identity, session_secret)
 from monitor.console import runbooks
 from monitor.console.views import gist, incident_view, shade, without_text
+from monitor.console.whatif import what_if
 from monitor.store.db import Store, StoreError
 from monitor.store.export import EXPORTABLE, labelled_record, write_export
-from monitor.store.queries import (STATUSES, VERDICTS, IncidentFilter, events_of, facets, list_incidents,
+from monitor.store.queries import (STATUSES, VERDICTS, IncidentFilter, detector_fires, detector_threshold, events_of,
+                                   facets, list_incidents,
                                    parse_time, verdict_counts)
 
 log = logging.getLogger("monitor.console")
@@ -69,6 +72,7 @@ class IncidentSummary(BaseModel):
     time: datetime
     status: Literal["open", "acknowledged", "resolved"]
     verdict: Literal["true_positive", "false_positive", "unsure"] | None
+    mode: Literal["live", "shadow"] = Field(description="`shadow`: only detectors in shadow mode fired (never paged).")
     url: str = Field(description="The incident page.")
 
 
@@ -455,9 +459,38 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
                       history=history, links=links, alerts=alerts, similar=similar, judged=judged,
                       first_steps=first_steps("MisalignmentDetectorFired"))
 
+    def whatif_of(detector: str, threshold: str | None):
+        try:
+            candidate = None if threshold in (None, "") else float(threshold)
+        except ValueError:
+            raise HTTPException(400, f"threshold {threshold[:40]!r} is not a number") from None
+        if candidate is not None and not math.isfinite(candidate):
+            raise HTTPException(400, f"threshold {threshold!r} is not a finite number: no score ever reaches it")
+        fires, current = db(lambda s: (detector_fires(s, detector), detector_threshold(s, detector)))
+        if not fires:
+            raise HTTPException(404, f"no fire of detector {detector!r} is stored")
+        return what_if(detector, fires, current, current if candidate is None else candidate)
+
+    @app.get("/detectors/{name}", response_class=HTMLResponse, include_in_schema=False)
+    def detector_page(request: Request, name: str, who: Identity = Depends(viewer), threshold: str | None = None):
+        """A detector's recorded fires, and what a candidate threshold would have done to them."""
+        return render(request, "detector.html", w=whatif_of(name, threshold))
+
+    @app.get("/api/detectors/{name}/what-if", tags=["detectors"],
+             summary="Which recorded fires a candidate threshold keeps, with precision and recall over the judged ones")
+    def api_what_if(name: str, who: Identity = Depends(viewer), threshold: str | None = None) -> dict:
+        w = whatif_of(name, threshold)
+        return {"detector": w.detector, "current_threshold": w.current, "threshold": w.candidate,
+                "below_current": w.below_current, "fires": len(w.rows), "still_firing": w.kept,
+                "true_positives": w.true_positives, "false_positives": w.false_positives,
+                "true_positives_kept": w.kept_true, "false_positives_kept": w.kept_false,
+                "precision": w.precision, "precision_now": w.precision_now, "recall": w.recall,
+                "alerts": [{"alert_id": f.alert_id, "score": f.score, "fires": k, "verdict": f.verdict, "mode": f.mode}
+                           for f, k in w.rows]}
+
     def similar_incidents(s, detector: str, event_id: str, n: int = 5):
         """The detector's other recent incidents (with their verdicts) and how its incidents were judged."""
-        page = list_incidents(s, IncidentFilter(detector=detector), limit=n + 1)
+        page = list_incidents(s, IncidentFilter(detector=detector, mode="all"), limit=n + 1)
         return [r for r in page.rows if r.event_id != event_id][:n], verdict_counts(s, detector)
 
     def first_steps(alert: str) -> str | None:
@@ -556,7 +589,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
     def summary(r) -> IncidentSummary:
         return IncidentSummary(alert_ids=r.alert_ids, event_id=r.event_id, request_id=r.request_id, detectors=r.detectors,
                                severity=r.severity, model=r.model, deployment=r.deployment, time=r.event_time,
-                               status=r.status, verdict=r.verdict, url=_url(f"/incidents/{quote(r.alert_ids[0])}"))
+                               status=r.status, verdict=r.verdict, mode=r.mode, url=_url(f"/incidents/{quote(r.alert_ids[0])}"))
 
     def _url(path: str) -> str:
         return (cfg.console.base_url or "") + path
@@ -568,7 +601,8 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
                  limit: int = Query(PAGE_SIZE, ge=1, le=500),
                  detector: str | None = None, concept: str | None = None, severity: str | None = None,
                  model: str | None = None, deployment: str | None = None, status: str | None = None,
-                 verdict: str | None = None, since: str | None = None, until: str | None = None) -> IncidentList:
+                 verdict: str | None = None, since: str | None = None, until: str | None = None,
+                 mode: str = "live") -> IncidentList:
         f = _filter(request)
         try:
             page = page_of(f, limit, cursor)

@@ -13,7 +13,7 @@ from monitor.config.models import DetectorSpec, FeatureInput, ProbeInput
 from monitor.offline.evaluate import DetectorReport
 from monitor.offline.records import sha256_file
 from monitor.provenance import TrainingData
-from monitor.report.prometheus import PrometheusAPI
+from monitor.report.prometheus import PrometheusAPI, window_seconds
 
 
 @dataclass
@@ -36,6 +36,17 @@ class LiveFacts:
     psi_now: float | None
     psi_max: float | None
     inputs: list[tuple[str, float | None, float | None, float | None]]  # label, rate, baseline, psi
+    # When the sidecar last counted it in shadow, and first counted it live, within the window (epoch s):
+    # the record of a detector going from shadow to live (or back).
+    shadow_last_seen: float | None = None
+    live_first_seen: float | None = None
+
+    @property
+    def went_live(self) -> float | None:
+        """When it went from shadow to live inside the window, if it did."""
+        if self.shadow_last_seen is None or self.live_first_seen is None:
+            return None
+        return self.live_first_seen if self.live_first_seen >= self.shadow_last_seen - 60 else None
 
     @property
     def fire_rate(self) -> float | None:
@@ -156,6 +167,7 @@ GENERAL_LIMITS = [
 def live_facts(api: PrometheusAPI, model: str, window: str, spec: DetectorSpec,
                input_labels: list[str]) -> LiveFacts:
     sel = f'model_name="{model}", detector="{spec.name}"'
+    step = max(1, window_seconds(window) // 1000)
 
     def one(expr: str) -> float | None:
         samples = api.query(expr)
@@ -172,7 +184,12 @@ def live_facts(api: PrometheusAPI, model: str, window: str, spec: DetectorSpec,
         verdicts=one(f"sum(increase(misalignment_monitor_detector_evaluations_total{{{sel}}}[{window}]))"),
         psi_now=one(f"max(misalignment_monitor_detector_score_psi{{{sel}}})"),
         psi_max=one(f"max(max_over_time(misalignment_monitor_detector_score_psi{{{sel}}}[{window}]))"),
-        inputs=inputs)
+        inputs=inputs,
+        # A subquery about 1,000 steps long: fine enough to catch a shadow spell of seconds in a short window.
+        shadow_last_seen=one(f'max(max_over_time(timestamp(misalignment_monitor_detector_evaluations_total'
+                             f'{{{sel}, mode="shadow"}})[{window}:{step}s]))'),
+        live_first_seen=one(f'min(min_over_time(timestamp(misalignment_monitor_detector_evaluations_total'
+                            f'{{{sel}, mode="live"}})[{window}:{step}s]))'))
 
 
 def gather(loaded: LoadedConfig, version: str, evaluation: list[DetectorReport], eval_files: list[Path],

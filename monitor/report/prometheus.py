@@ -42,6 +42,10 @@ class PrometheusAPI:
         return [Sample(r["metric"], float(r["value"][1])) for r in body["data"]["result"]]
 
 
+def window_seconds(window: str) -> int:
+    return int(window[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[window[-1]]
+
+
 def check_window(window: str) -> str:
     if not WINDOW_RE.match(window):
         raise ReportError(f"--window {window!r} is not a Prometheus duration such as 24h or 7d")

@@ -27,6 +27,12 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _timestamp(epoch: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _aggregation(agg) -> str:
     params = {k: v for k, v in agg.model_dump().items() if k != "kind"}
     return agg.kind + (f" ({', '.join(f'{k} {v}' for k, v in params.items())})" if params else "")
@@ -39,7 +45,7 @@ def _inline_png(path: Path | None) -> str | None:
 def render_html(facts: ReportFacts) -> str:
     env = Environment(loader=PackageLoader("monitor.report", "templates"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=_pct, num=_num, png=_inline_png, aggregation=_aggregation)
+    env.filters.update(pct=_pct, num=_num, png=_inline_png, aggregation=_aggregation, timestamp=_timestamp)
     return env.get_template("report.html").render(r=facts)
 
 

@@ -513,6 +513,9 @@ class Sidecar:
             banks = {}
             for det in new.detectors:
                 old = self.banks.get(det.spec.name)
+                if old is not None and old.spec.mode != det.spec.mode:  # the record of when a detector went live
+                    log.info("detector %s: %s -> %s", det.spec.name, old.spec.mode, det.spec.mode,
+                             extra={"detector": det.spec.name, "mode_from": old.spec.mode, "mode": det.spec.mode})
                 if old is not None and all(getattr(det.spec, k) == getattr(old.spec, k) for k in measures):
                     old.adopt(det)
                     banks[det.spec.name] = old

@@ -21,7 +21,7 @@ log = logging.getLogger("monitor.sinks")
 
 
 def acting(specs: list[DetectorSpec]) -> tuple[str, ...]:
-    return tuple(sorted({s.action for s in specs if s.action != "none"}))
+    return tuple(sorted({s.action for s in specs if s.action != "none" and s.mode == "live"}))
 
 
 class ControlSink:
@@ -42,7 +42,7 @@ class ControlSink:
 
     def on_detector(self, u: DetectorUpdate) -> None:
         spec = u.detector
-        if not u.fired_now or spec.action == "none" or u.alert_id is None:
+        if not u.fired_now or spec.action == "none" or spec.mode == "shadow" or u.alert_id is None:
             return
         msg = Verdict(external_id=u.external_id, request_id=u.request_id, alert_id=u.alert_id, detector=spec.name,
                       severity=spec.severity, action=spec.action, score=float(u.score), position=int(u.fired_at or 0),

@@ -19,7 +19,7 @@ class DecisionLog(JsonLines):
         self.write({
             "event": "fired" if u.fired_now else "final", "time": time.time(), "request_id": u.request_id,
             "external_id": u.external_id, "sample": u.sample, "detector": d.name, "concept": d.concept,
-            "severity": d.severity, "score": u.score, "threshold": d.threshold, "fired": u.fired,
+            "severity": d.severity, "mode": d.mode, "score": u.score, "threshold": d.threshold, "fired": u.fired,
             "alert_id": u.alert_id, "fired_at_position": u.fired_at,
             "top_tokens": [{"position": e.position, "score": e.score, "inputs": e.inputs} for e in u.evidence],
         })

@@ -65,6 +65,9 @@ class AlertData(Strict):
     action: Literal["none", "annotate", "abort"] = Field(
         "none", description="The detector's action, ordered from vLLM's API server when it fired (docs/enforcement.md); "
                             "an abort that came after the request had finished became an annotation.")
+    mode: Literal["live", "shadow"] = Field(
+        "live", description="`shadow`: the detector is watched, not trusted: it neither pages nor acts, and "
+                            "consumers that act on alerts should skip it.")
     fired_at_position: int = Field(ge=0)
     forward_pass_time: str | None = Field(
         None, json_schema_extra=DATE_TIME,
@@ -141,8 +144,8 @@ class EventBuilder:
                 alert_id=u.alert_id, revision=revision, request_id=u.request_id, response_id=u.external_id,
                 sample=u.sample, model=self.model, deployment=self.deployment, namespace=self.namespace, pod=self.pod,
                 detector=spec.name, concept=spec.concept, severity=spec.severity, score=u.score,
-                threshold=spec.threshold, aggregation=spec.aggregation, scope=spec.scope, action=spec.action,
-                fired_at_position=u.fired_at,
+                threshold=spec.threshold, aggregation=spec.aggregation, scope=spec.scope,
+                action="none" if spec.mode == "shadow" else spec.action, mode=spec.mode, fired_at_position=u.fired_at,
                 forward_pass_time=(rfc3339(datetime.fromtimestamp(u.step_time, timezone.utc))
                                    if u.step_time is not None else None),
                 final=u.final, labels=dict(spec.labels), tokens=tokens,

@@ -113,6 +113,9 @@ class IncidentData(Strict):
     coverage: Coverage
     text_policy: Literal["none", "flagged"]
     redacted_by: list[str] = Field(description="Names of the redaction rules that matched.")
+    mode: Literal["live", "shadow"] = Field(
+        "live", description="`shadow` when every detector that fired is in shadow mode (watched, not trusted): "
+                            "the console lists it apart, and it was never paged.")
 
 
 class IncidentEvent(CloudEvent):
@@ -209,7 +212,8 @@ class IncidentBuilder:
             end_time=None if inc.end_time is None else rfc3339(datetime.fromtimestamp(inc.end_time, timezone.utc)),
             detectors=detectors, context=context,
             coverage=Coverage(uncovered_positions=inc.uncovered_positions, untraced_tokens=inc.untraced_tokens),
-            text_policy=self.text, redacted_by=redacted_by)
+            text_policy=self.text, redacted_by=redacted_by,
+            mode="shadow" if all(u.detector.mode == "shadow" for u in fired) else "live")
         evidence = sorted({e.position for u in fired for e in u.evidence})
         keep = np.ones(len(t.positions), dtype=bool)
         window = None

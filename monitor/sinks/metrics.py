@@ -293,13 +293,14 @@ class SidecarMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         labels = ["model_name", "detector", "severity"]
+        # `mode`: a shadow detector's fires are counted like a live one's, and the paging rules skip them.
         self.fires = Counter(f"{PREFIX}_detector_fires", "Detector fires (at most one per request and detector).",
-                             labels, registry=r)
+                             [*labels, "mode"], registry=r)
         self.actions = Counter(f"{PREFIX}_actions", "Actions ordered on requests by detectors that act (`action: "
                                "abort | annotate`), sent to vLLM's API servers.", [*labels, "action"], registry=r)
         self.verdicts = Counter(f"{PREFIX}_detector_evaluations",
                                 "Requests a detector reached a verdict on, by outcome (fired or not).",
-                                [*labels, "outcome"], registry=r)
+                                [*labels, "mode", "outcome"], registry=r)
         self.detection_latency = Histogram(
             f"{PREFIX}_detection_latency_seconds",
             "From the end of the forward pass that pushed a detector over its threshold to the fire decision.",
@@ -324,6 +325,7 @@ class SidecarMetrics:
                                     ("model_name", "detector"), RATIO_BUCKETS)
         self.bulk = [self.features, self.probes, self.ratios]
         self._prepared_for: DetectorSet | None = None
+        self._detector_series: set[tuple[str, str, str]] = set()  # (detector, severity, mode) exported now
         self.follow(snapshot().detectors)
         r.register(MonitorCollector(self))
 
@@ -337,13 +339,21 @@ class SidecarMetrics:
         for head in ds.heads.values():
             for name in head.columns:
                 (self.probes if head.kind == "probe" else self.features).ensure((m, name))
+        # A detector that left (or changed severity or mode) stops being exported: its old series would
+        # otherwise stay forever, and a detector that went live would still look as if in shadow.
+        now = {(d.spec.name, d.spec.severity, d.spec.mode) for d in ds.detectors}
+        for name, severity, mode in self._detector_series - now:
+            self.fires.remove(m, name, severity, mode)
+            for outcome in ("fired", "not_fired"):
+                self.verdicts.remove(m, name, severity, mode, outcome)
+        self._detector_series = now
         for det in ds.detectors:
             spec = det.spec
-            self.fires.labels(m, spec.name, spec.severity)
-            if spec.action != "none":
+            self.fires.labels(m, spec.name, spec.severity, spec.mode)
+            if spec.action != "none" and spec.mode == "live":
                 self.actions.labels(m, spec.name, spec.severity, spec.action)
             for outcome in ("fired", "not_fired"):
-                self.verdicts.labels(m, spec.name, spec.severity, outcome)
+                self.verdicts.labels(m, spec.name, spec.severity, spec.mode, outcome)
             self.ratios.ensure((m, spec.name))
         for h in (self.detection_latency, self.scoring_latency, self.step_lag, self.delivery_latency):
             if h is not None:
@@ -377,14 +387,14 @@ class SidecarMetrics:
     def on_detector(self, u: DetectorUpdate) -> None:
         spec = u.detector
         if u.fired_now:
-            self.fires.labels(self.model_name, spec.name, spec.severity).inc()
-            if spec.action != "none" and u.alert_id is not None:
+            self.fires.labels(self.model_name, spec.name, spec.severity, spec.mode).inc()
+            if spec.action != "none" and spec.mode == "live" and u.alert_id is not None:
                 self.actions.labels(self.model_name, spec.name, spec.severity, spec.action).inc()
             if u.step_time is not None:
                 self.detection_latency.labels(self.model_name).observe(max(0.0, time.time() - u.step_time))
         if u.final:
             outcome = "fired" if u.fired else "not_fired"
-            self.verdicts.labels(self.model_name, spec.name, spec.severity, outcome).inc()
+            self.verdicts.labels(self.model_name, spec.name, spec.severity, spec.mode, outcome).inc()
             if spec.threshold > 0:
                 self.ratios.observe_many((self.model_name, spec.name), np.array([u.score / spec.threshold]))
             if self.drift is not None:

@@ -176,7 +176,8 @@ class Store:
         row = dict(event_id=event["id"], request_id=d["request_id"], model=d["model"], deployment=d["deployment"],
                    namespace=d.get("namespace"), detectors=[x["name"] for x in fired],
                    severity=max((x["severity"] for x in fired), key=SEVERITY_RANK.get, default="info"),
-                   alert_ids=d["alert_ids"], text_policy=d["text_policy"], event_time=_when(event["time"]),
+                   alert_ids=d["alert_ids"], text_policy=d["text_policy"], mode=d.get("mode", "live"),
+                   event_time=_when(event["time"]),
                    received_at=datetime.now(timezone.utc))
         new = self._insert(session, Incident, row)
         if new:
@@ -187,7 +188,8 @@ class Store:
             self._insert(session, IncidentDetector, [dict(
                 incident_event_id=event["id"], detector=x["name"], concept=x["concept"], severity=x["severity"],
                 event_time=row["event_time"], model=row["model"], deployment=row["deployment"],
-                incident_severity=row["severity"], status="open", verdict=None) for x in fired])
+                incident_severity=row["severity"], incident_mode=row["mode"], status="open", verdict=None)
+                for x in fired])
         return new
 
     def dead_letter(self, session, topic: str, partition: int, offset: int, reason: str, raw: bytes) -> bool:

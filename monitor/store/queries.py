@@ -71,6 +71,9 @@ class IncidentFilter(BaseModel):
         None, description="`none`: no verdict yet.")
     since: datetime | None = Field(None, description="ISO 8601, epoch milliseconds, or an age (24h).")
     until: datetime | None = None
+    mode: Literal["live", "shadow", "all"] = Field(
+        "live", description="`live`: incidents a live detector fired on (what pages); `shadow`: those only detectors "
+        "in shadow mode fired on (watched, never paged), listed apart; `all`: both.")
 
     @model_validator(mode="before")
     @classmethod
@@ -93,7 +96,7 @@ class IncidentFilter(BaseModel):
     def query(self) -> dict[str, str]:
         """The filter as query-string parameters (for links)."""
         out = {}
-        for k, v in self.model_dump(exclude_none=True).items():
+        for k, v in self.model_dump(exclude_none=True, exclude_defaults=True).items():
             out[k] = v.isoformat() if isinstance(v, datetime) else str(v)
         return out
 
@@ -124,10 +127,12 @@ class IncidentPage:
     next_cursor: str | None
 
 
-def _where(f: IncidentFilter, time=None, verdict=None, **columns) -> list:
+def _where(f: IncidentFilter, time=None, verdict=None, mode=None, **columns) -> list:
     """`f` as conditions on the given columns (filter name -> column); filters without a column are
     not applied here."""
     cond = [col == getattr(f, name) for name, col in columns.items() if getattr(f, name) is not None]
+    if mode is not None and f.mode != "all":
+        cond.append(mode == f.mode)
     if verdict is not None and f.verdict is not None:
         cond.append(verdict.is_(None) if f.verdict == "none" else verdict == f.verdict)
     if time is not None and f.since is not None:
@@ -144,8 +149,8 @@ def _conditions(f: IncidentFilter) -> list:
 
     from monitor.store.schema import Incident, IncidentDetector
 
-    cond = _where(f, time=Incident.event_time, verdict=Incident.verdict, severity=Incident.severity,
-                  model=Incident.model, deployment=Incident.deployment, status=Incident.status)
+    cond = _where(f, time=Incident.event_time, verdict=Incident.verdict, mode=Incident.mode,
+                  severity=Incident.severity, model=Incident.model, deployment=Incident.deployment, status=Incident.status)
     if f.detector is not None or f.concept is not None:
         # An uncorrelated IN: the matching incidents are found once through the (detector|concept, time)
         # index, not looked up again for every candidate row.
@@ -159,7 +164,8 @@ def _per_detector(f: IncidentFilter, with_detector: bool = True) -> list:
     """`f` on the per-detector rows, which carry every filter column."""
     from monitor.store.schema import IncidentDetector as D
 
-    return _where(f, time=D.event_time, verdict=D.verdict, concept=D.concept, severity=D.incident_severity,
+    return _where(f, time=D.event_time, verdict=D.verdict, mode=D.incident_mode, concept=D.concept,
+                  severity=D.incident_severity,
                   model=D.model, deployment=D.deployment, status=D.status,
                   **({"detector": D.detector} if with_detector else {}))
 
@@ -241,3 +247,57 @@ def verdict_counts(session, detector: str) -> dict[str, int]:
 
     rows = session.execute(select(D.verdict, func.count()).where(D.detector == detector).group_by(D.verdict)).all()
     return {(v or "none"): n for v, n in rows}
+
+
+def verdicts_of_alerts(session, alert_ids: list[str]) -> dict[str, str]:
+    """Alert id -> the verdict a person gave its incident (alert ids without one are left out)."""
+    from sqlalchemy import select
+
+    from monitor.store.schema import Incident, IncidentAlert
+
+    out: dict[str, str] = {}
+    ids = sorted(set(alert_ids))
+    for k in range(0, len(ids), 500):  # bounded IN lists
+        q = (select(IncidentAlert.alert_id, Incident.verdict)
+             .join(Incident, Incident.event_id == IncidentAlert.incident_event_id)
+             .where(IncidentAlert.alert_id.in_(ids[k:k + 500]), Incident.verdict.is_not(None)))
+        out.update({a: v for a, v in session.execute(q).all()})
+    return out
+
+
+@dataclass(frozen=True)
+class ScoredAlert:
+    """One fire of a detector, with its final score and what a person said about its incident."""
+
+    alert_id: str
+    score: float
+    event_time: datetime
+    verdict: str | None
+    mode: str | None  # the incident's (live | shadow); None until its incident is stored
+
+
+def detector_fires(session, detector: str, limit: int = 5000) -> list[ScoredAlert]:
+    """The detector's newest fires (one per alert id: its last revision's score, the final one once the
+    request ended), with their incidents' verdicts. Reads the narrow alert rows, never the events."""
+    from sqlalchemy import func, select
+
+    from monitor.store.schema import Alert, Incident, IncidentAlert
+
+    last = (select(Alert.alert_id, func.max(Alert.revision).label("rev")).where(Alert.detector == detector)
+            .group_by(Alert.alert_id).subquery())
+    q = (select(Alert.alert_id, Alert.score, Alert.event_time, Incident.verdict, Incident.mode)
+         .join(last, (Alert.alert_id == last.c.alert_id) & (Alert.revision == last.c.rev))
+         .outerjoin(IncidentAlert, IncidentAlert.alert_id == Alert.alert_id)
+         .outerjoin(Incident, Incident.event_id == IncidentAlert.incident_event_id)
+         .order_by(Alert.event_time.desc()).limit(limit))
+    return [ScoredAlert(a, float(s), t, v, m) for a, s, t, v, m in session.execute(q).all()]
+
+
+def detector_threshold(session, detector: str) -> float | None:
+    """The threshold the detector's newest alert was judged against (its definition as it runs now)."""
+    from sqlalchemy import select
+
+    from monitor.store.schema import Alert
+
+    row = session.scalars(select(Alert).where(Alert.detector == detector).order_by(Alert.event_time.desc()).limit(1)).first()
+    return None if row is None else float(row.event["data"]["threshold"])
