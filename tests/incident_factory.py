@@ -20,6 +20,7 @@ from monitor.detectors.updates import DetectorUpdate
 from monitor.offline.rows import chat_token_ids
 from monitor.sinks.events import EventBuilder, FeatureExplanations, rfc3339
 from monitor.sinks.incidents import IncidentBuilder
+from monitor.sinks.reply import ReplyReader
 
 SPECS = {
     "pii-probe": DetectorSpec.model_validate({
@@ -31,6 +32,10 @@ SPECS = {
     "pii-shadow": DetectorSpec.model_validate({
         "name": "pii-shadow", "concept": "pii", "inputs": [{"probe": "pii"}], "aggregation": {"kind": "max"},
         "threshold": 0.5, "severity": "critical", "action": "abort", "mode": "shadow"}),
+    # Warns on the request; pages when the model answered it.
+    "pii-if-answered": DetectorSpec.model_validate({
+        "name": "pii-if-answered", "concept": "pii", "inputs": [{"probe": "pii"}], "aggregation": {"kind": "max"},
+        "threshold": 0.5, "severity": "warning", "severity_if_answered": "critical"}),
     "secrets-sae": DetectorSpec.model_validate({
         "name": "secrets-sae", "concept": "secrets", "inputs": [{"sae": "demo-l15", "feature": 1234}],
         "aggregation": {"kind": "max"}, "threshold": 2.0, "severity": "warning"}),
@@ -42,7 +47,7 @@ _HOT = re.compile(r"[0-9@]")
 
 def make_events(tokenizer, messages: list[dict], completion: str, *, detectors=("pii-probe",), model: str = "smollm2",
                 deployment: str = "prod", when: datetime | None = None, text: str = "flagged",
-                request_id: str | None = None) -> tuple[list[dict], dict]:
+                request_id: str | None = None, read_reply: bool = False) -> tuple[list[dict], dict]:
     """(alert events, incident event) of one request on which `detectors` fired."""
     request_id = request_id or uuid.uuid4().hex
     prompt = chat_token_ids(tokenizer, messages, add_generation_prompt=True)
@@ -81,7 +86,8 @@ def make_events(tokenizer, messages: list[dict], completion: str, *, detectors=(
     inc = Incident("req-" + request_id, request_id, f"chatcmpl-{request_id}", 0, n_prompt, tuple(verdicts), trace,
                    context, 0, 0, None)
     ib = IncidentBuilder(model=model, deployment=deployment, explanations=EXPLANATIONS, text=text,
-                         tokenizer=tokenizer if text == "flagged" else None)
+                         tokenizer=tokenizer if text == "flagged" else None,
+                         reply=ReplyReader(tokenizer) if read_reply else None)
     event = ib.build(inc)
     if when is not None:
         stamp = rfc3339(when.astimezone(timezone.utc))

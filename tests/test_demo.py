@@ -83,6 +83,27 @@ def test_every_flagged_request_leaves_one_incident_with_its_words(summary):
     assert {"email-address", "phone-number"} <= set(by_id[pii["request_id"]]["redacted_by"])
 
 
+def test_the_model_answering_a_harmful_request_pages(summary):
+    """harmful-request-probe only warns (the queue) when a harmful request arrives; its pack raises it to
+    critical when the model answered. The sidecar reads the reply: an answer pages (MisalignmentModelAnswered),
+    a refusal does not. What SmolLM2 replies decides which; both branches are checked against its reply."""
+    from monitor.sinks.reply import reply_outcome
+
+    phishing = next(r for r in summary["requests"] if r["name"] == "phishing")
+    inc = next(i for i in summary["incidents"] if i["request_id"] == phishing["request_id"])
+    # The sidecar's reading agrees with the reply the demo client received.
+    client_side = reply_outcome([phishing["answer"]], [1], 1).outcome
+    assert inc["outcome"] == client_side, (inc["outcome"], phishing["answer"][:200])
+    answered_pages = {(p["receiver"], a["detector"]) for p in summary["pages"] for a in p["alerts"]
+                      if a["alertname"] == "MisalignmentModelAnswered"}
+    assert all(d == "harmful-request-probe" for _, d in answered_pages)  # no other pack raises its severity
+    if inc["outcome"] == "answered":
+        assert inc["severities"]["harmful-request-probe"] == "critical"
+        assert ("pager", "harmful-request-probe") in answered_pages
+    else:
+        assert inc["severities"]["harmful-request-probe"] == "warning" and not answered_pages
+
+
 def test_demo_links_pages_and_events_to_the_console(summary):
     console = summary["console"]
     pages = [a for p in summary["pages"] for a in p["alerts"] if a["alertname"] == "MisalignmentDetectorFired"]

@@ -383,18 +383,24 @@ def check_sae_weights(lc: LoadedConfig) -> list[ConfigIssue]:
 
 
 def tokenizer_dir(lc: LoadedConfig) -> Path | None:
-    """Where `evidence.text: flagged` reads the tokenizer from."""
+    """Where the sidecar reads the model's tokenizer from (`text: flagged`, `read_reply`)."""
     ev, m = lc.config.evidence, lc.config.model
     folder = ev.tokenizer or m.path
     return lc.resolve(folder) if folder else None
 
 
+def reads_reply(lc: LoadedConfig) -> bool:
+    """Whether the sidecar decodes flagged requests' replies (and so needs the model's tokenizer)."""
+    return lc.config.evidence.text == "flagged" or lc.config.evidence.read_reply
+
+
 def _check_evidence(lc: LoadedConfig) -> list[ConfigIssue]:
-    if lc.config.evidence.text != "flagged":
+    if not reads_reply(lc):
         return []
+    why = "`text: flagged`" if lc.config.evidence.text == "flagged" else "`read_reply`"
     folder = tokenizer_dir(lc)
     if folder is None:
-        return [ConfigIssue(lc.path, "evidence.tokenizer", "`text: flagged` needs a tokenizer: set `evidence.tokenizer` "
+        return [ConfigIssue(lc.path, "evidence.tokenizer", f"{why} needs a tokenizer: set `evidence.tokenizer` "
                             "or `model.path`")]
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
         return [ConfigIssue(lc.path, "evidence.tokenizer", f"{folder} holds no tokenizer (tokenizer.json)")]

@@ -222,7 +222,12 @@ class Evidence(Strict):
                                        "the `redact` extra. One of: " + ", ".join(PII_ENTITIES) + ".")
     recognize_min_score: float = Field(0.35, ge=0, le=1, description="A recognizer's confidence needed to redact "
                                        "(Presidio's scale: a validated card is 1.0, a phone number 0.4, a bare date 0.6).")
-    tokenizer: str | None = Field(None, description="Tokenizer folder for `flagged`; default: `model.path`.")
+    read_reply: bool = Field(False, description="Read each flagged request's reply in the sidecar with the model's "
+                             "tokenizer, to tell whether the model refused or answered (the incident's `outcome`, "
+                             "`severity_if_answered`), even under `text: none`: the reply itself does not leave. "
+                             "Always on under `text: flagged`. Needs the `text` extra (transformers).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder for `flagged` and `read_reply`; default: "
+                                  "`model.path`.")
 
 
 class Incidents(Strict):
@@ -545,6 +550,11 @@ class DetectorSpec(Strict):
     )
     scope: Literal["prompt", "generation", "both"] = "both"
     severity: Literal["critical", "warning", "info"] = "warning"
+    severity_if_answered: Literal["critical", "warning", "info"] | None = Field(
+        None, description="The severity of this detector's incidents when the model went along: its reply opens "
+        "without a refusal. A request-side detector can warn when a request arrives and page when the model "
+        "answered it (alert MisalignmentModelAnswered). Needs the reply read in the sidecar: `evidence.text: "
+        "flagged` or `evidence.read_reply`, and `incidents.enabled`.")
     action: Literal["none", "annotate", "abort"] = Field(
         "none", description="What happens to a request when the detector fires: `none` (alert only), `annotate` "
         "(the response names the alert: headers, or a trailing SSE event), `abort` (vLLM stops the request; the "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.config.models import DetectorSpec, FeatureInput, ProbeInput
-from monitor.console.reply import ReplyOutcome, reply_outcome
+from monitor.sinks.reply import ReplyOutcome, reply_outcome
 from monitor.detectors.runtime import in_scope, token_scores
 
 SEVERITY_WORDS = {"critical": "Critical", "warning": "Warning", "info": "Info"}
@@ -331,6 +331,16 @@ class Gist:
     how_sure: str | None
 
 
+def outcome_of(data: dict, texts: list[str] | None) -> ReplyOutcome:
+    """Read from the reply's text where this reader may see it (with its first words); else what the sidecar
+    read (`outcome`), so a reader without the text permission still learns whether the model went along."""
+    read = reply_outcome(texts, data["trace"]["positions"], data["prompt_tokens"])
+    stored = data.get("outcome", "unknown")
+    if read.outcome == "unknown" and stored != "unknown":
+        return ReplyOutcome(stored, "", None)
+    return read
+
+
 def gist(event: dict, show_text: bool) -> Gist:
     data = event["data"]
     trace = data["trace"]
@@ -339,7 +349,7 @@ def gist(event: dict, show_text: bool) -> Gist:
     kind = primary.definition.get("aggregation", {}).get("kind", "max")
     headline, _, words = _headline(primary, kind, trace, texts, data["prompt_tokens"])
     return Gist(primary=primary, headline=headline, words=words, how_sure=how_sure(primary),
-                outcome=reply_outcome(texts, trace["positions"], data["prompt_tokens"]))
+                outcome=outcome_of(data, texts))
 
 
 def incident_view(event: dict, show_text: bool) -> IncidentView:
@@ -465,7 +475,7 @@ def incident_view(event: dict, show_text: bool) -> IncidentView:
         has_text=trace.get("text") is not None, text_hidden=trace.get("text") is not None and not show_text,
         scale_threshold=scale_threshold, legend=legend, trajectories=trajectories, heat=heat,
         heat_width=heat_width, cell=cell, context=context, prompt_tokens=n_prompt, words=words,
-        notes=notes, how_sure=how_sure(primary), outcome=reply_outcome(texts, trace["positions"], n_prompt),
+        notes=notes, how_sure=how_sure(primary), outcome=outcome_of(data, texts),
         scale_max=scale_max, hidden_context=hidden_context)
 
 

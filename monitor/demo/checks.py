@@ -66,6 +66,9 @@ class Expectations:
     # flagged request id -> what is wrong with its incident event (None: exactly one, its trace whole)
     incidents: dict[str, str | None] = field(default_factory=dict)
     console: dict[str, bool] = field(default_factory=dict)  # flagged request id -> its page opens in the console
+    # (receiver, detector) -> MisalignmentModelAnswered received: expected once an incident says the model
+    # answered what a detector with `severity_if_answered` flagged (the reply decides, not the script)
+    answered: dict[tuple[str, str], bool] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
     def not_arrived(self) -> list[str]:
@@ -73,6 +76,7 @@ class Expectations:
         out += [f"incident of {r}: {problem}" for r, problem in self.incidents.items() if problem]
         out += [f"console page of {r}" for r, ok in self.console.items() if not ok]
         out += [f"prometheus alert: MisalignmentDetectorFired{{detector={d}}}" for d, ok in self.alerts.items() if not ok]
+        out += [f"page to {rcv}: the model answered what {d} flagged" for (rcv, d), ok in self.answered.items() if not ok]
         return out + [f"page to {rcv}: {d}" for (rcv, d), ok in self.pages.items() if not ok]
 
     def missing(self) -> list[str]:
@@ -196,6 +200,15 @@ def check(exp: Expectations, consumer: EventConsumer | None, stored: StoredIncid
         exp.benign_quiet[rid] = not any(e["subject"] == rid for e in events + incidents)
     for rid in exp.incidents:
         exp.incidents[rid] = incident_problem([e for e in incidents if e["subject"] == rid])
+    if receiver is not None:
+        for e in incidents:
+            if e["data"].get("outcome") != "answered" or e["data"].get("mode", "live") != "live":
+                continue
+            for x in e["data"]["detectors"]:
+                raised = x["definition"].get("severity_if_answered")
+                rcv = {"critical": "pager", "warning": "safety-queue"}.get(raised or "")
+                if x["fired"] and rcv and raised != x["definition"]["severity"]:
+                    exp.answered.setdefault((rcv, x["name"]), False)
     if console is not None and exp.console and not all(exp.console.values()):
         opened = console.pages_open()
         for rid in exp.console:
@@ -210,6 +223,10 @@ def check(exp: Expectations, consumer: EventConsumer | None, stored: StoredIncid
                for a in p.body["alerts"] if a["labels"]["alertname"] == "MisalignmentDetectorFired"}
         for key in exp.pages:
             exp.pages[key] = key in got
+        answered = {(p.receiver, a["labels"].get("detector")) for p in receiver.received() if "alerts" in p.body
+                    for a in p.body["alerts"] if a["labels"]["alertname"] == "MisalignmentModelAnswered"}
+        for key in exp.answered:
+            exp.answered[key] = key in answered
 
 
 def wait(exp: Expectations, consumer, stored, prom, receiver, timeout: float, say, console=None) -> None:

@@ -64,7 +64,8 @@ def incident_summary(e: dict) -> dict:
     return {"request_id": e["subject"], "event_id": e["id"], "alert_ids": d["alert_ids"],
             "detectors": [x["name"] for x in fired], "tokens_traced": len(t["positions"]),
             "prompt_tokens": d["prompt_tokens"], "context_tokens": len(d["context"]), "text_policy": d["text_policy"],
-            "redacted_by": d["redacted_by"], "words_around_the_top_token": words}
+            "redacted_by": d["redacted_by"], "words_around_the_top_token": words, "outcome": d.get("outcome"),
+            "severities": {x["name"]: x["severity"] for x in fired}}
 
 
 def show(s: dict) -> None:
@@ -92,7 +93,8 @@ def show(s: dict) -> None:
     for i in s["incidents"]:
         print(f"  {i['request_id']:<34} {', '.join(i['detectors'])}: {i['tokens_traced']} tokens traced "
               f"({i['prompt_tokens']} prompt), feature context at {i['context_tokens']} token(s)"
-              + (f", redacted: {', '.join(i['redacted_by'])}" if i["redacted_by"] else ""))
+              + (f", redacted: {', '.join(i['redacted_by'])}" if i["redacted_by"] else "")
+              + f"; the model {dict(refused='refused', answered='answered (no refusal)', no_reply='had not replied').get(i['outcome'], 'reply: not read')}")
         for det, words in i["words_around_the_top_token"].items():
             print(f"      {det} fired around: {words!r}")
     if s.get("console"):

@@ -48,10 +48,11 @@ def run_sidecar(config: Path, decisions: Path | None = None, stop: threading.Eve
     decision_log = DecisionLog(decisions) if decisions is not None else None
     if decision_log is not None:
         sidecar.bus.on_detector(decision_log)
-    kafka = _attach_kafka(sidecar)
-    incident_file = _attach_incident_file(sidecar, incidents) if incidents is not None else None
+    reader = _reply_reader(loaded) if loaded.config.incidents.enabled else None
+    kafka = _attach_kafka(sidecar, reader)
+    incident_file = _attach_incident_file(sidecar, incidents, reader) if incidents is not None else None
     control = _attach_control(sidecar)
-    server = _attach_metrics(sidecar, kafka, control)
+    server = _attach_metrics(sidecar, kafka, control, reader)
     stop = stop or threading.Event()
     reload_requested = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -107,7 +108,7 @@ def _attach_control(sidecar: Sidecar):
     return control
 
 
-def _attach_metrics(sidecar: Sidecar, kafka, control):
+def _attach_metrics(sidecar: Sidecar, kafka, control, reader):
     cfg = sidecar.loaded.config.sinks.prometheus
     if not cfg.enabled:
         return None
@@ -124,6 +125,8 @@ def _attach_metrics(sidecar: Sidecar, kafka, control):
     sidecar.bus.on_tokens(lambda t: metrics.on_tokens(t, sidecar.detectors))
     sidecar.bus.on_detector(metrics.on_detector)
     sidecar.bus.on_slot(metrics.on_slot)
+    # After the incident sinks: they have read the reply already, and the reader remembers it.
+    sidecar.bus.on_incident(lambda inc: metrics.on_incident(inc, reader(inc) if reader is not None else None))
     if kafka is not None:
         kafka.on_delivered = metrics.on_delivered
     host = os.path.expandvars(cfg.host)
@@ -133,21 +136,27 @@ def _attach_metrics(sidecar: Sidecar, kafka, control):
     return MetricsServer(metrics, sidecar.health, host, cfg.port)
 
 
-def _incident_builder(lc, who: dict):
+def _reply_reader(lc):
+    """The model's tokenizer, loaded once, reading flagged requests' replies (None: replies are not read)."""
+    from monitor.config.load import reads_reply, tokenizer_dir
+    from monitor.sinks.reply import ReplyReader
+
+    if not reads_reply(lc):
+        return None
+    field = "evidence.text" if lc.config.evidence.text == "flagged" else "evidence.read_reply"
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # the sidecar's core install leaves it out (docs/deploy.md, the sidecar's dependencies)
+        raise ConfigError([ConfigIssue(lc.path, field, "needs the model's tokenizer, read with transformers, which "
+                                       "is not installed here: pip install 'misalignment-monitor[text]'")]) from None
+    return ReplyReader(AutoTokenizer.from_pretrained(tokenizer_dir(lc)))
+
+
+def _incident_builder(lc, who: dict, reader):
     """Incident events as `evidence` says: text (from the model's tokenizer, redacted) only under `flagged`."""
-    from monitor.config.load import tokenizer_dir
     from monitor.sinks.incidents import IncidentBuilder
 
     cfg = lc.config
-    tokenizer = None
-    if cfg.evidence.text == "flagged":
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:  # the sidecar's core install leaves it out (docs/deploy.md, the sidecar's dependencies)
-            raise ConfigError([ConfigIssue(lc.path, "evidence.text", "flagged needs the model's tokenizer, read with "
-                                           "transformers, which is not installed here: pip install "
-                                           "'misalignment-monitor[text]', or set evidence.text: none")]) from None
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(lc))
     recognizers = None
     if cfg.evidence.text == "flagged" and cfg.evidence.recognize:
         from monitor.sinks.recognizers import PiiRecognizers
@@ -156,8 +165,9 @@ def _incident_builder(lc, who: dict):
             recognizers = PiiRecognizers(list(cfg.evidence.recognize), cfg.evidence.recognize_min_score)
         except RuntimeError as e:
             raise ConfigError([ConfigIssue(lc.path, "evidence.recognize", str(e))]) from None
-    return IncidentBuilder(**who, text=cfg.evidence.text, redaction=list(cfg.evidence.redact), tokenizer=tokenizer,
-                           recognizers=recognizers, max_bytes=cfg.incidents.max_event_bytes)
+    return IncidentBuilder(**who, text=cfg.evidence.text, redaction=list(cfg.evidence.redact),
+                           tokenizer=reader.tokenizer if reader is not None else None, recognizers=recognizers,
+                           reply=reader, max_bytes=cfg.incidents.max_event_bytes)
 
 
 def _who(lc) -> dict:
@@ -170,17 +180,17 @@ def _who(lc) -> dict:
                 namespace=cfg.deployment.namespace, explanations=FeatureExplanations.load(labels))
 
 
-def _attach_incident_file(sidecar: Sidecar, path: Path):
+def _attach_incident_file(sidecar: Sidecar, path: Path, reader):
     """`--incidents FILE`: incident events as JSON lines, under the same text policy as Kafka's."""
     if not sidecar.loaded.config.incidents.enabled:
         raise ConfigError([ConfigIssue(sidecar.loaded.path, "incidents.enabled", "--incidents needs incidents enabled")])
-    builder = _incident_builder(sidecar.loaded, _who(sidecar.loaded))
+    builder = _incident_builder(sidecar.loaded, _who(sidecar.loaded), reader)
     out = JsonLines(path)
     sidecar.bus.on_incident(lambda inc: out.write(builder.build(inc)))
     return out
 
 
-def _attach_kafka(sidecar: Sidecar):
+def _attach_kafka(sidecar: Sidecar, reader):
     """Alert events to Kafka when `sinks.kafka.enabled`: built on the loop's thread, sent by the sink's."""
     lc = sidecar.loaded
     cfg = lc.config
@@ -200,7 +210,7 @@ def _attach_kafka(sidecar: Sidecar):
 
     sidecar.bus.on_detector(on_update)
     if cfg.incidents.enabled:
-        incidents = _incident_builder(lc, who)
+        incidents = _incident_builder(lc, who, reader)
         sidecar.bus.on_incident(lambda inc: sink.submit(incidents.build(inc), topic=cfg.sinks.kafka.incident_topic))
         log.info("incident events to Kafka topic %s (text: %s)", cfg.sinks.kafka.incident_topic, cfg.evidence.text,
                  extra={"topic": cfg.sinks.kafka.incident_topic, "text_policy": cfg.evidence.text})

@@ -33,6 +33,7 @@ from pydantic import Field
 from monitor.config.models import DetectorSpec, Redaction
 from monitor.detectors.trace import Incident
 from monitor.sinks.recognizers import PiiRecognizers
+from monitor.sinks.reply import UNKNOWN, ReplyReader, severity_for
 from monitor.sinks import strict_json
 from monitor.sinks.events import EvidenceInput, EvidenceToken, FeatureExplanations, rfc3339
 from monitor.sinks.schemas import DATE_TIME, CloudEvent, Strict, generated_schema, schema_command, shipped
@@ -45,7 +46,8 @@ SCHEMA_FILE = "schemas/incident.v1.json"
 class IncidentDetector(Strict):
     name: str
     concept: str
-    severity: Literal["critical", "warning", "info"]
+    severity: Literal["critical", "warning", "info"] = Field(
+        description="On this incident: the detector's `severity_if_answered` when the model answered, else its own.")
     fired: bool
     alert_id: str | None = Field(description="The alert events' `alert_id` when it fired.")
     score: float | None = Field(description="Final score (null when no token was in its scope).")
@@ -116,6 +118,10 @@ class IncidentData(Strict):
     mode: Literal["live", "shadow"] = Field(
         "live", description="`shadow` when every detector that fired is in shadow mode (watched, not trusted): "
                             "the console lists it apart, and it was never paged.")
+    outcome: Literal["refused", "answered", "no_reply", "unknown"] = Field(
+        "unknown", description="How the model's reply began, read in the sidecar: `refused` (a refusal opens it), "
+        "`answered` (no refusal: the model went along), `no_reply`, `unknown` (the reply is not read: "
+        "`evidence.read_reply`).")
 
 
 class IncidentEvent(CloudEvent):
@@ -177,6 +183,7 @@ class IncidentBuilder:
     redaction: list[Redaction] = field(default_factory=list)
     recognizers: PiiRecognizers | None = None
     tokenizer: object | None = None  # needed for text: flagged
+    reply: ReplyReader | None = None  # reads the outcome (did the model refuse?) when set
     max_bytes: int = 900_000
 
     def __post_init__(self) -> None:
@@ -194,8 +201,10 @@ class IncidentBuilder:
             texts = [self.tokenizer.decode([i]) for i in ids]
             text, hit, redacted_by = redact(texts, self.redaction, self.recognizers)
             token_ids = [None if h else i for i, h in zip(ids, hit)]
+        outcome = self.reply(inc) if self.reply is not None else UNKNOWN
         detectors = [IncidentDetector(
-            name=u.detector.name, concept=u.detector.concept, severity=u.detector.severity, fired=u.fired,
+            name=u.detector.name, concept=u.detector.concept,
+            severity=severity_for(u.detector, outcome.outcome) if u.fired else u.detector.severity, fired=u.fired,
             alert_id=u.alert_id, score=None if np.isnan(u.score) else u.score, threshold=u.detector.threshold,
             fired_at_position=u.fired_at, definition=u.detector,
             evidence=[EvidenceToken(position=e.position, score=e.score, inputs=[
@@ -213,7 +222,7 @@ class IncidentBuilder:
             detectors=detectors, context=context,
             coverage=Coverage(uncovered_positions=inc.uncovered_positions, untraced_tokens=inc.untraced_tokens),
             text_policy=self.text, redacted_by=redacted_by,
-            mode="shadow" if all(u.detector.mode == "shadow" for u in fired) else "live")
+            mode="shadow" if all(u.detector.mode == "shadow" for u in fired) else "live", outcome=outcome.outcome)
         evidence = sorted({e.position for u in fired for e in u.evidence})
         keep = np.ones(len(t.positions), dtype=bool)
         window = None

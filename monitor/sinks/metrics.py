@@ -32,6 +32,7 @@ from monitor.detectors.updates import DetectorUpdate
 from monitor.scoring.space import sigmoid
 from monitor.scoring.tokens import SlotScored, TokenScores
 from monitor.sinks.kafka import KafkaStats
+from monitor.sinks.reply import severity_for
 from monitor.sinks.sources import LoopHealth, LoopSnapshot
 from monitor.transport.control import SenderStats
 from monitor.sinks import strict_json
@@ -301,6 +302,11 @@ class SidecarMetrics:
         self.verdicts = Counter(f"{PREFIX}_detector_evaluations",
                                 "Requests a detector reached a verdict on, by outcome (fired or not).",
                                 [*labels, "mode", "outcome"], registry=r)
+        self.outcomes = Counter(
+            f"{PREFIX}_incident_outcomes", "Detectors' incidents by how the model's reply began: refused, answered "
+            "(no refusal), no_reply, unknown (the reply is not read: evidence.read_reply). `severity` is the "
+            "incident's (a detector's severity_if_answered when it answered); `escalated` says it was raised.",
+            [*labels, "mode", "outcome", "escalated"], registry=r)
         self.detection_latency = Histogram(
             f"{PREFIX}_detection_latency_seconds",
             "From the end of the forward pass that pushed a detector over its threshold to the fire decision.",
@@ -326,6 +332,7 @@ class SidecarMetrics:
         self.bulk = [self.features, self.probes, self.ratios]
         self._prepared_for: DetectorSet | None = None
         self._detector_series: set[tuple[str, str, str]] = set()  # (detector, severity, mode) exported now
+        self._answered_series: set[tuple[str, str, str]] = set()  # (detector, severity_if_answered, mode)
         self.follow(snapshot().detectors)
         r.register(MonitorCollector(self))
 
@@ -347,6 +354,14 @@ class SidecarMetrics:
             for outcome in ("fired", "not_fired"):
                 self.verdicts.remove(m, name, severity, mode, outcome)
         self._detector_series = now
+        # The page on "the model answered" reads this series' increase: it exists at 0 from the start.
+        answered = {(d.spec.name, d.spec.severity_if_answered, d.spec.mode) for d in ds.detectors
+                    if d.spec.severity_if_answered is not None and d.spec.severity_if_answered != d.spec.severity}
+        for name, severity, mode in self._answered_series - answered:
+            self.outcomes.remove(m, name, severity, mode, "answered", "true")
+        for name, severity, mode in answered:
+            self.outcomes.labels(m, name, severity, mode, "answered", "true")
+        self._answered_series = answered
         for det in ds.detectors:
             spec = det.spec
             self.fires.labels(m, spec.name, spec.severity, spec.mode)
@@ -379,6 +394,15 @@ class SidecarMetrics:
             hist.observe_columns([(self.model_name, label) for label in head.columns], values)
         if self.drift is not None:
             self.drift.on_tokens(t, detectors)
+
+    def on_incident(self, inc, outcome) -> None:
+        """`outcome`: the request's ReplyOutcome (None: replies are not read here)."""
+        what = outcome.outcome if outcome is not None else "unknown"
+        for u in inc.fired:
+            spec = u.detector
+            severity = severity_for(spec, what)
+            self.outcomes.labels(self.model_name, spec.name, severity, spec.mode, what,
+                                 "true" if severity != spec.severity else "false").inc()
 
     def on_delivered(self, seconds: float) -> None:
         if self.delivery_latency is not None:

@@ -52,3 +52,38 @@ def reply_outcome(texts: list[str] | None, positions: list[int], prompt_tokens: 
     m = REFUSAL.search(reply[:OPENING_CHARS])
     opening = reply[:160] + ("…" if len(reply) > 160 else "")
     return ReplyOutcome("refused" if m else "answered", opening, m.group(0) if m else None)
+
+
+UNKNOWN = ReplyOutcome("unknown", "", None)
+
+
+class ReplyReader:
+    """A finished request's outcome, from its generated tokens, decoded in the sidecar with the model's
+    tokenizer (nothing of the reply leaves unless `evidence.text: flagged`). The incident sinks and the
+    metrics read the same incident one after the other on the loop's thread: the last one is remembered,
+    so the reply is decoded once."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._last: tuple[object, ReplyOutcome] | None = None
+
+    def __call__(self, inc) -> ReplyOutcome:
+        if self._last is not None and self._last[0] is inc:
+            return self._last[1]
+        t = inc.trace
+        if t.token_ids is None:
+            out = UNKNOWN
+        else:
+            gen = [j for j, p in enumerate(t.positions.tolist()) if p >= inc.n_prompt]
+            ids = t.token_ids[gen].tolist() if gen else []
+            out = reply_outcome([self.tokenizer.decode([int(i)]) for i in ids], [inc.n_prompt + k for k in range(len(ids))],
+                                inc.n_prompt)
+        self._last = (inc, out)
+        return out
+
+
+def severity_for(spec, outcome: str) -> str:
+    """A detector's severity on one incident: its `severity_if_answered` when the model went along."""
+    if outcome == "answered" and getattr(spec, "severity_if_answered", None) is not None:
+        return spec.severity_if_answered
+    return spec.severity
