@@ -264,6 +264,17 @@ def test_from_the_page_to_a_decision_in_a_real_browser(summary, console_site):
             page.fill("#note", "a jailbreak attempt, confirmed")
             page.click("#save-verdict")
             expect(page.locator("#verdict")).to_have_text("true positive")
+            # What if its threshold were higher: the fire just judged, against a candidate above its score.
+            page.click("#whatif-link")
+            expect(page.locator("#whatif-kept")).to_have_text("1")
+            score = float(page.locator("#whatif-fires tbody tr td.n").first.inner_text())
+            page.fill("#threshold", f"{score + 0.0001:.6g}")  # just above it (the table rounds to 4 digits)
+            page.click("#whatif-apply")
+            expect(page.locator("#whatif-kept")).to_have_text("0")
+            expect(page.locator("#whatif-recall")).to_have_text("0%")  # the true positive just judged is lost
+            page.screenshot(path=str(shots / "console-whatif.png"))
+            page.go_back()
+            page.go_back()
             page.click("#runbook-first")
             expect(page.locator("#runbook h2").first).to_have_text("Meaning")
             assert "/runbooks/misalignmentdetectorfired.md" in page.url
