@@ -455,6 +455,29 @@ def _console(args: argparse.Namespace) -> int:
         return 2
 
 
+def _reveal_key(args: argparse.Namespace) -> int:
+    from monitor.sinks.sealing import SealingError, new_keypair
+
+    private, public = args.out / "reveal.key", args.out / "reveal.pub"
+    if private.exists() or public.exists():
+        print(f"error: {private if private.exists() else public} exists: a new key would orphan every value sealed "
+              "to the old one; move it away first", file=sys.stderr)
+        return 2
+    try:
+        key, pub = new_keypair()
+    except SealingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    public.write_text(pub + "\n")
+    print(f"{private} (console.reveal_key_file, or MONITOR_REVEAL_KEY; keep it secret)\n"
+          f"{public} (evidence.reveal_public_key_file in the sidecars' config)")
+    return 0
+
+
 def _console_token(args: argparse.Namespace) -> int:
     from datetime import datetime, timedelta, timezone
 
@@ -654,6 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--expires-days", type=float, default=None, help="expires after this many days (default never)")
     tok.add_argument("--file", type=Path, required=True, help="the tokens file to add it to (created if missing)")
     tok.set_defaults(func=_console_token)
+    rk = csub.add_parser("reveal-key", help="make the key pair that lets this console reveal redacted values: the "
+                         "private key stays with the console, the public one goes in sidecars' config")
+    rk.add_argument("--out", type=Path, required=True,
+                    help="folder: writes reveal.key (private, 0600) and reveal.pub; refuses to overwrite")
+    rk.set_defaults(func=_reveal_key)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the demo model, on loopback")
     demo.add_argument("--once", action="store_true",

@@ -47,7 +47,8 @@ _HOT = re.compile(r"[0-9@]")
 
 def make_events(tokenizer, messages: list[dict], completion: str, *, detectors=("pii-probe",), model: str = "smollm2",
                 deployment: str = "prod", when: datetime | None = None, text: str = "flagged",
-                request_id: str | None = None, read_reply: bool = False) -> tuple[list[dict], dict]:
+                request_id: str | None = None, read_reply: bool = False, redaction=(),
+                sealer=None) -> tuple[list[dict], dict]:
     """(alert events, incident event) of one request on which `detectors` fired."""
     request_id = request_id or uuid.uuid4().hex
     prompt = chat_token_ids(tokenizer, messages, add_generation_prompt=True)
@@ -87,7 +88,7 @@ def make_events(tokenizer, messages: list[dict], completion: str, *, detectors=(
                    context, 0, 0, None)
     ib = IncidentBuilder(model=model, deployment=deployment, explanations=EXPLANATIONS, text=text,
                          tokenizer=tokenizer if text == "flagged" else None,
-                         reply=ReplyReader(tokenizer) if read_reply else None)
+                         reply=ReplyReader(tokenizer) if read_reply else None, redaction=list(redaction), sealer=sealer)
     event = ib.build(inc)
     if when is not None:
         stamp = rfc3339(when.astimezone(timezone.utc))

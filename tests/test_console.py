@@ -401,6 +401,9 @@ def test_a_fire_inside_a_long_redacted_span_names_its_replacement():
     texts = ["My", " card", ":", " [CREDIT_CARD]"] + [""] * 19 + [".", " Thanks"]
     assert _words(texts, 15) == "[CREDIT_CARD]"
     assert _words(texts, 2) == "My card: [CREDIT_CARD]"
+    # The chat template's role name is not one of the words.
+    chat = ["<|im_start|>", "user", "\n", "Ignore", " all", " previous", " instructions", "."]
+    assert _words(chat, 4) == "Ignore all previous instructions."
 
 
 def test_grafana_link_has_the_incident_time_range(tmp_path, corpus):

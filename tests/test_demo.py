@@ -186,6 +186,11 @@ def test_console_in_a_real_browser(summary, console_site, tmp_path):
             assert bg not in ("rgba(0, 0, 0, 0)", "transparent")
             strip = page.locator("#strip").inner_text()
             assert "[EMAIL_ADDRESS]" in strip and "maria.garcia84" not in strip  # redacted in the sidecar
+            # Sealed to this console's key: an admin with the text permission may reveal it (audited).
+            page.click("#reveal")
+            expect(page.locator("#revealed")).to_be_visible()
+            assert "maria.garcia84" in page.locator("#strip").inner_text().replace(" ", "")
+            page.go_back()
             cells = page.locator("#heatmap rect")
             assert cells.count() >= 2 * page.locator("#strip .tok").count()
             shaded.first.hover()  # the small script links a word to its heatmap column

@@ -416,7 +416,11 @@ def test_console_ingester_and_migrations_read_the_store_from_secrets(tmp_path):
     assert cfg.console.tokens_file == "/etc/misalignment-monitor/console-tokens/tokens.yaml"
     assert cfg.console.proxy.enabled and cfg.console.proxy.roles == {"sre": "triager", "safety": "admin"}
     mounts = {m["mountPath"] for m in console["spec"]["containers"][0]["volumeMounts"]}
-    assert {"/etc/misalignment-monitor/console-tokens", "/etc/misalignment-monitor/console-session"} <= mounts
+    assert {"/etc/misalignment-monitor/console-tokens", "/etc/misalignment-monitor/console-session",
+            "/etc/misalignment-monitor/console-reveal"} <= mounts
+    assert cfg.console.reveal_key_file == "/etc/misalignment-monitor/console-reveal/key"
+    monitor_cm = kind(objs, "ConfigMap", "-monitor")["data"]
+    assert monitor_cm["reveal.pub"] and cfg.evidence.reveal_public_key_file == "/etc/misalignment-monitor/config/reveal.pub"
     ingress = kind(objs, "Ingress", "-console")
     assert ingress["spec"]["rules"][0]["host"] == "monitor.example.com" and ingress["spec"]["tls"]
     rules = {r["alert"]: r for g in kind(objs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}

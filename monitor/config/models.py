@@ -226,6 +226,11 @@ class Evidence(Strict):
                              "tokenizer, to tell whether the model refused or answered (the incident's `outcome`, "
                              "`severity_if_answered`), even under `text: none`: the reply itself does not leave. "
                              "Always on under `text: flagged`. Needs the `text` extra (transformers).")
+    reveal_public_key_file: str | None = Field(
+        None, description="The console's public key (from `monitor console reveal-key`): under `text: flagged`, each "
+        "redacted value's original is sealed to it and travels with the incident, unreadable anywhere but in a "
+        "console holding the private key (`console.reveal_key_file`). Needs the `redact` extra (PyNaCl). Unset: "
+        "the originals never leave the sidecar.")
     tokenizer: str | None = Field(None, description="Tokenizer folder for `flagged` and `read_reply`; default: "
                                   "`model.path`.")
 
@@ -332,6 +337,10 @@ class Console(Strict):
                                      "incident page. Unset: the `runbooks/` folder of a source checkout, when there.")
     alertmanager_url: str | None = Field(None, description="Alertmanager's URL: the console's Alerts page lists its "
                                          "active alerts (through its API), each linked to the incidents behind it.")
+    reveal_key_file: str | None = Field(None, description="The private key (from `monitor console reveal-key`) that "
+                                        "opens redacted values sealed by sidecars with `evidence.reveal_public_key_file`: "
+                                        "a reader with the text permission may reveal them on an incident's page, and "
+                                        "the audit log records it. Or `MONITOR_REVEAL_KEY`. Unset: values stay redacted.")
     proxy: ProxyAuth = Field(default_factory=ProxyAuth)
 
     @field_validator("base_url", "grafana_url", "runbook_url", "alertmanager_url")

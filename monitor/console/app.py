@@ -31,6 +31,7 @@ from monitor.console.auth import (CSRF_COOKIE, SESSION_COOKIE, AuthError, Identi
 from monitor.console import runbooks
 from monitor.console.views import gist, incident_view, shade, without_text
 from monitor.console.whatif import what_if
+from monitor.sinks.sealing import SealingError
 from monitor.store.db import Store, StoreError
 from monitor.store.export import EXPORTABLE, labelled_record, write_export
 from monitor.store.queries import (STATUSES, VERDICTS, IncidentFilter, detector_fires, detector_threshold, events_of,
@@ -133,7 +134,8 @@ def _filter(request: Request) -> IncidentFilter:
         raise HTTPException(400, f"bad filter: {reasons}") from None
 
 
-def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
+def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore, opener=None) -> FastAPI:
+    """`opener`: the key that opens sealed redacted values (monitor.sinks.sealing.Opener), or None."""
     c = Console(cfg=cfg, store=store, tokens=tokens, sessions=Sessions(session_secret(cfg.console), cfg.console.session_hours),
                 limiter=LoginLimiter(cfg.console.login_attempts_per_minute))
     app = FastAPI(title="misalignment-monitor console", version="1", docs_url=None, redoc_url=None, openapi_url=None,
@@ -447,16 +449,42 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore) -> FastAPI:
 
     # Ids are whatever the ingested events carry, "/" included: `:path` takes them whole, and this route comes
     # after the `/incidents/<id>/...` ones it would otherwise swallow.
+    def revealed(who: Identity, inc, request: Request) -> dict:
+        """The incident event with its sealed values opened in place of their replacements (audited)."""
+        if not who.text:
+            raise Forbidden(f"{who.name} may not see conversation text, which is what revealing shows")
+        if opener is None:
+            raise HTTPException(404, "this console holds no reveal key (console.reveal_key_file): redacted values "
+                                     "stay redacted")
+        data = inc.event["data"]
+        if not data.get("sealed") or data["trace"].get("text") is None:
+            raise HTTPException(404, "this incident has no sealed values: its sidecar had no "
+                                     "evidence.reveal_public_key_file, or nothing was redacted")
+        texts = list(data["trace"]["text"])
+        index = {p: j for j, p in enumerate(data["trace"]["positions"])}
+        for v in data["sealed"]:
+            if v["position"] in index:
+                try:
+                    texts[index[v["position"]]] = opener.open(v["box"])
+                except SealingError as e:
+                    raise HTTPException(409, str(e)) from None
+        _audit(who.name, "reveal", ",".join(inc.alert_ids)[:500], client(request))
+        return {**inc.event, "data": {**data, "trace": {**data["trace"], "text": texts}}}
+
     @app.get("/incidents/{alert_id:path}", response_class=HTMLResponse, include_in_schema=False)
-    def incident_page(request: Request, alert_id: str, who: Identity = Depends(viewer)):
+    def incident_page(request: Request, alert_id: str, who: Identity = Depends(viewer), reveal: bool = False):
         inc, alerts = incident_or_404(alert_id)
-        view = incident_view(inc.event, show_text=who.text)
+        event = revealed(who, inc, request) if reveal else inc.event
+        view = incident_view(event, show_text=who.text)
         audit_text(who, inc, request)
         history = db(lambda s: c.store.triage_history(inc.event_id))
         links = _links(inc, view)
         similar, judged = db(similar_incidents, view.primary.name, inc.event_id)
+        can_reveal = (opener is not None and who.text and not reveal and bool(inc.event["data"].get("sealed"))
+                      and inc.event["data"]["trace"].get("text") is not None)
         return render(request, "incident.html", inc=inc, d=inc.event["data"], v=view, alert_id=alert_id,
                       history=history, links=links, alerts=alerts, similar=similar, judged=judged,
+                      can_reveal=can_reveal, revealed=reveal,
                       first_steps=first_steps("MisalignmentDetectorFired"))
 
     def whatif_of(detector: str, threshold: str | None):

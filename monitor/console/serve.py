@@ -40,7 +40,28 @@ def build(cfg: MonitorConfig, base: Path | None, tokens_file: Path | None = None
         store.migrate()  # the ingester or the chart's Job normally has; a read-only user may not: pages say so
     except Exception as e:  # a database that is down now may come up: the pages answer 503 until then
         log.warning("store not migrated", extra={"database": store.name, "error": str(e).splitlines()[0][:300]})
-    return create_app(cfg, store, tokens), store
+    return create_app(cfg, store, tokens, _opener(cfg, base)), store
+
+
+def _opener(cfg: MonitorConfig, base: Path | None):
+    """The private key that reveals sealed values: MONITOR_REVEAL_KEY, or `console.reveal_key_file`."""
+    from monitor.sinks.sealing import Opener, SealingError, read_key_file
+
+    key, what = os.environ.get("MONITOR_REVEAL_KEY"), "MONITOR_REVEAL_KEY"
+    if not key and cfg.console.reveal_key_file:
+        path = Path(cfg.console.reveal_key_file).expanduser()
+        path = base / path if not path.is_absolute() and base is not None else path
+        what = "console.reveal_key_file"
+        try:
+            key = read_key_file(path)
+        except SealingError as e:
+            raise ConsoleError(f"console.reveal_key_file: {e}") from None
+    if not key:
+        return None
+    try:
+        return Opener(key, what)
+    except SealingError as e:
+        raise ConsoleError(str(e)) from None
 
 
 def serve(cfg: MonitorConfig, base: Path | None, host: str | None = None, port: int | None = None,

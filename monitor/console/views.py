@@ -204,6 +204,9 @@ def usable_explanation(text: str | None) -> bool:
     return True
 
 
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
 def _words(texts: list[str], j: int, span: int = 6, before_only: bool = False, start: int = 0) -> str:
     """The words around token j (or the ones leading up to it, from `start` on), without the chat
     template's markers."""
@@ -212,8 +215,10 @@ def _words(texts: list[str], j: int, span: int = 6, before_only: bool = False, s
     # holds the replacement: reach back to it so the words read "[CREDIT_CARD]", not nothing.
     while lo > start and not "".join(texts[lo:hi]).strip():
         lo -= 1
-    text = "".join(t for t in texts[lo:hi] if not _SPECIAL.match(t.strip()))
-    text = " ".join(text.split())
+    # The template's markers, and the role name that follows one ("<|im_start|>user"), are not words anyone wrote.
+    kept = [t for k, t in enumerate(texts[lo:hi], start=lo) if not _SPECIAL.match(t.strip())
+            and not (k > 0 and _SPECIAL.match(texts[k - 1].strip()) and t.strip() in _ROLES)]
+    text = " ".join("".join(kept).split())
     if before_only:
         return ("…" if lo > start or len(text) > 120 else "") + text[-120:]
     return text[:120]

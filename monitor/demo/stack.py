@@ -75,15 +75,32 @@ def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: in
     else:
         kafka["enabled"] = False
     sinks.setdefault("prometheus", {}).update(enabled=True, host="127.0.0.1", port=metrics_port)
+    reveal = {}
     if tokenizer is not None:
         cfg.setdefault("evidence", {}).update(text="flagged", tokenizer=str(tokenizer))
+        if console_port is not None:  # redacted values sealed to the demo console's key: it may reveal them
+            private, public = _reveal_keys(run)
+            cfg["evidence"]["reveal_public_key_file"] = str(public)
+            reveal = {"reveal_key_file": str(private)}
     if console_port is not None:
         cfg["console"] = {"port": console_port, "base_url": f"http://127.0.0.1:{console_port}",
-                          "tokens_file": str(run / "console-tokens.yaml"),
+                          "tokens_file": str(run / "console-tokens.yaml"), **reveal,
                           **({"alertmanager_url": f"http://127.0.0.1:{alertmanager_port}"} if alertmanager_port else {})}
     out = run / "monitor.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
+
+
+def _reveal_keys(run: Path) -> tuple[Path, Path]:
+    from monitor.sinks.sealing import new_keypair
+
+    private, public = run / "reveal.key", run / "reveal.pub"
+    if not private.exists():
+        key, pub = new_keypair()
+        private.touch(mode=0o600)
+        private.write_text(key + "\n")
+        public.write_text(pub + "\n")
+    return private, public
 
 
 @dataclass

@@ -165,9 +165,17 @@ def _incident_builder(lc, who: dict, reader):
             recognizers = PiiRecognizers(list(cfg.evidence.recognize), cfg.evidence.recognize_min_score)
         except RuntimeError as e:
             raise ConfigError([ConfigIssue(lc.path, "evidence.recognize", str(e))]) from None
+    sealer = None
+    if cfg.evidence.text == "flagged" and cfg.evidence.reveal_public_key_file:
+        from monitor.sinks.sealing import Sealer, SealingError, read_key_file
+
+        try:
+            sealer = Sealer(read_key_file(lc.resolve(cfg.evidence.reveal_public_key_file)))
+        except SealingError as e:
+            raise ConfigError([ConfigIssue(lc.path, "evidence.reveal_public_key_file", str(e))]) from None
     return IncidentBuilder(**who, text=cfg.evidence.text, redaction=list(cfg.evidence.redact),
                            tokenizer=reader.tokenizer if reader is not None else None, recognizers=recognizers,
-                           reply=reader, max_bytes=cfg.incidents.max_event_bytes)
+                           reply=reader, sealer=sealer, max_bytes=cfg.incidents.max_event_bytes)
 
 
 def _who(lc) -> dict:

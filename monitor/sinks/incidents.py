@@ -34,6 +34,7 @@ from monitor.config.models import DetectorSpec, Redaction
 from monitor.detectors.trace import Incident
 from monitor.sinks.recognizers import PiiRecognizers
 from monitor.sinks.reply import UNKNOWN, ReplyReader, severity_for
+from monitor.sinks.sealing import Sealer
 from monitor.sinks import strict_json
 from monitor.sinks.events import EvidenceInput, EvidenceToken, FeatureExplanations, rfc3339
 from monitor.sinks.schemas import DATE_TIME, CloudEvent, Strict, generated_schema, schema_command, shipped
@@ -118,10 +119,19 @@ class IncidentData(Strict):
     mode: Literal["live", "shadow"] = Field(
         "live", description="`shadow` when every detector that fired is in shadow mode (watched, not trusted): "
                             "the console lists it apart, and it was never paged.")
+    sealed: list[SealedValue] | None = Field(
+        None, exclude_if=lambda v: v is None, description="With `evidence.reveal_public_key_file`: each redacted "
+        "value, sealed; the console reveals it to a reader with the text permission who asks (audited).")
     outcome: Literal["refused", "answered", "no_reply", "unknown"] = Field(
         "unknown", description="How the model's reply began, read in the sidecar: `refused` (a refusal opens it), "
         "`answered` (no refusal: the model went along), `no_reply`, `unknown` (the reply is not read: "
         "`evidence.read_reply`).")
+
+
+class SealedValue(Strict):
+    position: int = Field(ge=0, description="The token that carries the replacement (`[EMAIL_ADDRESS]`).")
+    box: str = Field(description="The redacted tokens' original text, sealed to the console's public key "
+                                 "(base64 libsodium sealed box); only a console holding the private key opens it.")
 
 
 class IncidentEvent(CloudEvent):
@@ -184,6 +194,7 @@ class IncidentBuilder:
     recognizers: PiiRecognizers | None = None
     tokenizer: object | None = None  # needed for text: flagged
     reply: ReplyReader | None = None  # reads the outcome (did the model refuse?) when set
+    sealer: Sealer | None = None  # seals the redacted values to the console's key when set
     max_bytes: int = 900_000
 
     def __post_init__(self) -> None:
@@ -196,11 +207,15 @@ class IncidentBuilder:
         token_ids: list[int | None] | None = None
         text: list[str] | None = None
         redacted_by: list[str] = []
+        sealed: list[SealedValue] | None = None
         if self.text == "flagged" and t.token_ids is not None:
             ids = [int(i) for i in t.token_ids.tolist()]
             texts = [self.tokenizer.decode([i]) for i in ids]
             text, hit, redacted_by = redact(texts, self.redaction, self.recognizers)
             token_ids = [None if h else i for i, h in zip(ids, hit)]
+            if self.sealer is not None:
+                sealed = [SealedValue(position=v.position, box=v.box)
+                          for v in self.sealer.seal(texts, text, hit, t.positions.tolist())]
         outcome = self.reply(inc) if self.reply is not None else UNKNOWN
         detectors = [IncidentDetector(
             name=u.detector.name, concept=u.detector.concept,
@@ -222,7 +237,8 @@ class IncidentBuilder:
             detectors=detectors, context=context,
             coverage=Coverage(uncovered_positions=inc.uncovered_positions, untraced_tokens=inc.untraced_tokens),
             text_policy=self.text, redacted_by=redacted_by,
-            mode="shadow" if all(u.detector.mode == "shadow" for u in fired) else "live", outcome=outcome.outcome)
+            mode="shadow" if all(u.detector.mode == "shadow" for u in fired) else "live", outcome=outcome.outcome,
+            sealed=sealed)
         evidence = sorted({e.position for u in fired for e in u.evidence})
         keep = np.ones(len(t.positions), dtype=bool)
         window = None

@@ -45,6 +45,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $c "model" (merge (dict "name" .Values.vllm.servedModelName) (deepCopy ($c.model | default dict))) }}
 {{- $_ = set $c "transport" (merge (dict "directory" "/dev/shm" "name" "misalignment-monitor" "file_mode" "0660") (deepCopy ($c.transport | default dict))) }}
 {{- $_ = set $c "detectors" (list "/etc/misalignment-monitor/detectors") }}
+{{- if .Values.monitor.revealPublicKey }}
+{{- $_ = set $c "evidence" (merge (dict "reveal_public_key_file" "/etc/misalignment-monitor/config/reveal.pub") (deepCopy ($c.evidence | default dict))) }}
+{{- end }}
 {{- $kafka := dict "enabled" .Values.kafka.enabled }}
 {{- if .Values.kafka.enabled }}
 {{- $_ = set $kafka "bootstrap_servers" .Values.kafka.bootstrapServers }}
@@ -75,6 +78,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .baseUrl }}{{ $_ = set $console "base_url" .baseUrl }}{{ end }}
 {{- if .grafanaUrl }}{{ $_ = set $console "grafana_url" .grafanaUrl }}{{ end }}
 {{- if .sessionSecret.existingSecret }}{{ $_ = set $console "session_secret_file" "/etc/misalignment-monitor/console-session/secret" }}{{ end }}
+{{- if .revealKey.existingSecret }}{{ $_ = set $console "reveal_key_file" "/etc/misalignment-monitor/console-reveal/key" }}{{ end }}
 {{- if .proxy.enabled }}
 {{- $_ = set $console "proxy" (dict "enabled" true "trusted_proxies" .proxy.trustedProxies "user_header" .proxy.userHeader "groups_header" .proxy.groupsHeader "roles" .proxy.roles "text_groups" .proxy.textGroups "default_role" .proxy.defaultRole) }}
 {{- end }}
