@@ -109,15 +109,22 @@ class SidecarProcess:
         self.proc.wait(timeout=60)
 
 
-def wait_drained(port: int, timeout: float = 60.0) -> dict[str, float]:
-    deadline = time.time() + timeout
+def wait_drained(port: int, ring: RingWriter, timeout: float = 60.0) -> dict[str, float]:
+    """Until the sidecar has read every slot published so far and sent every event it made of them.
+
+    The sidecar gives a slot back only after scoring it (and queueing its alerts), so the ring's read position
+    says every alert was made. Queue and spool empty on two scrapes a beat apart, since an event the sender
+    has just taken off its queue is, for an instant, in neither."""
+    deadline, quiet = time.time() + timeout, 0
     while True:
         m = scrape(port)
-        if m.get("misalignment_monitor_kafka_spool_events", 1) == 0 and m.get("misalignment_monitor_kafka_queue_events", 1) == 0:
+        c = ring.counters()
+        done = (c["reader_seq"] >= c["published_slots"] and m.get("misalignment_monitor_kafka_spool_events", 1) == 0
+                and m.get("misalignment_monitor_kafka_queue_events", 1) == 0)
+        quiet = quiet + 1 if done else 0
+        if quiet >= 2 or time.time() > deadline:
             return m
-        if time.time() > deadline:
-            return m
-        time.sleep(0.2)
+        time.sleep(0.3)
 
 
 def run(duration: float, rate: float, folder: Path) -> dict:
@@ -159,7 +166,7 @@ def _traffic(duration: float, rate: float, port: int, broker: TansuBroker, ring:
             fired.add(rid)
         made += 1
         if not bounced and now >= events["bounce_at"]:
-            wait_drained(port)
+            wait_drained(port, ring)
             received += consume(broker.bootstrap)  # a restarted tansu starts empty: read what it had
             broker.stop()
             bounced = True
@@ -176,6 +183,8 @@ def _traffic(duration: float, rate: float, port: int, broker: TansuBroker, ring:
             for k, v in m.items():  # what the first sidecar counted as lost (its counters end with it)
                 if k.startswith("misalignment_monitor_kafka_events_dropped_total"):
                     losses[k] = losses.get(k, 0) + v
+            # SIGTERM lets the loop finish the slots it holds and the sender spool what it has not sent; the
+            # next sidecar sends the spool. Nothing needs draining first: a rolling update would not wait either.
             sidecar.stop()
             sidecar.start()
             restarted, next_sample = True, now + 2
@@ -183,7 +192,7 @@ def _traffic(duration: float, rate: float, port: int, broker: TansuBroker, ring:
             samples.append({"t": round(now, 1), **proc_stats(sidecar.proc.pid)})
             next_sample = now + max(2.0, duration / 60)
         time.sleep(1.0 / rate)
-    final = wait_drained(port, timeout=120)
+    final = wait_drained(port, ring, timeout=120)
     for k, v in final.items():
         if k.startswith("misalignment_monitor_kafka_events_dropped_total"):
             losses[k] = losses.get(k, 0) + v
@@ -196,7 +205,8 @@ def _traffic(duration: float, rate: float, port: int, broker: TansuBroker, ring:
     return {"duration_s": duration, "requests": made, "fired": len(fired), "alerted_requests": len(alerted & fired),
             "missing": sorted(fired - alerted), "unexpected": sorted(alerted - fired),
             "events_received": len(received), "events_unique": len(alerts), "kafka_lost": sum(losses.values()),
-            "ring_dropped_slots": counters["dropped_slots"], "readyz": ready, "process": samples}
+            "kafka_lost_by_reason": losses, "ring_dropped_slots": counters["dropped_slots"], "ring": counters,
+            "readyz": ready, "process": samples}
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ def test_every_fired_alert_reaches_kafka_through_a_bounce_and_a_restart(tmp_path
     assert res["fired"] > 100 and res["unexpected"] == []
     # Every fired request's alert is in Kafka (deduplicated by event id), or its loss was counted.
     assert len(res["missing"]) <= res["kafka_lost"] + res["ring_dropped_slots"], res["missing"]
-    assert res["missing"] == [] and res["kafka_lost"] == 0  # and here, with room enough, nothing was lost
+    # And here, with room enough, nothing was lost (the figures, for a run that says otherwise).
+    assert res["missing"] == [] and res["kafka_lost"] == 0, {k: v for k, v in res.items() if k != "process"}
     assert res["readyz"]["status"] == "ok" and res["readyz"]["kafka_sender"]["up"] is True
     assert res["readyz"]["kafka_sender"]["spool_events"] == 0
     # The restarted sidecar, once warm (its Kafka producer made), holds steady: threads, files, memory.
