@@ -281,7 +281,7 @@ def _probe_train(args: argparse.Namespace) -> int:
 
     name = args.name or args.concept
     try:
-        records = read_labeled(args.data)
+        records = [r for f in args.data for r in read_labeled(f)]
         for extra in args.benign or []:  # benign conversations: negatives for the concept
             for r in read_labeled(extra, require_labels=False):
                 if r.labels.get(args.concept, 0):
@@ -304,6 +304,42 @@ def _probe_train(args: argparse.Namespace) -> int:
     print(f"detector {t.detector_file}  threshold {t.threshold:.4g} at FPR {args.target_fpr:g}")
     print("metrics  " + ", ".join(f"{k} {v}" for k, v in t.metrics.items()))
     print(f"To use it, add under `probes:` in your monitor config:  - {{name: {name}, path: {t.probe_dir}}}")
+    return 0
+
+
+def _probe_lofo(args: argparse.Namespace) -> int:
+    from monitor.model_prep import ModelPrepError, prepare_model
+    from monitor.offline import OfflineError
+    from monitor.offline.lofo import leave_one_family_out, table
+    from monitor.offline.records import read_labeled
+
+    try:
+        bad = [t for t in args.target_fpr if not 0 < t < 1]
+        if bad:
+            raise OfflineError(f"--target-fpr {bad[0]:g}: a rate between 0 and 1, e.g. 0.01")
+        records = []
+        for arg in args.data:  # FILE, or FAMILY=FILE: the family of its records that name none
+            family, _, path = str(arg).rpartition("=")
+            records += read_labeled(Path(path), family=family or None)
+        missing = [r for r in records if args.concept not in r.labels]
+        if missing:
+            raise OfflineError(f"{len(missing)} record(s) carry no label for {args.concept!r} (the first: family "
+                               f"{missing[0].family!r}, line {missing[0].line})")
+        benign = [r for f in args.benign or [] for r in read_labeled(f, require_labels=False)]
+        calibration = read_labeled(args.calibration, require_labels=False)
+        results = leave_one_family_out(records, benign, calibration, args.concept, args.model or prepare_model().path,
+                                       layer=args.layer, scope=args.scope, aggregation=_aggregation(args),
+                                       target_fprs=args.target_fpr, backend=args.backend)
+    except (OfflineError, ModelPrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(args.concept, results))
+    if args.json is not None:
+        import json
+
+        import json
+
+        args.json.write_text(json.dumps([r.as_dict() for r in results], indent=1) + "\n")
     return 0
 
 
@@ -557,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="linear probes").add_subparsers(dest="probe_command", required=True)
     pt = probe.add_parser("train", help="train a linear probe and a detector that uses it from labeled conversations")
-    pt.add_argument("--data", type=Path, required=True, help='JSON lines with labels {"<concept>": 0|1}')
+    pt.add_argument("--data", type=Path, required=True, nargs="+",
+                    help='JSON lines with labels {"<concept>": 0|1} (one file or several)')
     pt.add_argument("--concept", required=True)
     pt.add_argument("--benign", type=Path, action="append", help="more JSON lines used as negatives (repeatable)")
     pt.add_argument("--name", default=None, help="probe name (default: the concept)")
@@ -566,9 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--scope", choices=["prompt", "generation", "both"], default="prompt")
     pt.add_argument("--target-fpr", type=float, default=0.01)
     pt.add_argument("--validation", type=float, default=0.2, help="fraction held out (default 0.2)")
-    pt.add_argument("--aggregation", choices=["mean", "rolling_mean_max", "ema_max", "max"], default="mean",
+    pt.add_argument("--aggregation", choices=["mean", "rolling_mean_max", "ema_max", "max", "last"], default="mean",
                     help="how the detector aggregates the probe's per-token logits (default mean: the trained "
-                         "classifier exactly; rolling_mean_max finds a concept in one turn of a long conversation)")
+                         "classifier exactly; rolling_mean_max finds a concept in one turn of a long conversation; "
+                         "last: the probe is fit on, and reads, the scope's last token: with --scope prompt the "
+                         "assistant header, where the model decides how to answer)")
     pt.add_argument("--window", type=int, default=16, help="tokens per rolling mean (rolling_mean_max)")
     pt.add_argument("--alpha", type=float, default=0.3, help="weight of the newest token (ema_max)")
     pt.add_argument("--severity", choices=["critical", "warning", "info"], default="warning")
@@ -578,6 +617,24 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="recorded in the probe's metadata")
     _offline_options(pt, config=False)
     pt.set_defaults(func=_probe_train)
+    lo = probe.add_parser("lofo", help="leave one family out: train on every family but one, measure on it, for each")
+    lo.add_argument("--data", required=True, nargs="+", metavar="[FAMILY=]FILE",
+                    help="labelled JSON lines; a record's family is its `family` field, else FAMILY, else the "
+                         "file's name (several files may share a FAMILY)")
+    lo.add_argument("--concept", required=True)
+    lo.add_argument("--benign", type=Path, action="append", help="negatives added to every training fold (repeatable)")
+    lo.add_argument("--calibration", type=Path, required=True,
+                    help="benign conversations the thresholds are set on, as `monitor calibrate --benign`")
+    lo.add_argument("--target-fpr", type=float, nargs="+", default=[0.01, 0.05],
+                    help="thresholds to measure at, as FPRs on the calibration set (default 0.01 0.05)")
+    lo.add_argument("--layer", type=int, default=15)
+    lo.add_argument("--scope", choices=["prompt", "generation", "both"], default="prompt")
+    lo.add_argument("--aggregation", choices=["mean", "rolling_mean_max", "ema_max", "max", "last"], default="mean")
+    lo.add_argument("--window", type=int, default=16, help="tokens per rolling mean (rolling_mean_max)")
+    lo.add_argument("--alpha", type=float, default=0.3, help="weight of the newest token (ema_max)")
+    lo.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    _offline_options(lo, config=False)
+    lo.set_defaults(func=_probe_lofo)
 
     feats = sub.add_parser("features", help="SAE features").add_subparsers(dest="features_command", required=True)
     fsr = feats.add_parser("search", help="rank an SAE's features by how well they separate two sets of conversations")

@@ -3,27 +3,33 @@
 #   monitor probe train  -> artifacts/demo/probes/<concept>/ and detectors/<concept>_probe.yaml
 #   monitor calibrate    -> every shipped threshold at 1% FPR on data/benign/calibration.jsonl
 #   monitor eval         -> figures by family and plots on the held-out test splits (docs/detectors.md)
-# The SAE-feature detector is chosen by scripts/select_demo_features.py. Data: data/build_datasets.py.
+# The SAE-feature detector is chosen by scripts/select_demo_features.py. Data: data/build_datasets.py and
+# data/harmful_categories.py; data/eval/harmful-apart.jsonl is written by hand and only ever evaluated on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MONITOR=${MONITOR:-.venv/bin/monitor}
 
-train() {  # concept severity description aggregation-options...
+train() {  # concept severity description options...
   local concept=$1 severity=$2 description=$3
   shift 3
-  "$MONITOR" probe train --data "data/concepts/$concept/train.jsonl" --concept "$concept" --benign data/benign/train.jsonl \
+  "$MONITOR" probe train --concept "$concept" --benign data/benign/train.jsonl \
     --severity "$severity" --description "$description" --target-fpr 0.01 "$@" \
     --probe-dir "artifacts/demo/probes/$concept" --detector-file "detectors/${concept}_probe.yaml" \
     --detector-name "${concept//_/-}-probe"
 }
 # Aggregations: the winners per concept in scripts/probe_options.py (docs/detectors.md, "Probe options").
 train pii critical "Personal data or secrets (emails, phone numbers, card numbers, API keys) in the prompt." \
-  --aggregation ema_max --alpha 0.3
+  --data data/concepts/pii/train.jsonl --aggregation ema_max --alpha 0.3
 train prompt_injection critical "An attempt to override the model's instructions or jailbreak it." \
-  --aggregation rolling_mean_max --window 16
-train harmful_request warning "A request for clearly dangerous help." --aggregation rolling_mean_max --window 16
+  --data data/concepts/prompt_injection/train.jsonl --aggregation rolling_mean_max --window 16
+# Harmful requests: read where the model decides (the assistant header's last token), learnt from the template
+# families and the categories data (scripts/harmful_levers.py measured the levers: docs/detectors.md).
+train harmful_request warning "A request for clearly dangerous help." --aggregation last \
+  --data data/concepts/harmful_request/train.jsonl data/concepts/harmful_request/categories-train.jsonl
 
 "$MONITOR" calibrate --detectors detectors --benign data/benign/calibration.jsonl --target-fpr 0.01
-"$MONITOR" eval --detectors detectors --data data/eval/single-turn.jsonl data/eval/multi-turn.jsonl --report docs/eval
-"$MONITOR" eval --detectors detectors --data data/eval/single-turn.jsonl data/eval/multi-turn.jsonl --json \
-  > artifacts/demo/probes/eval.json
+# The test splits by shape, the categories' held-out tasks, and the sets written apart (evaluated on, never trained on).
+EVAL=(data/eval/single-turn.jsonl data/eval/multi-turn.jsonl data/concepts/harmful_request/categories-test.jsonl
+      data/eval/harmful-apart.jsonl data/eval/pii-apart.jsonl data/eval/injection-apart.jsonl)
+"$MONITOR" eval --detectors detectors --data "${EVAL[@]}" --report docs/eval
+"$MONITOR" eval --detectors detectors --data "${EVAL[@]}" --json > artifacts/demo/probes/eval.json

@@ -7,7 +7,9 @@ the logit of the mean row, so the sidecar's `mean` aggregation (which averages l
 the sigmoid last) reproduces the trained classifier exactly. A detector may aggregate the same
 per-token logits otherwise (the max of rolling means finds a concept in one turn of a long
 conversation that the mean of all of them dilutes); `aggregated_scores` computes what the sidecar
-would report, through its own aggregators.
+would report, through its own aggregators. A probe for a `last` detector is fit on the scope's last
+row instead: with `scope: prompt` the assistant header's last token, where the model has read the whole
+request and decides how to answer (Arditi et al. 2024 find harmful and harmless requests separable there).
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ def scope_rows(conv: ConversationRows, layer: int, scope: Scope) -> torch.Tensor
     return rows if rows.shape[0] else conv.rows[layer][-1:]
 
 
-def pooled(convs: list[ConversationRows], layer: int, scope: Scope = "both") -> torch.Tensor:
+def pooled(convs: list[ConversationRows], layer: int, scope: Scope = "both", last: bool = False) -> torch.Tensor:
+    """Each conversation's mean row over the scope; with `last`, its last row instead (for a detector that
+    aggregates with `last`, the classifier it runs is then the one trained)."""
+    if last:
+        return torch.stack([scope_rows(c, layer, scope)[-1].float() for c in convs])
     return torch.stack([scope_rows(c, layer, scope).float().mean(0) for c in convs])
 
 

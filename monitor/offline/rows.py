@@ -37,10 +37,16 @@ def chat_token_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -
     return list(ids)
 
 
-def tokenize_conversation(tokenizer, messages: Messages, add_generation_prompt: bool = False,
+def tokenize_conversation(tokenizer, messages: Messages, add_generation_prompt: bool | None = None,
                           max_tokens: int = 1024) -> tuple[list[int], int]:
     """Token ids of a chat, and how many belong to the prompt (through the last assistant header):
-    a conversation ending in an assistant turn is a prompt plus that response."""
+    a conversation ending in an assistant turn is a prompt plus that response.
+
+    `add_generation_prompt` None (the default): as a chat server sees the request, so with the assistant
+    header when the conversation ends in a user turn. The sidecar's prompt scope holds those header tokens,
+    and the last of them is where the model decides how to answer (a `last` detector reads it there)."""
+    if add_generation_prompt is None:
+        add_generation_prompt = bool(messages) and messages[-1]["role"] != "assistant"
     ids = chat_token_ids(tokenizer, messages, add_generation_prompt)[:max_tokens]
     if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
         n_prompt = min(len(chat_token_ids(tokenizer, messages[:-1], True)), len(ids))

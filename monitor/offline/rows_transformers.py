@@ -63,7 +63,7 @@ class TransformersRows:
         key = f"{_fingerprint(self.model_dir)}-{str(dtype).removeprefix('torch.')}"
         self.cache_root = cache_dir() / "activations" / key if cache else None
 
-    def tokenize(self, messages: Messages, add_generation_prompt: bool = False) -> tuple[list[int], int]:
+    def tokenize(self, messages: Messages, add_generation_prompt: bool | None = None) -> tuple[list[int], int]:
         """Chat-template token ids, and how many belong to the prompt (through the last assistant header)."""
         return tokenize_conversation(self.tokenizer, messages, add_generation_prompt, self.max_tokens)
 
@@ -109,7 +109,7 @@ class TransformersRows:
                 h.remove()
         return {layer: captured[layer] for layer in self.layers}
 
-    def rows(self, messages: Messages, add_generation_prompt: bool = False) -> ConversationRows:
+    def rows(self, messages: Messages, add_generation_prompt: bool | None = None) -> ConversationRows:
         ids, n_prompt = self.tokenize(messages, add_generation_prompt)
         return ConversationRows(ids, n_prompt, self.rows_for_ids(ids))
 

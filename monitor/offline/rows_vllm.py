@@ -59,7 +59,7 @@ class VLLMRows:
         self.num_layers, self.d_model = cfg["num_hidden_layers"], cfg["hidden_size"]
 
     def many(self, conversations: Iterable[Messages], progress: str | None = None) -> list[ConversationRows]:
-        tokenized = [tokenize_conversation(self.tokenizer, m, False, self.max_tokens) for m in conversations]
+        tokenized = [tokenize_conversation(self.tokenizer, m, max_tokens=self.max_tokens) for m in conversations]
         with tempfile.TemporaryDirectory(prefix="monitor-vllm-rows-") as tmp:
             config = Path(tmp) / "monitor.yaml"
             config.write_text(yaml.safe_dump({

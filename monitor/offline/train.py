@@ -1,7 +1,8 @@
 """`monitor probe train`: a linear probe and its detector from labeled conversations.
 
 Logistic regression on the mean of the tapped layer's rows over the detector's scope (the
-sidecar's `mean` aggregation reproduces it exactly: `monitor.offline.probes`); the detector may
+sidecar's `mean` aggregation reproduces it exactly: `monitor.offline.probes`), or on the scope's last
+row for a `last` detector (the position where the model decides how to answer); the detector may
 aggregate its per-token logits otherwise (`--aggregation`), and every score below is then the one
 the sidecar would report with that aggregation. A validation split is
 held out first (stratified; records with a `source` keep their whole source on one side, so the
@@ -14,6 +15,7 @@ threshold on a larger benign set, and `monitor eval` measures it on a test split
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -43,6 +45,13 @@ class Trained:
     metrics: dict
 
 
+def _digest(files: list[Path]) -> str:
+    """One file's sha256; several files: the sha256 of their digests in order (each is pinned by it)."""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+
+
 def _groups(records: list[Record]) -> np.ndarray:
     """A record's template family (`source` up to '#'), kept on one side of every split; else itself."""
     return np.array([r.source.split("#")[0] if r.source else f"line{i}" for i, r in enumerate(records)])
@@ -62,11 +71,13 @@ def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -
     return train_idx, val_idx
 
 
-def train_probe(records: list[Record], data_file: Path, concept: str, model_dir: Path, *, name: str,
+def train_probe(records: list[Record], data_file: Path | list[Path], concept: str, model_dir: Path, *, name: str,
                 detector_name: str, layer: int, scope: Scope, target_fpr: float, validation: float,
                 severity: str, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
                 seed: int = 0, backend: str = "transformers", aggregation: Aggregation | None = None) -> Trained:
     aggregation = aggregation or Mean(kind="mean")
+    files = [Path(f) for f in data_file] if isinstance(data_file, list) else [Path(data_file)]
+    data_file = files[0] if len(files) == 1 else Path(" + ".join(str(f) for f in files))  # how messages name it
     missing = [r.line for r in records if concept not in r.labels]
     if missing:
         raise OfflineError(f"{data_file}: line(s) {missing[:5]}{'...' if len(missing) > 5 else ''} carry no label "
@@ -81,14 +92,16 @@ def train_probe(records: list[Record], data_file: Path, concept: str, model_dir:
                            f"use at least {need} (or a larger --target-fpr)")
     train_idx, val_idx = _split(records, y, validation, seed)
     convs = row_source(model_dir, [layer], backend).many([r.messages for r in records], progress="probe train")
-    x = pooled(convs, layer, scope)
+    last = aggregation.kind == "last"
+    x = pooled(convs, layer, scope, last=last)
     groups = _groups(records)
     fit = fit_logistic_probe(
         x[train_idx], y[train_idx], name=name, concept=concept, model=model_name, layer=layer,
-        training=TrainingData(path=str(data_file), sha256=sha256_file(data_file), n_pos=int(y[train_idx].sum()),
+        training=TrainingData(path=str(data_file), sha256=_digest(files), n_pos=int(y[train_idx].sum()),
                               n_neg=int((1 - y[train_idx]).sum()),
-                              notes=f"fit on the mean over {scope} tokens (positions >= 1); {len(val_idx)} records "
-                                    f"held out; detector aggregation {aggregation.kind}"),
+                              notes=f"fit on {'the last' if last else 'the mean over'} {scope} "
+                                    f"token{'' if last else 's'} (positions >= 1); {len(val_idx)} records held out; "
+                                    f"detector aggregation {aggregation.kind}"),
         groups=groups[train_idx])
     probe = fit.probe
     probe.meta.aggregation = aggregation.kind

@@ -1,0 +1,139 @@
+"""Which lever lifts harmful-request recall on requests written by others? Measured side by side.
+
+    python scripts/harmful_levers.py [--out artifacts/demo/probes/harmful_levers.json]
+
+Every lever is a linear probe on layer 15 (or several layers), thresholded as shipped detectors are: at
+1% and at 5% FPR on the calibration set (data/benign/calibration.jsonl, 3,702 chats no probe trains on).
+Levers:
+- where it reads: the mean over the prompt's tokens aggregated by the max of rolling means over 16
+  tokens (shipped until now) against the last prompt token, the assistant header's last token, where
+  the model has read the request and decides how to answer (Arditi et al. 2024);
+- what it learns from: the template families (data/concepts/harmful_request/train.jsonl) alone, or with
+  the categories data (data/harmful_categories.py: ten categories, benign twins, nine registers);
+- how it is fit: logistic regression (C by family-grouped CV), or the difference of the class means
+  (the refusal-direction recipe: no fit at all);
+- layers: 15 alone, or 10 + 15 + 20 side by side (offline only here).
+Figures per held-out family, none of which any lever trains on: `templates` (the template families held
+out whole), `categories` (tasks held out whole, every register of each), `apart` (data/eval/harmful-apart.jsonl:
+80 requests written apart from every training set, in the voice of public benchmarks; used for nothing
+but this report). Nothing of the garak or spikee packages is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from monitor.offline.evaluate import auroc  # noqa: E402
+from monitor.offline.probes import fit_logistic_probe  # noqa: E402
+from monitor.offline.records import read_labeled  # noqa: E402
+from monitor.offline.rows_transformers import TransformersRows  # noqa: E402
+from monitor.offline.thresholds import threshold_at_fpr  # noqa: E402
+from monitor.paths import cache_dir  # noqa: E402
+from monitor.provenance import TrainingData  # noqa: E402
+
+LAYERS = [10, 15, 20]
+CONCEPT = "harmful_request"
+D = ROOT / "data"
+
+
+def rolling_max(logits: np.ndarray, w: int = 16) -> float:
+    if len(logits) < w:
+        return float(logits.mean())
+    c = np.concatenate([[0.0], np.cumsum(logits)])
+    return float(((c[w:] - c[:-w]) / w).max())
+
+
+def features(convs, layers: list[int], where: str) -> torch.Tensor:
+    """[conversations, d * layers]: the prompt's mean row (positions >= 1) or its last row, per layer."""
+    out = []
+    for c in convs:
+        parts = []
+        for layer in layers:
+            rows = c.rows[layer][1:max(c.n_prompt, 2)].float()
+            parts.append(rows[-1] if where == "last" else rows.mean(0))
+        out.append(torch.cat(parts))
+    return torch.stack(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "artifacts/demo/probes/harmful_levers.json")
+    args = ap.parse_args()
+    rows = TransformersRows(cache_dir() / "models" / "SmolLM2-135M-Instruct", LAYERS)
+
+    def load(paths, name):
+        recs = [r for p in paths for r in read_labeled(p, require_labels=False)]
+        return recs, rows.many([r.messages for r in recs], progress=name)
+
+    calib, calib_c = load([D / "benign/calibration.jsonl"], "calibration")
+    templates, templates_c = load([D / f"concepts/{CONCEPT}/train.jsonl", D / "benign/train.jsonl"], "train templates")
+    cats, cats_c = load([D / f"concepts/{CONCEPT}/categories-train.jsonl"], "train categories")
+    families = {name: load([p], f"test {name}") for name, p in (
+        ("templates", D / f"concepts/{CONCEPT}/test.jsonl"), ("categories", D / f"concepts/{CONCEPT}/categories-test.jsonl"),
+        ("apart", D / "eval/harmful-apart.jsonl"))}
+
+    def labels(recs):
+        return np.array([r.labels.get(CONCEPT, 0) for r in recs])
+
+    def groups(recs):
+        return np.array([r.source.split("#")[0] if r.source else str(i) for i, r in enumerate(recs)])
+
+    results = {}
+
+    def lever(key, train_recs, train_c, layers, where, fit):
+        y = labels(train_recs)
+        x = features(train_c, layers, where)
+        if fit == "logistic":
+            probe = fit_logistic_probe(x, y, name=key, concept=CONCEPT, model="SmolLM2-135M-Instruct", layer=layers[0],
+                                       training=TrainingData(path="-", n_pos=int(y.sum()), n_neg=int((1 - y).sum())),
+                                       groups=groups(train_recs)).probe
+            w, b, mu, sd = probe.weight[0].double(), float(probe.bias[0]), probe.mean.double(), probe.std.double()
+        else:  # difference of means, on standardised rows: the direction alone, no fit
+            xd = x.double()
+            mu, sd = xd.mean(0), xd.std(0) + 1e-6
+            z = (xd - mu) / sd
+            w, b = z[y == 1].mean(0) - z[y == 0].mean(0), 0.0
+
+        def score(convs):
+            if where == "last":
+                return (((features(convs, layers, "last").double() - mu) / sd) @ w + b).numpy()
+            out = []
+            for c in convs:  # per-token logits of the mean-fit probe, max of rolling means (the shipped detector)
+                r = torch.cat([c.rows[la][1:max(c.n_prompt, 2)].float() for la in layers], dim=1).double()
+                out.append(rolling_max((((r - mu) / sd) @ w + b).numpy()))
+            return np.array(out)
+
+        sc = score(calib_c)
+        thr = {f: threshold_at_fpr(sc, f)[0] for f in (0.01, 0.05)}
+        res = {}
+        for fam, (recs, convs) in families.items():
+            s, yt = score(convs), labels(recs)
+            pos, neg = s[yt == 1], s[yt == 0]
+            res[fam] = {"auroc": round(auroc(pos, neg), 3),
+                        **{f"recall@{int(f * 100)}%": round(float((pos >= t).mean()), 3) for f, t in thr.items()},
+                        **{f"fpr@{int(f * 100)}%": round(float((neg >= t).mean()), 3) for f, t in thr.items()},
+                        "n": [int(len(pos)), int(len(neg))]}
+        results[key] = res
+        print(key, json.dumps(res), flush=True)
+
+    both, both_c = templates + cats, templates_c + cats_c
+    lever("rolling16-mean-fit/templates (shipped)", templates, templates_c, [15], "mean", "logistic")
+    lever("rolling16-mean-fit/templates+categories", both, both_c, [15], "mean", "logistic")
+    lever("last-token/templates", templates, templates_c, [15], "last", "logistic")
+    lever("last-token/templates+categories", both, both_c, [15], "last", "logistic")
+    lever("last-token-diff-of-means/templates+categories", both, both_c, [15], "last", "diffmeans")
+    lever("last-token/layers10+15+20/templates+categories", both, both_c, LAYERS, "last", "logistic")
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
