@@ -89,7 +89,7 @@ def test_lofo_refuses_what_it_cannot_measure(tmp_path):
 
 def test_a_last_token_probe_is_fit_on_the_decision_position(tmp_path):
     """`--aggregation last`: the probe learns the assistant header's last row, the row its detector reads; two
-    data files train it, both pinned in its provenance."""
+    data files train it, both pinned in its provenance; retraining keeps how the operator handles its fires."""
     import numpy as np
 
     from monitor.config.models import Last
@@ -102,6 +102,9 @@ def test_a_last_token_probe_is_fit_on_the_decision_position(tmp_path):
     b = write(tmp_path / "b.jsonl", lines(HARM / "categories-train.jsonl", 200))
     benign = write(tmp_path / "benign.jsonl", lines(ROOT / "data/benign/train.jsonl", 200))
     probe_dir, det = tmp_path / "probes/h", tmp_path / "pack/h.yaml"
+    det.parent.mkdir()  # retraining: what the operator set on the detector stays, training owns the rest
+    det.write_text(yaml.safe_dump({"name": "h-probe", "threshold": 0.99, "severity_if_answered": "critical",
+                                   "labels": {"team": "trust-and-safety"}}))
     res = run("probe", "train", "--data", str(a), str(b), "--benign", str(benign), "--concept", "harmful_request",
               "--name", "h", "--aggregation", "last", "--target-fpr", "0.05", "--probe-dir", str(probe_dir),
               "--detector-file", str(det))
@@ -109,7 +112,10 @@ def test_a_last_token_probe_is_fit_on_the_decision_position(tmp_path):
     meta = json.loads((probe_dir / "probe.json").read_text())
     assert meta["aggregation"] == "last" and "fit on the last prompt token" in meta["training"]["notes"]
     assert meta["training"]["path"] == f"{a} + {b}" and len(meta["training"]["sha256"]) == 64
-    assert yaml.safe_load(det.read_text())["aggregation"] == {"kind": "last"}
+    doc = yaml.safe_load(det.read_text())
+    assert doc["aggregation"] == {"kind": "last"} and doc["threshold"] != 0.99
+    assert doc["severity_if_answered"] == "critical"
+    assert doc["labels"] == {"team": "trust-and-safety", "source": "linear_probe"}
     assert meta["metrics"]["validation_auroc"] > 0.8
     # What the sidecar computes for the detector (its `last` aggregator over the prompt's token logits) is the
     # fit classifier applied to the header's last row.

@@ -21,6 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from monitor.config.models import Aggregation, DetectorSpec, Mean
 from monitor.offline import OfflineError, require
@@ -43,6 +44,20 @@ class Trained:
     n_validation: tuple[int, int]
     threshold: float
     metrics: dict
+
+
+def _operator_fields(path: Path, detector_name: str, trained: dict) -> dict:
+    """What an operator set on the detector being retrained (severity_if_answered, mode, action, labels...):
+    kept, so retraining a probe never quietly drops how its fires are handled. Training owns the rest."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return {}  # an unreadable file is replaced, as before; check-config would refuse it anyway
+    if not isinstance(doc, dict) or doc.get("name") != detector_name:
+        return {}
+    return {k: v for k, v in doc.items() if k not in trained or k == "labels"}
 
 
 def _digest(files: list[Path]) -> str:
@@ -124,12 +139,14 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
                "validation_fpr_at_threshold": round(float((s_val[y_val == 0] >= thr).mean()), 4)}
     probe.meta.metrics.update(metrics)
     probe.save(out_probe)
-    detector = DetectorSpec.model_validate({
+    trained = {
         "name": detector_name, "concept": concept, "description": description or f"Linear probe {name} for {concept}.",
         "inputs": [{"probe": name}], "aggregation": aggregation.model_dump(), "threshold": thr, "scope": scope,
         "severity": severity, "labels": {"source": "linear_probe"},
         "calibration": probe.meta.calibration.model_dump(exclude_none=True),
-    })
+    }
+    kept = _operator_fields(out_detector, detector_name, trained)
+    detector = DetectorSpec.model_validate({**kept, **trained, "labels": {**kept.get("labels", {}), **trained["labels"]}})
     write_detector(detector, out_detector, ([description] if description else [])
                    + [f"Trained by `monitor probe train` from {data_file}; probe at {out_probe}."])
     return Trained(out_probe, out_detector, (int(y[train_idx].sum()), int((1 - y[train_idx]).sum())),
