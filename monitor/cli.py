@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "assistant header, where the model decides how to answer)")
     pt.add_argument("--window", type=int, default=16, help="tokens per rolling mean (rolling_mean_max)")
     pt.add_argument("--alpha", type=float, default=0.3, help="weight of the newest token (ema_max)")
-    pt.add_argument("--severity", choices=["critical", "warning", "info"], default="warning")
+    pt.add_argument("--severity", choices=["critical", "warning", "info"], default=None,
+                    help="the detector's severity (default: what the existing detector file says, else warning)")
     pt.add_argument("--description", default=None, help="the detector's description")
     pt.add_argument("--probe-dir", type=Path, default=None, help="where the probe goes (default probes/<name>/)")
     pt.add_argument("--detector-file", type=Path, default=None, help="the detector YAML (default detectors/<name>_probe.yaml)")

@@ -279,6 +279,8 @@ def feed(det: CompiledDetector, state: DetectorState | None, positions: np.ndarr
     `state.running_positions` their positions.
     """
     mask = in_scope(det.spec, positions, n_prompt)
+    if det.spec.scope == "prompt" and det.spec.aggregation.kind == "last" and positions[-1] + 1 < n_prompt:
+        mask[:] = False  # the prompt's last token is judged when it arrives, not the end of an earlier chunk
     if not mask.any():
         return None, False
     if state is None:

@@ -163,3 +163,25 @@ def test_ragged_layout():
     b = Ragged.of(np.array([5, 2]), np.array([0, 3]), np.array([3, 1]))
     assert b.mask.tolist() == [[True, True, True], [True, False, False]]
     assert b.gather(np.array([10.0, 11, 12, 13]), pad=-1).tolist() == [[10, 11, 12], [13, -1, -1]]
+
+
+def test_a_last_prompt_detector_waits_for_the_prompts_end():
+    """A long prompt prefilled in two chunks: the end of the first chunk is not where the model decides, so a high
+    score there fires nothing; the verdict is the prompt's last token, read when it arrives."""
+    det = compiled({"kind": "last"}, "any", True, "prompt", 0.5)
+    bank = DetectorBank(det, capacity=2)
+    n_prompt, head = 20, "probe:p"
+    scores = np.full((24, 2), -4.0, dtype=np.float32)
+    scores[9] = 6.0  # the first chunk ends on a token that looks like the concept
+    for a, b in ((0, 10), (10, 24)):  # chunk 1: prompt 0-9; chunk 2: the rest of the prompt, then generation
+        found = scope_batch(det.spec, np.array([0]), np.array([0]), np.array([a]), np.array([b - a]), np.array([n_prompt]))
+        if a == 0:
+            assert found is None  # nothing judged yet
+            continue
+        step = bank.update(found[0], np.arange(a, b), {head: scores[a:b]})
+        assert len(step.fired) == 0 and bank.score[0] < 0.05  # the header's last token (19) decides: -4
+    scores[19] = 6.0  # the same prompt whose end looks like the concept fires, at its last token
+    bank.reset(np.array([0]))
+    found = scope_batch(det.spec, np.array([0]), np.array([0]), np.array([10]), np.array([14]), np.array([n_prompt]))
+    step = bank.update(found[0], np.arange(10, 24), {head: scores[10:24]})
+    assert step.fired.tolist() == [0] and bank.fired_at[0] == 19

@@ -103,8 +103,8 @@ def test_a_last_token_probe_is_fit_on_the_decision_position(tmp_path):
     benign = write(tmp_path / "benign.jsonl", lines(ROOT / "data/benign/train.jsonl", 200))
     probe_dir, det = tmp_path / "probes/h", tmp_path / "pack/h.yaml"
     det.parent.mkdir()  # retraining: what the operator set on the detector stays, training owns the rest
-    det.write_text(yaml.safe_dump({"name": "h-probe", "threshold": 0.99, "severity_if_answered": "critical",
-                                   "labels": {"team": "trust-and-safety"}}))
+    det.write_text(yaml.safe_dump({"name": "h-probe", "threshold": 0.99, "severity": "critical",
+                                   "severity_if_answered": "critical", "labels": {"team": "trust-and-safety"}}))
     res = run("probe", "train", "--data", str(a), str(b), "--benign", str(benign), "--concept", "harmful_request",
               "--name", "h", "--aggregation", "last", "--target-fpr", "0.05", "--probe-dir", str(probe_dir),
               "--detector-file", str(det))
@@ -114,7 +114,7 @@ def test_a_last_token_probe_is_fit_on_the_decision_position(tmp_path):
     assert meta["training"]["path"] == f"{a} + {b}" and len(meta["training"]["sha256"]) == 64
     doc = yaml.safe_load(det.read_text())
     assert doc["aggregation"] == {"kind": "last"} and doc["threshold"] != 0.99
-    assert doc["severity_if_answered"] == "critical"
+    assert doc["severity"] == doc["severity_if_answered"] == "critical"  # --severity not given: the file's stays
     assert doc["labels"] == {"team": "trust-and-safety", "source": "linear_probe"}
     assert meta["metrics"]["validation_auroc"] > 0.8
     # What the sidecar computes for the detector (its `last` aggregator over the prompt's token logits) is the

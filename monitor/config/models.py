@@ -499,7 +499,9 @@ class Mean(Strict):
 
 class Last(Strict):
     """The latest token's score. With `scope: prompt`, the last prompt token: where the model has read the
-    whole request and not yet answered (how the defection probe of docs/case-study.md reads it)."""
+    whole request and not yet answered (how the harmful-request probe and the defection probe of
+    docs/case-study.md read it). It is judged once the prompt's end has arrived: a long prompt prefilled in
+    chunks is not judged at the end of an earlier chunk."""
 
     kind: Literal["last"]
 

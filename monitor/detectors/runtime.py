@@ -309,6 +309,11 @@ def scope_batch(spec: DetectorSpec, slots: np.ndarray, first_row: np.ndarray, st
     elif spec.scope == "generation":
         lo = np.maximum(lo, n_prompt)
     n = hi - lo
+    if spec.scope == "prompt" and spec.aggregation.kind == "last":
+        # The prompt's last token is where the model has read the request and decides how to answer: a long
+        # prompt prefilled in chunks is judged when its end arrives, never at the end of an earlier chunk (a
+        # position its probe was never trained on, which could fire).
+        n = np.where(start + counts >= n_prompt, n, 0)
     which = np.flatnonzero(n > 0)
     if not len(which):
         return None

@@ -47,8 +47,9 @@ class Trained:
 
 
 def _operator_fields(path: Path, detector_name: str, trained: dict) -> dict:
-    """What an operator set on the detector being retrained (severity_if_answered, mode, action, labels...):
-    kept, so retraining a probe never quietly drops how its fires are handled. Training owns the rest."""
+    """What an operator set on the detector being retrained (severity, severity_if_answered, mode, action,
+    labels...): kept, so retraining a probe never quietly changes how its fires are handled. Training owns
+    its inputs, aggregation, scope, threshold and calibration."""
     if not path.is_file():
         return {}
     try:
@@ -88,7 +89,7 @@ def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -
 
 def train_probe(records: list[Record], data_file: Path | list[Path], concept: str, model_dir: Path, *, name: str,
                 detector_name: str, layer: int, scope: Scope, target_fpr: float, validation: float,
-                severity: str, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
+                severity: str | None, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
                 seed: int = 0, backend: str = "transformers", aggregation: Aggregation | None = None) -> Trained:
     aggregation = aggregation or Mean(kind="mean")
     files = [Path(f) for f in data_file] if isinstance(data_file, list) else [Path(data_file)]
@@ -140,12 +141,15 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
     probe.meta.metrics.update(metrics)
     probe.save(out_probe)
     trained = {
-        "name": detector_name, "concept": concept, "description": description or f"Linear probe {name} for {concept}.",
-        "inputs": [{"probe": name}], "aggregation": aggregation.model_dump(), "threshold": thr, "scope": scope,
-        "severity": severity, "labels": {"source": "linear_probe"},
+        "name": detector_name, "concept": concept, "inputs": [{"probe": name}], "aggregation": aggregation.model_dump(),
+        "threshold": thr, "scope": scope, "labels": {"source": "linear_probe"},
         "calibration": probe.meta.calibration.model_dump(exclude_none=True),
     }
+    # Given on the command line, these win; else the existing detector's, else the defaults.
+    trained |= {k: v for k, v in (("description", description), ("severity", severity)) if v is not None}
     kept = _operator_fields(out_detector, detector_name, trained)
+    kept.setdefault("description", f"Linear probe {name} for {concept}.")
+    kept.setdefault("severity", "warning")
     detector = DetectorSpec.model_validate({**kept, **trained, "labels": {**kept.get("labels", {}), **trained["labels"]}})
     write_detector(detector, out_detector, ([description] if description else [])
                    + [f"Trained by `monitor probe train` from {data_file}; probe at {out_probe}."])
