@@ -337,8 +337,6 @@ def _probe_lofo(args: argparse.Namespace) -> int:
     if args.json is not None:
         import json
 
-        import json
-
         args.json.write_text(json.dumps([r.as_dict() for r in results], indent=1) + "\n")
     return 0
 
