@@ -102,7 +102,12 @@ def test_a_last_token_probe_is_fit_on_the_decision_position(tmp_path):
     b = write(tmp_path / "b.jsonl", lines(HARM / "categories-train.jsonl", 200))
     benign = write(tmp_path / "benign.jsonl", lines(ROOT / "data/benign/train.jsonl", 200))
     probe_dir, det = tmp_path / "probes/h", tmp_path / "pack/h.yaml"
-    det.parent.mkdir()  # retraining: what the operator set on the detector stays, training owns the rest
+    det.parent.mkdir()
+    det.write_text(yaml.safe_dump({"name": "h-probe", "severity": "loud"}))  # a bad field the operator left there
+    res = run("probe", "train", "--data", str(a), "--benign", str(benign), "--concept", "harmful_request", "--name", "h",
+              "--aggregation", "last", "--target-fpr", "0.05", "--probe-dir", str(probe_dir), "--detector-file", str(det))
+    assert res.returncode == 2 and f"{det}: the existing detector's severity" in res.stderr
+    assert not probe_dir.exists() and yaml.safe_load(det.read_text())["severity"] == "loud"  # nothing written  # retraining: what the operator set on the detector stays, training owns the rest
     det.write_text(yaml.safe_dump({"name": "h-probe", "threshold": 0.99, "severity": "critical",
                                    "severity_if_answered": "critical", "labels": {"team": "trust-and-safety"}}))
     res = run("probe", "train", "--data", str(a), str(b), "--benign", str(benign), "--concept", "harmful_request",

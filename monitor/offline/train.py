@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from pydantic import ValidationError
 
 from monitor.config.models import Aggregation, DetectorSpec, Mean
 from monitor.offline import OfflineError, require
@@ -61,6 +62,18 @@ def _operator_fields(path: Path, detector_name: str, trained: dict) -> dict:
     return {k: v for k, v in doc.items() if k not in trained or k == "labels"}
 
 
+def _detector(path: Path, kept: dict, trained: dict) -> DetectorSpec:
+    """The retrained detector: training's fields over the operator's, labels merged; OfflineError naming the
+    file when what the operator left there does not read."""
+    try:
+        return DetectorSpec.model_validate({**kept, **trained,
+                                            "labels": {**kept.get("labels", {}), **trained.get("labels", {})}})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise OfflineError(f"{path}: the existing detector's {'.'.join(map(str, err['loc']))}: {err['msg']} "
+                           "(fix or remove the file, then train again)") from None
+
+
 def _digest(files: list[Path]) -> str:
     """One file's sha256; several files: the sha256 of their digests in order (each is pinned by it)."""
     if len(files) == 1:
@@ -92,6 +105,10 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
                 severity: str | None, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
                 seed: int = 0, backend: str = "transformers", aggregation: Aggregation | None = None) -> Trained:
     aggregation = aggregation or Mean(kind="mean")
+    # What the operator set on an existing detector must still read, checked before minutes of work.
+    _detector(out_detector, _operator_fields(out_detector, detector_name, {}),
+              {"name": detector_name, "concept": concept, "inputs": [{"probe": name}], "threshold": 0.5,
+               "aggregation": aggregation.model_dump(), "scope": scope})
     files = [Path(f) for f in data_file] if isinstance(data_file, list) else [Path(data_file)]
     data_file = files[0] if len(files) == 1 else Path(" + ".join(str(f) for f in files))  # how messages name it
     missing = [r.line for r in records if concept not in r.labels]
@@ -139,7 +156,6 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
                "validation_tpr_at_threshold": round(float((s_val[y_val == 1] >= thr).mean()), 4),
                "validation_fpr_at_threshold": round(float((s_val[y_val == 0] >= thr).mean()), 4)}
     probe.meta.metrics.update(metrics)
-    probe.save(out_probe)
     trained = {
         "name": detector_name, "concept": concept, "inputs": [{"probe": name}], "aggregation": aggregation.model_dump(),
         "threshold": thr, "scope": scope, "labels": {"source": "linear_probe"},
@@ -150,7 +166,8 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
     kept = _operator_fields(out_detector, detector_name, trained)
     kept.setdefault("description", f"Linear probe {name} for {concept}.")
     kept.setdefault("severity", "warning")
-    detector = DetectorSpec.model_validate({**kept, **trained, "labels": {**kept.get("labels", {}), **trained["labels"]}})
+    detector = _detector(out_detector, kept, trained)
+    probe.save(out_probe)
     write_detector(detector, out_detector, ([description] if description else [])
                    + [f"Trained by `monitor probe train` from {data_file}; probe at {out_probe}."])
     return Trained(out_probe, out_detector, (int(y[train_idx].sum()), int((1 - y[train_idx]).sum())),
