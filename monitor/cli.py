@@ -490,23 +490,13 @@ def _console(args: argparse.Namespace) -> int:
 
 
 def _reveal_key(args: argparse.Namespace) -> int:
-    from monitor.sinks.sealing import SealingError, new_keypair
+    from monitor.sinks.sealing import SealingError, write_keypair
 
-    private, public = args.out / "reveal.key", args.out / "reveal.pub"
-    if private.exists() or public.exists():
-        print(f"error: {private if private.exists() else public} exists: a new key would orphan every value sealed "
-              "to the old one; move it away first", file=sys.stderr)
-        return 2
     try:
-        key, pub = new_keypair()
+        private, public = write_keypair(args.out)
     except SealingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    public.write_text(pub + "\n")
     print(f"{private} (console.reveal_key_file, or MONITOR_REVEAL_KEY; keep it secret)\n"
           f"{public} (evidence.reveal_public_key_file in the sidecars' config)")
     return 0

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from monitor.offline.evaluate import auroc  # noqa: E402
-from monitor.offline.probes import fit_logistic_probe  # noqa: E402
-from monitor.offline.records import read_labeled  # noqa: E402
+from monitor.offline.probes import fit_logistic_probe, scope_rows  # noqa: E402
+from monitor.offline.records import read_labeled, source_groups  # noqa: E402
 from monitor.offline.rows_transformers import TransformersRows  # noqa: E402
 from monitor.offline.thresholds import threshold_at_fpr  # noqa: E402
 from monitor.paths import cache_dir  # noqa: E402
@@ -58,7 +58,7 @@ def features(convs, layers: list[int], where: str) -> torch.Tensor:
     for c in convs:
         parts = []
         for layer in layers:
-            rows = c.rows[layer][1:max(c.n_prompt, 2)].float()
+            rows = scope_rows(c, layer, "prompt").float()
             parts.append(rows[-1] if where == "last" else rows.mean(0))
         out.append(torch.cat(parts))
     return torch.stack(out)
@@ -84,9 +84,6 @@ def main() -> None:
     def labels(recs):
         return np.array([r.labels.get(CONCEPT, 0) for r in recs])
 
-    def groups(recs):
-        return np.array([r.source.split("#")[0] if r.source else str(i) for i, r in enumerate(recs)])
-
     results = {}
 
     def lever(key, train_recs, train_c, layers, where, fit):
@@ -95,7 +92,7 @@ def main() -> None:
         if fit == "logistic":
             probe = fit_logistic_probe(x, y, name=key, concept=CONCEPT, model="SmolLM2-135M-Instruct", layer=layers[0],
                                        training=TrainingData(path="-", n_pos=int(y.sum()), n_neg=int((1 - y).sum())),
-                                       groups=groups(train_recs)).probe
+                                       groups=source_groups(train_recs)).probe
             w, b, mu, sd = probe.weight[0].double(), float(probe.bias[0]), probe.mean.double(), probe.std.double()
         else:  # difference of means, on standardised rows: the direction alone, no fit
             xd = x.double()
@@ -108,7 +105,7 @@ def main() -> None:
                 return (((features(convs, layers, "last").double() - mu) / sd) @ w + b).numpy()
             out = []
             for c in convs:  # per-token logits of the mean-fit probe, max of rolling means (the shipped detector)
-                r = torch.cat([c.rows[la][1:max(c.n_prompt, 2)].float() for la in layers], dim=1).double()
+                r = torch.cat([scope_rows(c, la, "prompt").float() for la in layers], dim=1).double()
                 out.append(rolling_max((((r - mu) / sd) @ w + b).numpy()))
             return np.array(out)
 

@@ -22,9 +22,7 @@ def build(cfg: MonitorConfig, base: Path | None, tokens_file: Path | None = None
     from monitor.console.app import create_app
     from monitor.store.db import Store, StoreError, store_url
 
-    path = tokens_file or (Path(cfg.console.tokens_file).expanduser() if cfg.console.tokens_file else None)
-    if path is not None and not path.is_absolute() and base is not None and tokens_file is None:
-        path = base / path
+    path = tokens_file or (_in_config(cfg.console.tokens_file, base) if cfg.console.tokens_file else None)
     if path is None and not cfg.console.proxy.enabled:
         raise ConsoleError("no way to log in: set console.tokens_file (make one with `monitor console token`) "
                            "or console.proxy")
@@ -43,17 +41,21 @@ def build(cfg: MonitorConfig, base: Path | None, tokens_file: Path | None = None
     return create_app(cfg, store, tokens, _opener(cfg, base)), store
 
 
+def _in_config(p: str, base: Path | None) -> Path:
+    """A path from the console's config: relative ones are in the config file's folder (`base`)."""
+    path = Path(p).expanduser()
+    return base / path if not path.is_absolute() and base is not None else path
+
+
 def _opener(cfg: MonitorConfig, base: Path | None):
     """The private key that reveals sealed values: MONITOR_REVEAL_KEY, or `console.reveal_key_file`."""
     from monitor.sinks.sealing import Opener, SealingError, read_key_file
 
     key, what = os.environ.get("MONITOR_REVEAL_KEY"), "MONITOR_REVEAL_KEY"
     if not key and cfg.console.reveal_key_file:
-        path = Path(cfg.console.reveal_key_file).expanduser()
-        path = base / path if not path.is_absolute() and base is not None else path
         what = "console.reveal_key_file"
         try:
-            key = read_key_file(path)
+            key = read_key_file(_in_config(cfg.console.reveal_key_file, base))
         except SealingError as e:
             raise ConsoleError(f"console.reveal_key_file: {e}") from None
     if not key:

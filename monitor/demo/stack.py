@@ -92,15 +92,11 @@ def runtime_config(src: Path, run: Path, bootstrap: str | None, metrics_port: in
 
 
 def _reveal_keys(run: Path) -> tuple[Path, Path]:
-    from monitor.sinks.sealing import new_keypair
+    """The demo console's key pair, made on the first run and kept (values sealed before stay revealable)."""
+    from monitor.sinks.sealing import write_keypair
 
     private, public = run / "reveal.key", run / "reveal.pub"
-    if not private.exists():
-        key, pub = new_keypair()
-        private.touch(mode=0o600)
-        private.write_text(key + "\n")
-        public.write_text(pub + "\n")
-    return private, public
+    return (private, public) if private.exists() and public.exists() else write_keypair(run)
 
 
 @dataclass

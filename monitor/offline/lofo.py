@@ -21,7 +21,7 @@ from monitor.offline import OfflineError
 from monitor.offline.evaluate import auroc, tpr_at_fpr
 from monitor.offline.extract import row_source
 from monitor.offline.probes import Scope, aggregated_logits, fit_logistic_probe, pooled
-from monitor.offline.records import Record
+from monitor.offline.records import Record, source_groups
 from monitor.offline.thresholds import min_samples, threshold_at_fpr
 from monitor.provenance import TrainingData
 
@@ -65,13 +65,13 @@ def leave_one_family_out(records: list[Record], benign: list[Record], calibratio
     last = aggregation.kind == "last"
     x_all = pooled(convs, layer, scope, last=last)
     x_benign = pooled(benign_convs, layer, scope, last=last) if benign_convs else None
-    groups_all = np.array([r.source.split("#")[0] if r.source else f"{r.family}:{r.line}" for r in records])
+    groups_all = source_groups(records + benign)  # C by folds that hold whole families out, as probe train does
     out = []
     for fam in families:
         held = np.array([r.family == fam for r in records])
         x = x_all[~held] if x_benign is None else torch.cat([x_all[~held], x_benign])
         y = np.concatenate([y_all[~held], np.zeros(len(benign_convs), dtype=int)])
-        groups = np.concatenate([groups_all[~held], [f"benign:{r.source or i}" for i, r in enumerate(benign)]])
+        groups = np.concatenate([groups_all[:len(records)][~held], groups_all[len(records):]])
         if y.sum() < 10 or (1 - y).sum() < 10:
             raise OfflineError(f"without family {fam!r}: {int(y.sum())} positive and {int((1 - y).sum())} negative "
                                "records to train on; a probe needs at least 10 of each")

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from monitor.offline import OfflineError
 
 
@@ -29,6 +31,11 @@ class Record:
     def source_family(self) -> str:
         """Its source without the variant after '#': what `monitor eval` reports false positives by."""
         return self.source.split("#")[0] if self.source else "(no source)"
+
+
+def source_groups(records: list[Record]) -> np.ndarray:
+    """Each record's template family (`source` up to '#'), kept on one side of every split; else itself."""
+    return np.array([r.source_family if r.source else f"line{i}" for i, r in enumerate(records)])
 
 
 def read_labeled(path: Path, require_labels: bool = True, family: str | None = None) -> list[Record]:

@@ -31,7 +31,7 @@ from monitor.offline.extract import row_source
 from monitor.offline.pack import write_detector
 from monitor.offline.probes import (Scope, aggregated_logits, aggregated_scores, calibrate_probe, fit_logistic_probe,
                                     platt_scale, pooled)
-from monitor.offline.records import Record, sha256_file
+from monitor.offline.records import Record, sha256_file, source_groups
 from monitor.offline.thresholds import min_samples
 from monitor.provenance import TrainingData
 from monitor.scoring.space import sigmoid
@@ -47,10 +47,13 @@ class Trained:
     metrics: dict
 
 
-def _operator_fields(path: Path, detector_name: str, trained: dict) -> dict:
+TRAINING_OWNS = ("name", "concept", "inputs", "aggregation", "threshold", "scope", "calibration")
+
+
+def _operator_fields(path: Path, detector_name: str) -> dict:
     """What an operator set on the detector being retrained (severity, severity_if_answered, mode, action,
     labels...): kept, so retraining a probe never quietly changes how its fires are handled. Training owns
-    its inputs, aggregation, scope, threshold and calibration."""
+    `TRAINING_OWNS`; `--description` and `--severity`, when given, win over the file's."""
     if not path.is_file():
         return {}
     try:
@@ -59,7 +62,7 @@ def _operator_fields(path: Path, detector_name: str, trained: dict) -> dict:
         return {}  # an unreadable file is replaced, as before; check-config would refuse it anyway
     if not isinstance(doc, dict) or doc.get("name") != detector_name:
         return {}
-    return {k: v for k, v in doc.items() if k not in trained or k == "labels"}
+    return {k: v for k, v in doc.items() if k not in TRAINING_OWNS}
 
 
 def _detector(path: Path, kept: dict, trained: dict) -> DetectorSpec:
@@ -81,17 +84,12 @@ def _digest(files: list[Path]) -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
-def _groups(records: list[Record]) -> np.ndarray:
-    """A record's template family (`source` up to '#'), kept on one side of every split; else itself."""
-    return np.array([r.source.split("#")[0] if r.source else f"line{i}" for i, r in enumerate(records)])
-
-
 def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     require("sklearn")
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     k = max(2, round(1 / validation))
-    groups = _groups(records)
+    groups = source_groups(records)
     splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if any(r.source for r in records) \
         else StratifiedKFold(k, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(np.zeros(len(y)), y, groups))
@@ -106,7 +104,11 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
                 seed: int = 0, backend: str = "transformers", aggregation: Aggregation | None = None) -> Trained:
     aggregation = aggregation or Mean(kind="mean")
     # What the operator set on an existing detector must still read, checked before minutes of work.
-    _detector(out_detector, _operator_fields(out_detector, detector_name, {}),
+    kept = _operator_fields(out_detector, detector_name)
+    kept |= {k: v for k, v in (("description", description), ("severity", severity)) if v is not None}
+    kept.setdefault("description", f"Linear probe {name} for {concept}.")
+    kept.setdefault("severity", "warning")
+    _detector(out_detector, kept,
               {"name": detector_name, "concept": concept, "inputs": [{"probe": name}], "threshold": 0.5,
                "aggregation": aggregation.model_dump(), "scope": scope})
     files = [Path(f) for f in data_file] if isinstance(data_file, list) else [Path(data_file)]
@@ -127,7 +129,7 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
     convs = row_source(model_dir, [layer], backend).many([r.messages for r in records], progress="probe train")
     last = aggregation.kind == "last"
     x = pooled(convs, layer, scope, last=last)
-    groups = _groups(records)
+    groups = source_groups(records)
     fit = fit_logistic_probe(
         x[train_idx], y[train_idx], name=name, concept=concept, model=model_name, layer=layer,
         training=TrainingData(path=str(data_file), sha256=_digest(files), n_pos=int(y[train_idx].sum()),
@@ -161,11 +163,6 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
         "threshold": thr, "scope": scope, "labels": {"source": "linear_probe"},
         "calibration": probe.meta.calibration.model_dump(exclude_none=True),
     }
-    # Given on the command line, these win; else the existing detector's, else the defaults.
-    trained |= {k: v for k, v in (("description", description), ("severity", severity)) if v is not None}
-    kept = _operator_fields(out_detector, detector_name, trained)
-    kept.setdefault("description", f"Linear probe {name} for {concept}.")
-    kept.setdefault("severity", "warning")
     detector = _detector(out_detector, kept, trained)
     probe.save(out_probe)
     write_detector(detector, out_detector, ([description] if description else [])

@@ -11,6 +11,7 @@ and the audit log records it. Without the key setting nothing of the originals l
 from __future__ import annotations
 
 import base64
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,23 @@ def new_keypair() -> tuple[str, str]:
     public = _nacl()
     key = public.PrivateKey.generate()
     return base64.b64encode(bytes(key)).decode(), base64.b64encode(bytes(key.public_key)).decode()
+
+
+def write_keypair(folder: Path) -> tuple[Path, Path]:
+    """A new key pair as `folder`/reveal.key (private, 0600) and reveal.pub. Never overwrites: a new key would
+    orphan every value sealed to the old one."""
+    private, public = folder / "reveal.key", folder / "reveal.pub"
+    for p in (private, public):
+        if p.exists():
+            raise SealingError(f"{p} exists: a new key would orphan every value sealed to the old one; move it "
+                               "away first")
+    key, pub = new_keypair()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    public.write_text(pub + "\n")
+    return private, public
 
 
 def _key(text: str, what: str, cls):
