@@ -160,7 +160,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from monitor.offline.calibrate import calibrate
 
     results = _offline(args, lambda loaded, records, model: calibrate(
-        loaded, records, args.data, args.target_fpr, model, write=not args.dry_run, backend=args.backend),
+        loaded, records, args.data, args.target_fpr, model, write=not args.dry_run, backend=args.backend,
+        record_fpr=args.record_fpr),
         require_labels=False)
     if results is None:
         return 2
@@ -169,6 +170,7 @@ def _calibrate(args: argparse.Namespace) -> int:
               f"{c.n_benign} benign (95% upper bound {c.fpr_upper_95:.4f})"
               + (f", {c.skipped_positive} positive record(s) skipped" if c.skipped_positive else "")
               + ("" if args.dry_run else f"  -> {c.file}"))
+        _print_record_tier(c.record, "FPR", "benign")
     return 0
 
 
@@ -236,7 +238,8 @@ def _calibrate_on_traffic(args: argparse.Namespace) -> int:
             with store.session() as s:
                 verdicts = verdicts_of_alerts(s, fired)
         results = calibrate_on_traffic(loaded, args.from_decisions, args.target_fpr, since, verdicts,
-                                       write=not args.dry_run, window=f"since {args.since}" if args.since else "all")
+                                       write=not args.dry_run, window=f"since {args.since}" if args.since else "all",
+                                       record_rate=args.record_fpr)
     except ValueError as e:  # a bad --since, or an offline error
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -252,7 +255,24 @@ def _calibrate_on_traffic(args: argparse.Namespace) -> int:
         print(f"{c.detector:<26} threshold {c.old_threshold:.4g} -> {c.threshold:.4g}  fire rate {c.fire_rate:.4f} on "
               f"{c.n_requests} requests of your traffic (95% upper bound {c.fire_rate_upper_95:.4f}; {judged})"
               + ("" if args.dry_run else f"  -> {c.file}"))
+        _print_record_tier(c.record, "fire rate", "requests")
     return 0
+
+
+def _print_record_tier(record: dict, rate: str, what: str) -> None:
+    if record:
+        cal = record["record_calibration"]
+        print(f"{'':<26} record tier {record['record_threshold']:.4g}  {rate} {cal.achieved_fpr:.4f} on {cal.n_benign} "
+              f"{what} (target {cal.target_fpr:g}; 95% upper bound {cal.fpr_upper_95:.4f})")
+
+
+def _layers(layers: list[int]) -> int | list[int]:
+    """`--layer 15` reads one layer; `--layer 10 15 20` one probe over the three, side by side."""
+    from monitor.offline import OfflineError
+
+    if len(set(layers)) != len(layers):
+        raise OfflineError(f"--layer {' '.join(map(str, layers))}: a layer is named twice")
+    return layers[0] if len(layers) == 1 else layers
 
 
 def _aggregation(args: argparse.Namespace):
@@ -290,7 +310,7 @@ def _probe_train(args: argparse.Namespace) -> int:
                 records.append(r)
         model = args.model or prepare_model().path
         t = train_probe(records, args.data, args.concept, model, name=name,
-                        detector_name=args.detector_name or f"{name.replace('_', '-')}-probe", layer=args.layer,
+                        detector_name=args.detector_name or f"{name.replace('_', '-')}-probe", layer=_layers(args.layer),
                         scope=args.scope, target_fpr=args.target_fpr, validation=args.validation,
                         severity=args.severity, description=args.description,
                         out_probe=args.probe_dir or Path("probes") / name,
@@ -328,7 +348,7 @@ def _probe_lofo(args: argparse.Namespace) -> int:
         benign = [r for f in args.benign or [] for r in read_labeled(f, require_labels=False)]
         calibration = read_labeled(args.calibration, require_labels=False)
         results = leave_one_family_out(records, benign, calibration, args.concept, args.model or prepare_model().path,
-                                       layer=args.layer, scope=args.scope, aggregation=_aggregation(args),
+                                       layer=_layers(args.layer), scope=args.scope, aggregation=_aggregation(args),
                                        target_fprs=args.target_fpr, backend=args.backend)
     except (OfflineError, ModelPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -587,7 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--benign", type=Path, action="append", help="more JSON lines used as negatives (repeatable)")
     pt.add_argument("--name", default=None, help="probe name (default: the concept)")
     pt.add_argument("--detector-name", default=None, help="detector name (default: <name>-probe)")
-    pt.add_argument("--layer", type=int, default=15, help="tapped layer (default 15, the demo's)")
+    pt.add_argument("--layer", type=int, nargs="+", default=[15],
+                    help="tapped layer (default 15, the demo's); several: one probe over those layers' rows side "
+                         "by side, which the sidecar scores when every one of them is tapped")
     pt.add_argument("--scope", choices=["prompt", "generation", "both"], default="prompt")
     pt.add_argument("--target-fpr", type=float, default=0.01)
     pt.add_argument("--validation", type=float, default=0.2, help="fraction held out (default 0.2)")
@@ -616,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="benign conversations the thresholds are set on, as `monitor calibrate --benign`")
     lo.add_argument("--target-fpr", type=float, nargs="+", default=[0.01, 0.05],
                     help="thresholds to measure at, as FPRs on the calibration set (default 0.01 0.05)")
-    lo.add_argument("--layer", type=int, default=15)
+    lo.add_argument("--layer", type=int, nargs="+", default=[15], help="tapped layer(s), as `probe train --layer`")
     lo.add_argument("--scope", choices=["prompt", "generation", "both"], default="prompt")
     lo.add_argument("--aggregation", choices=["mean", "rolling_mean_max", "ema_max", "max", "last"], default="mean")
     lo.add_argument("--window", type=int, default=16, help="tokens per rolling mean (rolling_mean_max)")
@@ -661,6 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-labels", action="store_true", help="with --from-decisions: do not read verdicts from the store")
     cal.add_argument("--target-fpr", type=float, required=True,
                      help="e.g. 0.01; with --from-decisions, the share of your traffic that may fire")
+    cal.add_argument("--record-fpr", type=float, default=None, metavar="RATE",
+                     help="also set each detector's record tier (`record_threshold`: an incident is kept, nobody is "
+                          "paged) at this rate from the same data, e.g. 0.05 beside --target-fpr 0.01. Without it a "
+                          "record tier calibrated before is recalibrated at its own rate")
     cal.add_argument("--dry-run", action="store_true", help="print the thresholds, change no file")
     _offline_options(cal, config=True)
     cal.set_defaults(func=_calibrate)

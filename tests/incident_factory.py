@@ -69,7 +69,7 @@ def make_events(tokenizer, messages: list[dict], completion: str, *, detectors=(
         col = 1 / (1 + np.exp(-logit)) if probe else feature
         run = np.maximum.accumulate(col[1:])  # max aggregation, row 0 skipped as the runtime does
         running[name] = (pos[1:], run)
-        crossed = np.flatnonzero(run >= spec.threshold)
+        crossed = np.flatnonzero(run >= spec.lowest_threshold)
         fired = crossed.size > 0
         label = "pii/score" if probe else "demo-l15/1234"
         raw = inputs[label]

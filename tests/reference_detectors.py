@@ -189,6 +189,8 @@ class DetectorState:
     fired: bool = False
     alert_id: str | None = None
     fired_at: int | None = None  # position of the token that pushed it over
+    paged: bool = False  # reached the page tier (`threshold`)
+    escalated_now: bool = False  # the last update raised a record-tier alert to the page tier
     top: list[tuple[float, int, dict]] = field(default_factory=list)  # min-heap of (score, position, inputs)
     running: np.ndarray | None = None  # with update(..., running=True): the score after each token of that call
     running_positions: np.ndarray | None = None  # their positions (set by `feed`)
@@ -250,7 +252,10 @@ class DetectorState:
         score = self._score = self._combine_aggs()
         if running and not many:
             self.running = np.array([score])
-        if not self.fired and score >= det.spec.threshold:
+        # Two tiers: it fires (once) at the lower one; the same alert escalates (once) at `threshold`.
+        self.escalated_now = self.fired and not self.paged and score >= det.spec.threshold
+        self.paged = self.paged or score >= det.spec.threshold
+        if not self.fired and score >= det.spec.lowest_threshold:
             self.fired = True
             self.alert_id = str(uuid.uuid4())
             self.fired_at = int(positions[-1])
@@ -264,8 +269,10 @@ class DetectorState:
                  step_time: float | None = None) -> DetectorUpdate:
         """The state as it is now, frozen: what sinks receive."""
         # The heap's items are made once and never changed, so the snapshot may share them.
+        tier = "page" if self.paged else "record" if self.fired else None
         return DetectorUpdate(req, request_id, external_id, sample, self.detector.spec, self.score, self.fired,
-                              self.alert_id, self.fired_at, tuple(self.top), fired_now, final, step_time)
+                              self.alert_id, self.fired_at, tuple(self.top), fired_now, final, step_time, tier,
+                              self.escalated_now)
 
 
 def feed(det: CompiledDetector, state: DetectorState | None, positions: np.ndarray, n_prompt: int,

@@ -16,9 +16,11 @@ from monitor.transport.ring import RingSpec, RingWriter
 D = 16
 
 
-def tiny_monitor(tmp_path: Path, sinks: dict, severity: str = "critical", shadow: bool = False) -> Path:
+def tiny_monitor(tmp_path: Path, sinks: dict, severity: str = "critical", shadow: bool = False,
+                 tiered: float | None = None) -> Path:
     """Feature 3 of a 16->8 ReLU SAE is relu(x[0]); detector `feat` fires when its max reaches 5 (with
-    `shadow`, so does `feat-shadow`, the same detector in shadow mode)."""
+    `shadow`, so does `feat-shadow`, the same detector in shadow mode; with `tiered`, `feat-tiered` records at
+    2 and pages at `tiered`)."""
     sae = SAE.from_dict(StandardSAEConfig(d_in=D, d_sae=8, apply_b_dec_to_input=False).to_dict())
     with torch.no_grad():
         sae.W_enc.zero_()
@@ -33,6 +35,10 @@ def tiny_monitor(tmp_path: Path, sinks: dict, severity: str = "critical", shadow
         (tmp_path / "det/g.yaml").write_text(yaml.safe_dump({
             "name": "feat-shadow", "concept": "c", "inputs": [{"sae": "s", "feature": 3}], "aggregation": {"kind": "max"},
             "threshold": 5.0, "severity": severity, "mode": "shadow"}))
+    if tiered is not None:
+        (tmp_path / "det/t.yaml").write_text(yaml.safe_dump({
+            "name": "feat-tiered", "concept": "c", "inputs": [{"sae": "s", "feature": 3}], "aggregation": {"kind": "max"},
+            "record_threshold": 2.0, "threshold": tiered, "severity": severity}))
     cfg = tmp_path / "m.yaml"
     cfg.write_text(yaml.safe_dump({
         "model": {"name": "tiny", "num_layers": 4, "d_model": D}, "taps": [{"layer": 2}],

@@ -86,10 +86,11 @@ def test_local_alertmanager_config_is_the_shipped_routing_on_loopback(tmp_path):
 
 def test_fire_reaches_the_pager_through_prometheus_and_alertmanager(tmp_path):
     """The sidecar's fire counter -> Prometheus rule -> Alertmanager route -> webhook and PagerDuty payloads.
-    The same detector in shadow mode fires on the same request: counted, never paged."""
+    The same detector in shadow mode fires on the same request: counted, never paged; so does a detector whose
+    score reached only its record tier."""
     binary("prometheus"), binary("prometheus-alertmanager")
     port = free_port()
-    cfg = tiny_monitor(tmp_path, {"prometheus": {"port": port}}, severity="critical", shadow=True)
+    cfg = tiny_monitor(tmp_path, {"prometheus": {"port": port}}, severity="critical", shadow=True, tiered=50.0)
     ring = open_ring(tmp_path)
     thread, stop = start_service(cfg, ring)
     receiver = WebhookReceiver()
@@ -132,6 +133,12 @@ def test_fire_reaches_the_pager_through_prometheus_and_alertmanager(tmp_path):
             assert not any(a["labels"].get("detector") == "feat-shadow" for a in prom.alerts())
             assert not any(a["labels"].get("detector") == "feat-shadow" for a in am.alerts())
             assert all(a["labels"].get("detector") != "feat-shadow" for p in receiver.received() for a in p.body.get("alerts", []))
+            # Record tier: counted under tier="record" (its page tier at 0), no rule fired, nothing sent.
+            tiers = {s["metric"]["tier"]: float(s["value"][1])
+                     for s in prom.query('misalignment_monitor_detector_fires_total{detector="feat-tiered"}')}
+            assert tiers == {"record": 1.0, "page": 0.0}, tiers
+            assert not any(a["labels"].get("detector") == "feat-tiered" for a in prom.alerts())
+            assert all(a["labels"].get("detector") != "feat-tiered" for p in receiver.received() for a in p.body.get("alerts", []))
             # The watchdog reaches the dead man's switch; nothing went to the warning queue.
             assert any(p.receiver == "deadmansswitch" for p in receiver.received()), [(p.path, p.alertnames()) for p in receiver.received()]
             assert not any(p.receiver == "safety-queue" for p in receiver.received())

@@ -95,8 +95,12 @@ def test_train_calibrate_eval_on_committed_data(tmp_path):
                                    "detectors": [str(det_file.parent)]}))
     benign = head(ROOT / "data/benign/calibration.jsonl", 300, tmp_path / "benign.jsonl")
     res = run("calibrate", "--config", str(cfg), "--detectors", str(det_file.parent), "--benign", str(benign),
-              "--target-fpr", "0.02")
+              "--target-fpr", "0.02", "--record-fpr", "0.01")
+    assert res.returncode == 2 and "--record-fpr 0.01 must lie between --target-fpr 0.02 and 1" in res.stderr
+    res = run("calibrate", "--config", str(cfg), "--detectors", str(det_file.parent), "--benign", str(benign),
+              "--target-fpr", "0.02", "--record-fpr", "0.1")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "record tier" in res.stdout
     doc = yaml.safe_load(det_file.read_text())
     cal = doc["calibration"]
     assert doc["threshold"] == cal["threshold"] and cal["n_benign"] == 300 and cal["target_fpr"] == 0.02
@@ -105,8 +109,18 @@ def test_train_calibrate_eval_on_committed_data(tmp_path):
     assert base["n_requests"] == 300 and abs(sum(base["score_fractions"]) - 1) < 1e-9
     assert len(base["score_fractions"]) == len(base["score_edges"]) + 1 and 0 <= base["input_rates"]["pii_t/score"] < 0.5
     assert det_file.read_text().startswith("#")  # the file's comment header is kept
+    # The record tier, from the same 300 conversations, with its own provenance.
+    rec = doc["record_calibration"]
+    assert doc["record_threshold"] == rec["threshold"] < doc["threshold"] and rec["target_fpr"] == 0.1
+    assert cal["achieved_fpr"] <= rec["achieved_fpr"] <= 0.1 and rec["n_benign"] == 300
+    assert rec["data_sha256"] == cal["data_sha256"]
     test = head(ROOT / "data/concepts/pii/test.jsonl", 150, tmp_path / "test.jsonl")
     res = run("eval", "--config", str(cfg), "--detectors", str(det_file.parent), "--data", str(test), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout)["pii-t-probe"]
     assert r["threshold"] == cal["threshold"] and r["auroc"] > 0.95 and r["n_pos"] > 20
+    # Recall at each tier: the record tier catches at least what the page tier does.
+    tiers = {t["tier"]: t for t in r["tiers"]}
+    assert tiers["page"]["threshold"] == cal["threshold"] and tiers["page"]["recall"] == r["recall"]
+    assert tiers["record"]["threshold"] == rec["threshold"] and tiers["record"]["recall"] >= r["recall"]
+    assert all({t["tier"] for t in f["tiers"]} == {"record", "page"} for f in r["families"])

@@ -133,7 +133,7 @@ def test_feature_index_outside_sae(workspace):
 def test_probe_width_differs_from_tapped_layer(workspace):
     meta = ProbeMetadata(name="pii", concept="pii", model="m", layer=3, d_in=D_MODEL * 2)
     LinearProbe(torch.zeros(1, D_MODEL * 2), torch.zeros(1), meta).save(workspace / "probe")
-    with pytest.raises(ConfigError, match=r"probes\[0\]\.path: probe width d_in=64 differs from the tapped layer's width 32"):
+    with pytest.raises(ConfigError, match=r"probes\[0\]\.path: probe width d_in=64 differs from the tapped layers' width 32 x 1 layer"):
         load_config(workspace / "monitor.yaml")
 
 

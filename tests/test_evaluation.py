@@ -80,7 +80,7 @@ def test_eval_on_committed_test_data(tmp_path):
     out = json.loads(res.stdout)  # nothing but the JSON object on stdout
     assert set(out) == {"pii-probe", "pii-sae-feature"}  # only detectors whose concept the data labels
     keys = {"concept", "auroc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "fpr_at_threshold",
-            "threshold", "n_pos", "n_neg", "families", "negative_sources", "worst_family"}
+            "threshold", "n_pos", "n_neg", "families", "tiers", "negative_sources", "worst_family"}
     for name, r in out.items():
         assert set(r) == keys and (r["n_pos"], r["n_neg"]) == (15, 25), name
     assert out["pii-probe"]["auroc"] > 0.9

@@ -150,3 +150,28 @@ def test_calibrate_on_what_a_real_sidecar_recorded_in_shadow(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     thr = yaml.safe_load(det.read_text())["threshold"]
     assert sum(r["score"] >= thr for r in finals) == math.floor(TARGET * 160)
+
+
+def test_a_record_tier_from_the_same_traffic_and_kept_at_its_rate(traffic, capsys):
+    """`--record-fpr` sets the record tier from the same requests; a later calibration without the flag keeps
+    that tier at its own rate; a record threshold set by hand that the new threshold would pass is refused."""
+    cfg, det, log, records = traffic
+    code, out, err = calibrate(capsys, cfg, det, "--from-decisions", str(log), "--target-fpr", str(TARGET),
+                               "--record-fpr", "0.1")
+    assert code == 0, err
+    spec = yaml.safe_load(det.read_text())
+    counted = [r["score"] for r in records if r["request_id"] != "attack"]
+    rec = spec["record_calibration"]
+    assert spec["record_threshold"] == rec["threshold"] < spec["threshold"]
+    assert sum(s >= spec["record_threshold"] for s in counted) == math.floor(0.1 * 399)
+    assert rec["source"] == "traffic" and rec["target_fpr"] == 0.1 and rec["n_benign"] == 399
+    assert "record tier" in out
+    code, _, err = calibrate(capsys, cfg, det, "--from-decisions", str(log), "--target-fpr", "0.05")
+    assert code == 0, err
+    again = yaml.safe_load(det.read_text())
+    assert again["record_calibration"]["target_fpr"] == 0.1 and again["record_threshold"] == spec["record_threshold"]
+    hand = {k: v for k, v in again.items() if k != "record_calibration"} | {"record_threshold": 1e6, "threshold": 2e6}
+    det.write_text(yaml.safe_dump(hand))
+    code, _, err = calibrate(capsys, cfg, det, "--from-decisions", str(log), "--target-fpr", str(TARGET))
+    assert code == 2 and "record_threshold 1e+06 (set by hand) would not be below the new threshold" in err
+    assert yaml.safe_load(det.read_text()) == hand  # nothing written

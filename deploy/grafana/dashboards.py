@@ -132,6 +132,10 @@ def dashboard(uid: str, title: str, panels: list[dict], detector_var: bool) -> d
     }
 
 
+# Fires at a detector's page tier (what pages): a two-tier detector also counts its record tier.
+PAGE = M + ', tier="page"'
+
+
 def rate(metric: str, sel: str = M, by: str = "", window: str = "$__rate_interval") -> str:
     agg = f"sum by ({by}) " if by else "sum "
     return f"{agg}(rate({metric}{{{sel}}}[{window}]))"
@@ -145,15 +149,15 @@ def overview() -> dict:
     L = Layout()
     p = [L.row("Detectors")]
     p.append(L.panel("Detector fires by severity", [
-        (f"sum by (severity) (increase(misalignment_monitor_detector_fires_total{{{M}}}[$__rate_interval]))", "{{severity}}")],
+        (f"sum by (severity) (increase(misalignment_monitor_detector_fires_total{{{PAGE}}}[$__rate_interval]))", "{{severity}}")],
         kind="timeseries", w=8, options={"legend": {"displayMode": "list", "placement": "bottom"}},
         defaults={"custom": {"drawStyle": "bars", "stacking": {"mode": "normal"}}},
-        description="Requests on which a detector fired, per interval, by the detector's severity."))
+        description="Requests on which a detector fired at its page tier, per interval, by the detector's severity."))
     p.append(L.panel("Top detectors (fires in range)", [
-        (f"topk(10, sum by (detector) (increase(misalignment_monitor_detector_fires_total{{{M}}}[$__range])))", "{{detector}}")],
+        (f"topk(10, sum by (detector) (increase(misalignment_monitor_detector_fires_total{{{PAGE}}}[$__range])))", "{{detector}}")],
         kind="bargauge", w=8, options={"orientation": "horizontal", "reduceOptions": {"calcs": ["lastNotNull"]}}))
     p.append(L.panel("Fire rate per 1k requests", [
-        (f"1000 * {rate('misalignment_monitor_detector_fires_total', by='detector')} / ignoring(detector) group_left "
+        (f"1000 * {rate('misalignment_monitor_detector_fires_total', PAGE, by='detector')} / ignoring(detector) group_left "
          f"{rate('misalignment_monitor_requests_scored_total')}", "{{detector}}")], w=8,
         description="Fires per thousand requests the monitor judged, by detector."))
     p.append(L.panel("Actions taken (abort, annotate)", [
@@ -241,7 +245,8 @@ def detector() -> dict:
         ("vector(1)", "threshold")],
         w=12, h=9))
     p.append(L.panel("Fires and verdicts", [
-        (f"sum(increase(misalignment_monitor_detector_fires_total{{{D}}}[$__rate_interval]))", "fires"),
+        (f"sum by (tier) (increase(misalignment_monitor_detector_fires_total{{{D}}}[$__rate_interval]))",
+         "fires ({{tier}} tier)"),
         (f"sum by (outcome) (increase(misalignment_monitor_detector_evaluations_total{{{D}}}[$__rate_interval]))", "verdict {{outcome}}"),
         (f"sum by (action) (increase(misalignment_monitor_actions_total{{{D}}}[$__rate_interval]))", "{{action}}")],
         w=12, defaults={"custom": {"drawStyle": "bars"}}))

@@ -295,11 +295,13 @@ def _check_probes(lc: LoadedConfig) -> list[ConfigIssue]:
         except ProbeError as e:
             issues.append(ConfigIssue(lc.path, where, str(e)))
             continue
-        if meta.layer not in tapped:
-            issues.append(ConfigIssue(lc.path, where, f"probe reads layer {meta.layer}, which is not tapped; add it to `taps`"))
-        if lc.d_model is not None and meta.d_in != lc.d_model:
-            issues.append(ConfigIssue(lc.path, where,
-                                      f"probe width d_in={meta.d_in} differs from the tapped layer's width {lc.d_model}"))
+        layers = meta.read_layers
+        untapped = [la for la in layers if la not in tapped]
+        if untapped:
+            issues.append(ConfigIssue(lc.path, where, f"probe reads layer(s) {untapped}, not tapped; add them to `taps`"))
+        if lc.d_model is not None and meta.d_in != lc.d_model * len(layers):
+            issues.append(ConfigIssue(lc.path, where, f"probe width d_in={meta.d_in} differs from the tapped layers' "
+                                      f"width {lc.d_model} x {len(layers)} layer(s) it reads"))
         lc.probes[p.name] = meta
     return issues
 

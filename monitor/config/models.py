@@ -577,6 +577,35 @@ class DetectorSpec(Strict):
         "a config reload.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels carried into events.")
     calibration: Calibration | None = Field(None, description="Provenance of `threshold` (written by `monitor calibrate`).")
+    record_threshold: float | None = Field(
+        None, description="A second, lower tier. At this score the detector records: an alert event and an incident "
+        "(tier `record`, counted with `tier=\"record\"`), never a page and never an action; at `threshold` the same "
+        "alert escalates to tier `page`, which pages and acts. Below `threshold`, in its space. Absent: one tier, "
+        "`page`. `monitor calibrate --record-fpr RATE` sets it from the same benign set as `threshold`.")
+    record_calibration: Calibration | None = Field(
+        None, description="Provenance of `record_threshold` (written by `monitor calibrate --record-fpr`).")
+
+    @model_validator(mode="after")
+    def _tiers_in_order(self) -> "DetectorSpec":
+        if self.record_threshold is not None and not self.record_threshold < self.threshold:
+            raise ValueError(f"record_threshold {self.record_threshold:g} must be below threshold {self.threshold:g}: "
+                             "the record tier is the lower one, the page tier the higher")
+        if self.record_calibration is not None and self.record_threshold is None:
+            raise ValueError("record_calibration describes a record_threshold, which is not set")
+        return self
+
+    def tier_of(self, score: float) -> Literal["record", "page"] | None:
+        """The highest tier a score reaches, or None."""
+        if score >= self.threshold:
+            return "page"
+        if self.record_threshold is not None and score >= self.record_threshold:
+            return "record"
+        return None
+
+    @property
+    def lowest_threshold(self) -> float:
+        """Where the detector first fires: its record tier when it has one."""
+        return self.threshold if self.record_threshold is None else self.record_threshold
 
     @field_validator("labels")
     @classmethod

@@ -74,6 +74,7 @@ class IncidentSummary(BaseModel):
     status: Literal["open", "acknowledged", "resolved"]
     verdict: Literal["true_positive", "false_positive", "unsure"] | None
     mode: Literal["live", "shadow"] = Field(description="`shadow`: only detectors in shadow mode fired (never paged).")
+    tier: Literal["page", "record"] = Field(description="`record`: recorded at a detector's lower tier, never paged.")
     url: str = Field(description="The incident page.")
 
 
@@ -617,7 +618,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore, opener=None
     def summary(r) -> IncidentSummary:
         return IncidentSummary(alert_ids=r.alert_ids, event_id=r.event_id, request_id=r.request_id, detectors=r.detectors,
                                severity=r.severity, model=r.model, deployment=r.deployment, time=r.event_time,
-                               status=r.status, verdict=r.verdict, mode=r.mode, url=_url(f"/incidents/{quote(r.alert_ids[0])}"))
+                               status=r.status, verdict=r.verdict, mode=r.mode, tier=r.tier, url=_url(f"/incidents/{quote(r.alert_ids[0])}"))
 
     def _url(path: str) -> str:
         return (cfg.console.base_url or "") + path
@@ -630,7 +631,7 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore, opener=None
                  detector: str | None = None, concept: str | None = None, severity: str | None = None,
                  model: str | None = None, deployment: str | None = None, status: str | None = None,
                  verdict: str | None = None, since: str | None = None, until: str | None = None,
-                 mode: str = "live") -> IncidentList:
+                 mode: str = "live", tier: str | None = None) -> IncidentList:
         f = _filter(request)
         try:
             page = page_of(f, limit, cursor)

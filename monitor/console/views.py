@@ -95,6 +95,7 @@ class DetectorView:
     evidence: list[dict]
     definition: dict
     calibration: dict | None
+    tier: str | None = None  # the tier reached: page, record (then `threshold` and `calibration` are the record tier's)
 
 
 @dataclass
@@ -226,11 +227,12 @@ def _words(texts: list[str], j: int, span: int = 6, before_only: bool = False, s
 
 def detector_view(d: dict) -> DetectorView:
     spec = DetectorSpec.model_validate(d["definition"])
+    record = d.get("tier") == "record"  # judged against the tier it reached: its threshold, its calibration
     return DetectorView(
         name=d["name"], concept=d["concept"], severity=d["severity"], fired=d["fired"], alert_id=d["alert_id"],
-        score=d["score"], threshold=d["threshold"], fired_at=d["fired_at_position"], description=spec.description,
-        space=_space(spec), evidence=d["evidence"], definition=d["definition"],
-        calibration=d["definition"].get("calibration"))
+        score=d["score"], threshold=spec.record_threshold if record else d["threshold"], fired_at=d["fired_at_position"],
+        description=spec.description, space=_space(spec), evidence=d["evidence"], definition=d["definition"],
+        calibration=d["definition"].get("record_calibration" if record else "calibration"), tier=d.get("tier"))
 
 
 def _trajectory(d: DetectorView, running: dict | None, first: int, last: int, boundary: int,
@@ -278,7 +280,8 @@ def how_sure(d: DetectorView) -> str | None:
     times = ""
     if d.score is not None and d.threshold and d.threshold > 0 and d.score > d.threshold:
         times = f" This one scored {d.score / d.threshold:.1f} times the threshold."
-    return f"{rate.capitalize()} normal conversations reach this detector's threshold{on}{bound}.{times}"
+    which = "record tier's threshold" if d.tier == "record" else "threshold"
+    return f"{rate.capitalize()} normal conversations reach this detector's {which}{on}{bound}.{times}"
 
 
 def _headline(primary: DetectorView, kind: str, trace: dict, texts: list[str] | None, n_prompt: int) -> tuple[str, str, str | None]:

@@ -11,7 +11,9 @@ is reproduced exactly); count/fraction aggregations report a count/fraction, and
 
 `combine`: any = the highest per-input aggregate, all = the lowest, weighted = aggregate of the
 per-token weighted sum. A detector fires at most once per request, when its score first reaches
-its threshold; later evidence updates the same alert (same alert id).
+its lowest threshold; later evidence updates the same alert (same alert id). A detector with a
+`record_threshold` has two tiers: it fires at `record` there, and the same alert escalates to
+`page` (once) when the score reaches `threshold`.
 
 Row 0 of every request is skipped: it is the same token at the same position in every chat (an
 attention sink with a huge norm) and carries no information; the probes are trained without it.
@@ -78,6 +80,7 @@ class BankStep:
     """What one update did: the batch rows whose request the detector fired on, and running scores."""
 
     fired: np.ndarray  # [F] indices into the batch's requests
+    escalated: np.ndarray  # [E] indices into the batch's requests whose alert rose from `record` to `page` now
     running: np.ndarray | None  # [S, L] the detector's score after each token (with `running`)
     changed: np.ndarray  # [C] indices into the batch's requests whose top tokens changed
 
@@ -102,6 +105,7 @@ class DetectorBank:
         k, n_in = TOP_TOKENS, len(detector.inputs)
         self.active = np.zeros(capacity, dtype=bool)  # has seen an in-scope token
         self.fired = np.zeros(capacity, dtype=bool)
+        self.paged = np.zeros(capacity, dtype=bool)  # reached the page tier (`threshold`)
         self.fired_at = np.full(capacity, -1, dtype=np.int64)
         self.score = np.full(capacity, np.nan)
         self.top_score = np.full((capacity, k), -np.inf)
@@ -121,6 +125,7 @@ class DetectorBank:
         self.agg.grow(capacity)
         self.active = grown(self.active, capacity, False)
         self.fired = grown(self.fired, capacity, False)
+        self.paged = grown(self.paged, capacity, False)
         self.fired_at = grown(self.fired_at, capacity, -1)
         self.score = grown(self.score, capacity, np.nan)
         self.top_score = grown(self.top_score, capacity, -np.inf)
@@ -132,6 +137,7 @@ class DetectorBank:
         self.agg.reset(slots)
         self.active[slots] = False
         self.fired[slots] = False
+        self.paged[slots] = False
         self.fired_at[slots] = -1
         self.score[slots] = np.nan
         self.top_score[slots] = -np.inf
@@ -167,7 +173,8 @@ class DetectorBank:
         self.score[s] = score
         self.active[s] = True
         changed = self._merge_top(batch, batch.gather(positions, -1).astype(np.int64), inputs)
-        fired = np.flatnonzero(~self.fired[s] & (score >= spec.threshold))
+        was_fired = self.fired[s]
+        fired = np.flatnonzero(~was_fired & (score >= spec.lowest_threshold))
         if len(fired):
             slots = s[fired]
             self.fired[slots] = True
@@ -175,8 +182,11 @@ class DetectorBank:
             self.fired_at[slots] = positions[rows]
             for slot in slots.tolist():
                 self.alert_ids[slot] = str(uuid.uuid4())
+        paged_now = ~self.paged[s] & (score >= spec.threshold)
+        self.paged[s[paged_now]] = True
+        escalated = np.flatnonzero(paged_now & was_fired)  # fired at `record` before, `page` now
         run = (sigmoid(run) if det.sigmoid_last else run) if running else None
-        return BankStep(fired, run, np.flatnonzero(changed))
+        return BankStep(fired, escalated, run, np.flatnonzero(changed))
 
     def _merge_top(self, batch: Ragged, positions: np.ndarray, inputs: np.ndarray) -> np.ndarray:
         """Merge each request's new tokens (`inputs`: [S, L, inputs]) into its top tokens; returns which
@@ -211,13 +221,17 @@ class DetectorBank:
     def top_positions(self, slot: int) -> set[int]:
         return {int(p) for p in self.top_pos[slot] if p >= 0}
 
+    def tier(self, slot: int) -> str | None:
+        """The highest tier this request's alert reached: `page`, `record`, or None (not fired)."""
+        return "page" if self.paged[slot] else "record" if self.fired[slot] else None
+
     def snapshot(self, slot: int, req: str, request_id: str, external_id: str, sample: int, *, fired_now: bool,
-                 final: bool, step_time: float | None = None) -> DetectorUpdate:
+                 final: bool, step_time: float | None = None, escalated_now: bool = False) -> DetectorUpdate:
         """One request's state as it is now, frozen: what sinks receive."""
         fired = bool(self.fired[slot])
         return DetectorUpdate(req, request_id, external_id, sample, self.spec, float(self.score[slot]), fired,
                               self.alert_ids.get(slot), int(self.fired_at[slot]) if fired else None, self.top(slot),
-                              fired_now, final, step_time)
+                              fired_now, final, step_time, self.tier(slot), escalated_now)
 
     def adopt(self, detector: CompiledDetector) -> None:
         """A reload kept what this detector measures: judge by the new definition from now on."""
@@ -274,10 +288,17 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
         heads.setdefault(s.layer, {})[sae_head(name)] = WatchedEncoder.from_sae(sae, cols, mode=s.mode)
         del sae  # only the watched columns are kept
     probe_outputs: dict[str, list[str]] = {}
+    sums: dict[str, list[str]] = {}
     for name in sorted(used_probes):
         probe = LinearProbe.load(loaded.resolve(probe_cfg[name].path))
         probe_outputs[name] = probe.meta.outputs
-        heads.setdefault(probe.meta.layer, {})[probe_head(name)] = probe
+        parts = probe.per_layer()
+        if len(parts) == 1:
+            heads.setdefault(probe.meta.layer, {})[probe_head(name)] = probe
+            continue
+        sums[probe_head(name)] = [f"{probe_head(name)}@{layer}" for layer in parts]
+        for layer, part in parts.items():
+            heads.setdefault(layer, {})[f"{probe_head(name)}@{layer}"] = part
     infos = {sae_head(n): HeadInfo(sae_head(n), "sae", tuple(f"{n}/{c}" for c in cols))
              for n, cols in feature_columns.items()}
     infos |= {probe_head(n): HeadInfo(probe_head(n), "probe", tuple(f"{n}/{o}" for o in outs))
@@ -295,7 +316,7 @@ def build_detector_set(loaded: LoadedConfig, device: str | torch.device | None =
                 refs.append(InputRef(probe_head(inp.probe), col, inp.weight, True, f"{inp.probe}/{outputs[col]}"))
         compiled.append(CompiledDetector(det.spec, refs))
     context = {s.name: ContextEncoder(s.name, s.layer, lambda s=s: load_sae(s), dev) for s in cfg.saes}
-    return DetectorSet(BatchedScorer(heads, dev, cfg.scoring.max_batch_rows), compiled, sorted(heads), infos, context)
+    return DetectorSet(BatchedScorer(heads, dev, cfg.scoring.max_batch_rows, sums), compiled, sorted(heads), infos, context)
 
 
 def scope_batch(spec: DetectorSpec, slots: np.ndarray, first_row: np.ndarray, start: np.ndarray,

@@ -33,6 +33,23 @@ class DetectorUpdate:
     fired_now: bool  # this update is the one that fired it
     final: bool  # the request finished: this is the verdict
     step_time: float | None = None  # wall-clock end of the forward pass whose rows caused this update
+    tier: str | None = None  # the highest tier reached: "page", "record" (a detector with a record_threshold), None
+    escalated_now: bool = False  # this update raised the alert from `record` to `page`
+
+    def __post_init__(self) -> None:
+        if self.tier is None and self.fired:  # built without the runtime's tier (a test, a bench): from the score
+            tier = "page" if self.detector.record_threshold is None else self.detector.tier_of(self.score) or "record"
+            object.__setattr__(self, "tier", tier)
+
+    @property
+    def paged(self) -> bool:
+        """The alert reached the page tier: it pages (live detectors) and acts."""
+        return self.tier == "page"
+
+    @property
+    def tier_threshold(self) -> float:
+        """The threshold of the tier reached (the page tier's before it fires)."""
+        return self.detector.record_threshold if self.tier == "record" else self.detector.threshold
 
     @property
     def evidence(self) -> tuple[TokenEvidence, ...]:

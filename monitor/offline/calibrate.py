@@ -29,6 +29,7 @@ from monitor.offline.judge import head_scores, judge, prompt_firing
 from monitor.offline.pack import write_detector
 from monitor.offline.records import Record, sha256_file
 from monitor.offline.thresholds import fpr_upper_bound, min_samples, threshold_at_fpr
+from monitor.offline.tiers import check_record_rate, record_tier
 from monitor.provenance import Baseline, Calibration
 
 
@@ -43,12 +44,14 @@ class Calibrated:
     n_benign: int
     skipped_positive: int  # records labelled positive for the detector's concept: not benign for it
     baseline: Baseline  # the benign set's score distribution and input firing rates, for drift
+    record: dict  # the record tier's fields (`monitor.offline.tiers`), {} for one tier
 
 
 def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: float, model_dir: Path,
-              write: bool = True, backend: str = "transformers") -> list[Calibrated]:
+              write: bool = True, backend: str = "transformers", record_fpr: float | None = None) -> list[Calibrated]:
     if not 0 < target_fpr < 1:
         raise OfflineError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    check_record_rate(record_fpr, target_fpr)
     need = min_samples(target_fpr)
     # Refuse before the (slow) activations, and before any file is touched.
     for det in loaded.detectors:
@@ -62,6 +65,8 @@ def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: floa
     scored = [head_scores(detset, c) for c in convs]
     verdicts = [judge(detset, c, s) for c, s in zip(convs, scored)]
     compiled = {d.spec.name: d for d in detset.detectors}
+    digest = sha256_file(benign_file)
+    today = date.today().isoformat()
     out = []
     for det in loaded.detectors:
         spec = det.spec
@@ -80,17 +85,19 @@ def calibrate(loaded, records: list[Record], benign_file: Path, target_fpr: floa
                 fired[label] += counts[label]
         baseline = make_baseline(np.array(benign, np.float64),
                                  {k: v / n_tokens if n_tokens else 0.0 for k, v in fired.items()}, n_tokens)
+        record = record_tier(spec, det.file, thr, scores, record_fpr, lambda **kw: Calibration(
+            **kw, n_benign=len(scores), data=str(benign_file), data_sha256=digest, date=today))
         out.append(Calibrated(spec.name, det.file, spec.threshold, thr, achieved, fpr_upper_bound(fp, len(scores)),
-                              len(scores), len(records) - len(benign), baseline))
-    if write:
-        digest = sha256_file(benign_file)
+                              len(scores), len(records) - len(benign), baseline, record))
+    if write:  # only once every detector's tiers were found: a refused one leaves every file as it was
         for c in out:
             _write_back(c.file, c, target_fpr, benign_file, digest)
     return out
 
 
 def _write_back(path: Path, c: Calibrated, target_fpr: float, data: Path, digest: str) -> None:
-    """Replace `threshold` and `calibration` in the detector file; its leading comment lines are kept."""
+    """Replace `threshold` and `calibration` (and the record tier's) in the detector file; its leading comment
+    lines are kept."""
     header = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -99,5 +106,5 @@ def _write_back(path: Path, c: Calibrated, target_fpr: float, data: Path, digest
     calibration = Calibration(
         threshold=c.threshold, target_fpr=target_fpr, achieved_fpr=c.achieved_fpr, fpr_upper_95=c.fpr_upper_95,
         n_benign=c.n_benign, data=str(data), data_sha256=digest, date=date.today().isoformat(), baseline=c.baseline)
-    spec = parse_detector(path).model_copy(update={"threshold": c.threshold, "calibration": calibration})
+    spec = parse_detector(path).model_copy(update={"threshold": c.threshold, "calibration": calibration, **c.record})
     write_detector(spec, path, header)

@@ -9,7 +9,8 @@ token is in the detector's scope gets no score and never fires.
 
 Metrics: AUROC (Mann-Whitney, ties counted half), TPR at 1% and 5% FPR (the threshold that keeps
 the FPR on these negatives at most the target, as `monitor calibrate` picks it), and at the
-detector's own threshold: precision, recall and the FPR achieved on the negatives.
+detector's own threshold: precision, recall and the FPR achieved on the negatives. A detector with
+a record tier gets recall and FPR at each tier (`tiers`), overall and by family.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, target: float) -> float:
 
 
 @dataclass
+class TierFigures:
+    """At one threshold tier of a detector: `page` (its threshold) or `record` (its record_threshold)."""
+
+    tier: str
+    threshold: float
+    recall: float | None  # None when there is no positive
+    fpr: float | None  # None when there is no negative
+
+
+def tier_figures(tiers: dict[str, float], pos: np.ndarray, neg: np.ndarray) -> list[TierFigures]:
+    return [TierFigures(t, thr, float((pos >= thr).mean()) if len(pos) else None,
+                        float((neg >= thr).mean()) if len(neg) else None) for t, thr in tiers.items()]
+
+
+@dataclass
 class FamilyFigures:
     """One family of conversations (a data file, or a record's `family`): how the detector does on it."""
 
@@ -57,6 +73,7 @@ class FamilyFigures:
     fpr_at_threshold: float | None
     n_pos: int
     n_neg: int
+    tiers: list[TierFigures] = field(default_factory=list)  # with a record tier: figures at each tier
 
 
 @dataclass
@@ -88,6 +105,7 @@ class DetectorReport:
     pos_scores: list[float] = field(default_factory=list, repr=False)
     neg_scores: list[float] = field(default_factory=list, repr=False)
     families: list[FamilyFigures] = field(default_factory=list)
+    tiers: list[TierFigures] = field(default_factory=list)  # with a record tier: figures at each (record, page)
     negative_sources: list[SourceFalsePositives] = field(default_factory=list)  # highest FPR first
 
     @property
@@ -108,7 +126,8 @@ class DetectorReport:
         return d
 
 
-def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.ndarray) -> DetectorReport:
+def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.ndarray,
+           record_threshold: float | None = None) -> DetectorReport:
     if len(pos) == 0 or len(neg) == 0:
         raise OfflineError(f"detector {name}: concept {concept!r} has {len(pos)} positive and {len(neg)} negative "
                            "records; both classes are needed")
@@ -120,7 +139,12 @@ def report(name: str, concept: str, threshold: float, pos: np.ndarray, neg: np.n
         detector=name, concept=concept, auroc=auroc(pos, neg), tpr_at_1pct_fpr=tpr_at_fpr(pos, neg, 0.01),
         tpr_at_5pct_fpr=tpr_at_fpr(pos, neg, 0.05), precision=tp / (tp + fp) if tp + fp else None,
         recall=tp / len(pos), fpr_at_threshold=fp / len(neg), threshold=float(threshold), n_pos=len(pos),
-        n_neg=len(neg), pos_scores=[float(x) for x in pos], neg_scores=[float(x) for x in neg])
+        n_neg=len(neg), pos_scores=[float(x) for x in pos], neg_scores=[float(x) for x in neg],
+        tiers=tier_figures(_tiers(threshold, record_threshold), pos, neg))
+
+
+def _tiers(threshold: float, record_threshold: float | None) -> dict[str, float]:
+    return {} if record_threshold is None else {"record": record_threshold, "page": threshold}
 
 
 def score_records(loaded, records: list[Record], model_dir: Path, backend: str = "transformers") -> dict[str, tuple[list, list]]:
@@ -150,12 +174,13 @@ def _scores(pairs: list[tuple[float, Record]]) -> np.ndarray:
 def breakdown(rep: DetectorReport, pos: list[tuple[float, Record]], neg: list[tuple[float, Record]]) -> None:
     """Fill in the per-family figures and the false positives by source family."""
     thr = rep.threshold
+    tiers = {t.tier: t.threshold for t in rep.tiers}
     for fam in sorted({r.family or "" for _, r in pos + neg}):
         p = _scores([x for x in pos if (x[1].family or "") == fam])
         n = _scores([x for x in neg if (x[1].family or "") == fam])
         rep.families.append(FamilyFigures(
             fam, auroc(p, n) if len(p) and len(n) else None, float((p >= thr).mean()) if len(p) else None,
-            float((n >= thr).mean()) if len(n) else None, len(p), len(n)))
+            float((n >= thr).mean()) if len(n) else None, len(p), len(n), tier_figures(tiers, p, n)))
     by_source: dict[str, list[int]] = {}
     for s, r in neg:
         counts = by_source.setdefault(r.source_family, [0, 0])
@@ -172,7 +197,7 @@ def evaluate(loaded, records: list[Record], model_dir: Path, backend: str = "tra
         pos, neg = scored[d.spec.name]
         if not pos and not neg:
             continue
-        rep = report(d.spec.name, d.spec.concept, d.spec.threshold, _scores(pos), _scores(neg))
+        rep = report(d.spec.name, d.spec.concept, d.spec.threshold, _scores(pos), _scores(neg), d.spec.record_threshold)
         breakdown(rep, pos, neg)
         out.append(rep)
     return out
@@ -186,6 +211,10 @@ def table(reports: list[DetectorReport]) -> str:
         prec = "-" if r.precision is None else f"{r.precision:.2f}"
         rows.append(f"{r.detector:<26} {r.concept:<18} {r.auroc:>6.3f} {r.tpr_at_1pct_fpr:>7.2f} {r.tpr_at_5pct_fpr:>7.2f} "
                     f"{r.threshold:>8.3g} {prec:>5} {r.recall:>6.2f} {r.fpr_at_threshold:>7.3f} {r.n_pos:>5} {r.n_neg:>5}")
+        for t in r.tiers:
+            if t.tier == "record":  # the page tier is the row above
+                rows.append(f"{'  record tier':<26} {'':<18} {'':>6} {'':>7} {'':>7} {t.threshold:>8.3g} {'':>5} "
+                            f"{t.recall:>6.2f} {t.fpr:>7.3f}")
     return "\n".join(rows)
 
 
@@ -199,10 +228,14 @@ def shift_table(reports: list[DetectorReport], top: int = 5) -> str:
     for r in reports:
         worst = r.worst_family
         rows.append(f"\n{r.detector} by family" + (f" (worst: {worst.family})" if worst else "") + ":")
-        rows.append(f"  {'family':<30} {'AUROC':>6} {'recall':>6} {'FPR@thr':>7} {'pos':>5} {'neg':>5}")
+        record = bool(r.tiers)
+        rows.append(f"  {'family':<30} {'AUROC':>6} {'recall':>6} {'FPR@thr':>7} {'pos':>5} {'neg':>5}"
+                    + (f" {'recall@record':>13} {'FPR@record':>10}" if record else ""))
         for f in r.families:
+            rec = next((t for t in f.tiers if t.tier == "record"), None)
             rows.append(f"  {f.family:<30} {num(f.auroc, '6.3f'):>6} {num(f.recall, '6.2f'):>6} "
-                        f"{num(f.fpr_at_threshold, '7.3f'):>7} {f.n_pos:>5} {f.n_neg:>5}")
+                        f"{num(f.fpr_at_threshold, '7.3f'):>7} {f.n_pos:>5} {f.n_neg:>5}"
+                        + (f" {num(rec.recall, '13.2f'):>13} {num(rec.fpr, '10.3f'):>10}" if rec else ""))
         firing = [s for s in r.negative_sources if s.fired]
         if firing:
             shown = ", ".join(f"{s.source} {s.fired}/{s.n}" for s in firing[:top])

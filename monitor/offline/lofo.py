@@ -42,7 +42,7 @@ class HeldOut:
 
 
 def leave_one_family_out(records: list[Record], benign: list[Record], calibration: list[Record], concept: str,
-                         model_dir: Path, *, layer: int, scope: Scope, aggregation: Aggregation,
+                         model_dir: Path, *, layer: int | list[int], scope: Scope, aggregation: Aggregation,
                          target_fprs: list[float], backend: str = "transformers") -> list[HeldOut]:
     families = sorted({r.family or "" for r in records})
     if len(families) < 2:
@@ -58,7 +58,7 @@ def leave_one_family_out(records: list[Record], benign: list[Record], calibratio
     if len(calibration) < need:
         raise OfflineError(f"{len(calibration)} calibration records cannot set a threshold at FPR {min(target_fprs):g}; "
                            f"use at least {need}")
-    source = row_source(model_dir, [layer], backend)
+    source = row_source(model_dir, [layer] if isinstance(layer, int) else list(layer), backend)
     convs = source.many([r.messages for r in records], progress="lofo records")
     benign_convs = source.many([r.messages for r in benign], progress="lofo benign") if benign else []
     calib_convs = source.many([r.messages for r in calibration], progress="lofo calibration")

@@ -15,7 +15,7 @@ request and decides how to answer (Arditi et al. 2024 find harmful and harmless 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -40,13 +40,17 @@ def token_slice(conv: ConversationRows, scope: Scope) -> slice:
     return slice(1, n)
 
 
-def scope_rows(conv: ConversationRows, layer: int, scope: Scope) -> torch.Tensor:
-    """The rows a detector with this scope sees; the last row when the scope is empty."""
+def scope_rows(conv: ConversationRows, layer: int | Sequence[int], scope: Scope) -> torch.Tensor:
+    """The rows a detector with this scope sees; the last row when the scope is empty. Several layers: each
+    token's rows of those layers side by side, in order (what a probe over several layers reads)."""
+    if not isinstance(layer, int):
+        return torch.cat([scope_rows(conv, la, scope) for la in layer], dim=-1)
     rows = conv.rows[layer][token_slice(conv, scope)]
     return rows if rows.shape[0] else conv.rows[layer][-1:]
 
 
-def pooled(convs: list[ConversationRows], layer: int, scope: Scope = "both", last: bool = False) -> torch.Tensor:
+def pooled(convs: list[ConversationRows], layer: int | Sequence[int], scope: Scope = "both",
+           last: bool = False) -> torch.Tensor:
     """Each conversation's mean row over the scope; with `last`, its last row instead (for a detector that
     aggregates with `last`, the classifier it runs is then the one trained)."""
     if last:
@@ -68,7 +72,7 @@ def aggregated_logits(probe: LinearProbe, convs: list[ConversationRows], scope: 
 
     out = np.empty(len(convs))
     for i, c in enumerate(convs):
-        logits = probe.logits(scope_rows(c, probe.meta.layer, scope)).numpy()[:, :1].astype(np.float64)
+        logits = probe.logits(scope_rows(c, probe.meta.read_layers, scope)).numpy()[:, :1].astype(np.float64)
         agg = make_aggregator(aggregation, capacity=1)
         agg.update(Ragged.of(np.array([0]), np.array([0]), np.array([len(logits)])), logits[None])
         out[i] = float(agg.value(np.array([0]))[0, 0])
@@ -108,7 +112,7 @@ def fit_logistic_probe(
     name: str,
     concept: str,
     model: str,
-    layer: int,
+    layer: int | Sequence[int],
     training: TrainingData,
     c: float | None = None,
     groups: np.ndarray | None = None,
@@ -145,7 +149,9 @@ def fit_logistic_probe(
         cv.fit(z, y)
         c = float(cv.C_[0])
     meta = ProbeMetadata(
-        name=name, concept=concept, model=model, layer=layer, d_in=x.shape[1], standardize=True,
+        name=name, concept=concept, model=model, d_in=x.shape[1], standardize=True,
+        layer=layer if isinstance(layer, int) else layer[0],
+        layers=None if isinstance(layer, int) or len(layer) == 1 else list(layer),
         aggregation="mean", training=training, metrics={"C": c},
     )
 

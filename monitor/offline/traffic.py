@@ -27,6 +27,7 @@ from monitor.detectors.drift import make_baseline
 from monitor.offline import OfflineError
 from monitor.offline.pack import write_detector
 from monitor.offline.records import sha256_file
+from monitor.offline.tiers import check_record_rate, record_tier
 from monitor.offline.thresholds import fpr_upper_bound, min_samples, threshold_at_fpr
 from monitor.provenance import Calibration
 
@@ -41,6 +42,8 @@ class TrafficCalibrated:
     fire_rate_upper_95: float
     n_requests: int  # requests counted as normal traffic
     labels: dict[str, int] = field(default_factory=dict)  # verdict -> requests (true positives were left out)
+    record: dict = field(default_factory=dict)  # the record tier's fields (`monitor.offline.tiers`), {} for one tier
+    scores: np.ndarray | None = None  # the counted requests' scores (NaN: no score)
 
 
 def read_decisions(files: list[Path], since: datetime | None) -> dict[str, list[dict]]:
@@ -58,8 +61,10 @@ def read_decisions(files: list[Path], since: datetime | None) -> dict[str, list[
             except json.JSONDecodeError as e:
                 raise OfflineError(f"{path}:{n}: not a decision record ({e.msg}); decision logs are written by "
                                    "`monitor sidecar --decisions FILE`") from None
-            if not isinstance(rec, dict) or rec.get("event") not in ("fired", "final") or "detector" not in rec:
-                raise OfflineError(f"{path}:{n}: not a decision record (needs `event`: fired|final and `detector`)")
+            if not isinstance(rec, dict) or rec.get("event") not in ("fired", "escalated", "final") \
+                    or "detector" not in rec:
+                raise OfflineError(f"{path}:{n}: not a decision record (needs `event`: fired|escalated|final and "
+                                   "`detector`)")
             if rec["event"] != "final" or (t0 is not None and rec.get("time", 0) < t0):
                 continue
             out.setdefault(rec["detector"], []).append(rec)
@@ -68,10 +73,12 @@ def read_decisions(files: list[Path], since: datetime | None) -> dict[str, list[
 
 def calibrate_on_traffic(loaded, files: list[Path], target_rate: float, since: datetime | None,
                          verdicts: dict[str, str] | None = None, write: bool = True,
-                         window: str | None = None) -> list[TrafficCalibrated]:
-    """`verdicts`: alert id -> a person's verdict (true_positive, false_positive, unsure), from the store."""
+                         window: str | None = None, record_rate: float | None = None) -> list[TrafficCalibrated]:
+    """`verdicts`: alert id -> a person's verdict (true_positive, false_positive, unsure), from the store.
+    `record_rate`: also set the record tier at this fire rate (`monitor.offline.tiers`)."""
     if not 0 < target_rate < 1:
         raise OfflineError(f"--target-fpr must be between 0 and 1, got {target_rate}")
+    check_record_rate(record_rate, target_rate)
     verdicts = verdicts or {}
     decisions = read_decisions(files, since)
     need = min_samples(target_rate)
@@ -92,6 +99,8 @@ def calibrate_on_traffic(loaded, files: list[Path], target_rate: float, since: d
                 f"rate of {target_rate:g} (with none firing, the 95% upper bound would still be about "
                 f"{3 / max(len(kept), 1):.3g}); at least {need} are needed: watch it longer, or widen --since")
         plans.append((det, kept, labels))
+    shared = dict(source="traffic", window=window, data=", ".join(str(f) for f in files),
+                  data_sha256=sha256_file(files[0]) if len(files) == 1 else None, date=date.today().isoformat())
     out = []
     for det, kept, labels in plans:
         scores = np.array([np.nan if r.get("score") is None else float(r["score"]) for r in kept], np.float64)
@@ -99,18 +108,18 @@ def calibrate_on_traffic(loaded, files: list[Path], target_rate: float, since: d
         thr, achieved = threshold_at_fpr(ranked, target_rate)
         fires = int((ranked >= thr).sum())
         out.append(TrafficCalibrated(det.spec.name, det.file, det.spec.threshold, thr, achieved,
-                                     fpr_upper_bound(fires, len(ranked)), len(ranked), labels))
-        if write:
-            calibration = Calibration(
-                threshold=thr, target_fpr=target_rate, achieved_fpr=achieved, fpr_upper_95=out[-1].fire_rate_upper_95,
-                n_benign=len(ranked), source="traffic", window=window, labels=labels,
-                data=", ".join(str(f) for f in files), data_sha256=sha256_file(files[0]) if len(files) == 1 else None,
-                date=date.today().isoformat(),
-                # The decision log has each request's score, not its tokens: no per-input rates to keep.
-                baseline=make_baseline(scores, {}, 0))
-            header = _header(det.file)
-            spec = parse_detector(det.file).model_copy(update={"threshold": thr, "calibration": calibration})
-            write_detector(spec, det.file, header)
+                                     fpr_upper_bound(fires, len(ranked)), len(ranked), labels, scores=scores))
+        out[-1].record = record_tier(det.spec, det.file, thr, ranked, record_rate,
+                                     lambda **kw: Calibration(**kw, n_benign=len(ranked), labels=labels, **shared))
+    for c in out if write else ():  # only once every detector's tiers were found: a refusal writes nothing
+        calibration = Calibration(
+            threshold=c.threshold, target_fpr=target_rate, achieved_fpr=c.fire_rate, fpr_upper_95=c.fire_rate_upper_95,
+            n_benign=c.n_requests, labels=c.labels, **shared,
+            # The decision log has each request's score, not its tokens: no per-input rates to keep.
+            baseline=make_baseline(c.scores, {}, 0))
+        spec = parse_detector(c.file).model_copy(update={"threshold": c.threshold, "calibration": calibration,
+                                                         **c.record})
+        write_detector(spec, c.file, _header(c.file))
     return out
 
 

@@ -99,7 +99,7 @@ def _split(records: list[Record], y: np.ndarray, validation: float, seed: int) -
 
 
 def train_probe(records: list[Record], data_file: Path | list[Path], concept: str, model_dir: Path, *, name: str,
-                detector_name: str, layer: int, scope: Scope, target_fpr: float, validation: float,
+                detector_name: str, layer: int | list[int], scope: Scope, target_fpr: float, validation: float,
                 severity: str | None, out_probe: Path, out_detector: Path, model_name: str, description: str | None = None,
                 seed: int = 0, backend: str = "transformers", aggregation: Aggregation | None = None) -> Trained:
     aggregation = aggregation or Mean(kind="mean")
@@ -126,12 +126,13 @@ def train_probe(records: list[Record], data_file: Path | list[Path], concept: st
         raise OfflineError(f"{int((1 - y).sum())} negatives cannot calibrate a threshold at FPR {target_fpr:g}; "
                            f"use at least {need} (or a larger --target-fpr)")
     train_idx, val_idx = _split(records, y, validation, seed)
-    convs = row_source(model_dir, [layer], backend).many([r.messages for r in records], progress="probe train")
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    convs = row_source(model_dir, layers, backend).many([r.messages for r in records], progress="probe train")
     last = aggregation.kind == "last"
-    x = pooled(convs, layer, scope, last=last)
+    x = pooled(convs, layers, scope, last=last)
     groups = source_groups(records)
     fit = fit_logistic_probe(
-        x[train_idx], y[train_idx], name=name, concept=concept, model=model_name, layer=layer,
+        x[train_idx], y[train_idx], name=name, concept=concept, model=model_name, layer=layers,
         training=TrainingData(path=str(data_file), sha256=_digest(files), n_pos=int(y[train_idx].sum()),
                               n_neg=int((1 - y[train_idx]).sum()),
                               notes=f"fit on {'the last' if last else 'the mean over'} {scope} "

@@ -180,7 +180,7 @@ def live_facts(api: PrometheusAPI, model: str, window: str, spec: DetectorSpec,
                        one(f"max(misalignment_monitor_feature_firing_rate_baseline{{{fsel}}})"),
                        one(f"max(misalignment_monitor_feature_firing_psi{{{fsel}}})")))
     return LiveFacts(
-        fires=one(f"sum(increase(misalignment_monitor_detector_fires_total{{{sel}}}[{window}]))"),
+        fires=one(f'sum(increase(misalignment_monitor_detector_fires_total{{{sel}, tier="page"}}[{window}]))'),
         verdicts=one(f"sum(increase(misalignment_monitor_detector_evaluations_total{{{sel}}}[{window}]))"),
         psi_now=one(f"max(misalignment_monitor_detector_score_psi{{{sel}}})"),
         psi_max=one(f"max(max_over_time(misalignment_monitor_detector_score_psi{{{sel}}}[{window}]))"),

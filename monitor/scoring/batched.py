@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -195,11 +195,18 @@ class BatchedScorer:
     """
 
     def __init__(self, heads_by_layer: Mapping[int, Mapping[str, Head]], device: torch.device | str = "cpu",
-                 max_rows: int = 4096) -> None:
+                 max_rows: int = 4096, sums: Mapping[str, Sequence[str]] | None = None) -> None:
         names = [n for heads in heads_by_layer.values() for n in heads]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ScoringError(f"head names must be unique across layers: {dupes}")
+        # A probe over several layers: its parts (one per layer, named in `sums`) are scored with their layers'
+        # heads in the same matrix multiply, and their logits added up (the rows of every layer of a slot are
+        # the same tokens in the same order).
+        self.sums = {name: list(parts) for name, parts in (sums or {}).items()}
+        unknown = sorted({p for parts in self.sums.values() for p in parts} - set(names))
+        if unknown:
+            raise ScoringError(f"summed heads {unknown} are not heads of any layer")
         if max_rows < 1:
             raise ScoringError(f"max_rows must be at least 1, got {max_rows}")
         self.max_rows = max_rows
@@ -217,4 +224,10 @@ class BatchedScorer:
                 continue
             parts = [scorer.score(chunk) for chunk in rows.split(self.max_rows)]
             out.update({name: torch.cat([p[name] for p in parts]) for name in parts[0]})
+        for name, parts in self.sums.items():
+            if all(p in out for p in parts):
+                out[name] = sum(out.pop(p) for p in parts)
+            else:  # a layer it reads is missing from these rows: no score, rather than part of one
+                for p in parts:
+                    out.pop(p, None)
         return out

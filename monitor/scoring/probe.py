@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from monitor.provenance import Calibration, TrainingData
@@ -40,7 +40,11 @@ class ProbeMetadata(BaseModel):
     name: str
     concept: str
     model: str = Field(description="model the activations came from")
-    layer: int = Field(ge=0, description="residual stream after this decoder block (HF hidden_states[layer+1])")
+    layer: int = Field(ge=0, description="residual stream after this decoder block (HF hidden_states[layer+1]); "
+                       "for a probe over several layers, the first of `layers`")
+    layers: list[int] | None = Field(None, description="A probe over several tapped layers reads their rows of "
+                                     "the same token side by side, in this order (`d_in` = d_model x layers). "
+                                     "Absent: `layer` alone.")
     hook: str = "resid_post"
     d_in: int = Field(gt=0)
     outputs: list[str] = Field(default_factory=lambda: ["score"], min_length=1)
@@ -51,6 +55,23 @@ class ProbeMetadata(BaseModel):
     calibration: Calibration | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @model_validator(mode="after")
+    def _layers_agree(self) -> "ProbeMetadata":
+        if self.layers is None:
+            return self
+        if len(self.layers) < 2 or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ValueError(f"layers {self.layers}: give two or more distinct layers (one layer: `layer` alone)")
+        if self.layer != self.layers[0]:
+            raise ValueError(f"layer {self.layer} must be the first of layers {self.layers}")
+        if self.d_in % len(self.layers):
+            raise ValueError(f"d_in {self.d_in} is not a multiple of the {len(self.layers)} layers it reads")
+        return self
+
+    @property
+    def read_layers(self) -> list[int]:
+        """The layers whose rows the probe reads, side by side, in order."""
+        return list(self.layers) if self.layers else [self.layer]
 
 
 class LinearProbe:
@@ -100,6 +121,22 @@ class LinearProbe:
             return self.weight.T.contiguous(), self.bias.clone()
         w = (self.weight / self.std).T.contiguous()
         return w, self.bias - (self.mean / self.std) @ self.weight.T
+
+    def per_layer(self) -> dict[int, "LinearProbe"]:
+        """A probe over several layers as one partial probe per layer, whose logits sum to this probe's:
+        `x @ W + b` splits by the blocks of `x` (standardisation folded in, the bias on the first layer).
+        The sidecar scores each part with the heads of its own layer and adds them up."""
+        layers = self.meta.read_layers
+        if len(layers) == 1:
+            return {layers[0]: self}
+        w, b = self.affine()
+        d = self.d_in // len(layers)
+        parts = {}
+        for i, layer in enumerate(layers):
+            meta = self.meta.model_copy(update={"layer": layer, "layers": None, "d_in": d, "standardize": False,
+                                                "name": f"{self.meta.name}@{layer}"})
+            parts[layer] = LinearProbe(w[i * d:(i + 1) * d].T, b if i == 0 else torch.zeros_like(b), meta)
+        return parts
 
     def to(self, device: torch.device | str) -> "LinearProbe":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731

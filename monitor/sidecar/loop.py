@@ -417,6 +417,11 @@ class Sidecar:
                     info = table.info[int(batch.slots[k])]
                     self.bus.emit_detector(bank.snapshot(info.slot, info.req, info.request_id, info.external_id,
                                                          info.sample, fired_now=True, final=False, step_time=meta.t))
+                for k in step.escalated.tolist():  # an alert recorded earlier reached the page tier
+                    info = table.info[int(batch.slots[k])]
+                    self.bus.emit_detector(bank.snapshot(info.slot, info.req, info.request_id, info.external_id,
+                                                         info.sample, fired_now=False, final=False, step_time=meta.t,
+                                                         escalated_now=True))
         if traces is not None and self.detectors.context:
             context = {layer: t for layer, t in rows_by_layer.items() if layer in self.detectors.context_layers}
             traces.keep_rows(slots, first, count, positions, context, changed, self._evidence_positions,

@@ -42,7 +42,9 @@ class ControlSink:
 
     def on_detector(self, u: DetectorUpdate) -> None:
         spec = u.detector
-        if not u.fired_now or spec.action == "none" or spec.mode == "shadow" or u.alert_id is None:
+        # Only the page tier acts: a record-tier fire is evidence kept, never a request stopped.
+        if not (u.fired_now or u.escalated_now) or not u.paged or spec.action == "none" or spec.mode == "shadow" \
+                or u.alert_id is None:
             return
         msg = Verdict(external_id=u.external_id, request_id=u.request_id, alert_id=u.alert_id, detector=spec.name,
                       severity=spec.severity, action=spec.action, score=float(u.score), position=int(u.fired_at or 0),

@@ -13,13 +13,13 @@ from monitor.sinks.jsonl import JsonLines
 
 class DecisionLog(JsonLines):
     def __call__(self, u: DetectorUpdate) -> None:
-        if not (u.fired_now or u.final):
+        if not (u.fired_now or u.escalated_now or u.final):
             return
         d = u.detector
         self.write({
-            "event": "fired" if u.fired_now else "final", "time": time.time(), "request_id": u.request_id,
+            "event": "fired" if u.fired_now else "escalated" if u.escalated_now else "final", "time": time.time(), "request_id": u.request_id,
             "external_id": u.external_id, "sample": u.sample, "detector": d.name, "concept": d.concept,
             "severity": d.severity, "mode": d.mode, "score": u.score, "threshold": d.threshold, "fired": u.fired,
-            "alert_id": u.alert_id, "fired_at_position": u.fired_at,
+            "tier": u.tier, "record_threshold": d.record_threshold, "alert_id": u.alert_id, "fired_at_position": u.fired_at,
             "top_tokens": [{"position": e.position, "score": e.score, "inputs": e.inputs} for e in u.evidence],
         })

@@ -1,7 +1,8 @@
 """Alert events: CloudEvents 1.0 in structured JSON mode, defined by the `AlertEvent` model.
 
-One event when a detector fires on a request (revision 0), and one when the request finishes (same
-`alert_id`, revision 1, `final: true`) carrying the score and evidence as they ended up. Event ids
+One event when a detector fires on a request (revision 0), one more when a detector with two tiers
+escalates the same alert from `record` to `page`, and one when the request finishes (same `alert_id`,
+the next revision, `final: true`) carrying the score, tier and evidence as they ended up. Event ids
 are unique per event: delivery is at least once, consumers dedupe on `id`. The Kafka key is the
 request id, so one request's events stay in order. No prompt or completion text is included: the
 rows carry none.
@@ -59,7 +60,11 @@ class AlertData(Strict):
     severity: Literal["critical", "warning", "info"]
     score: float = Field(description="The detector's score: a probability for probe-only detectors, else in its "
                                      "inputs' units (see docs/configuration.md, `threshold`).")
-    threshold: float
+    threshold: float = Field(description="The threshold of the tier reached (`tier`).")
+    tier: Literal["record", "page"] = Field(
+        "page", description="The highest tier the alert reached: `page` (the detector's `threshold`: pages when "
+                            "live, acts) or `record` (its `record_threshold`: an incident is recorded, nobody is "
+                            "paged, nothing acts). A two-tier alert that escalates sends a new revision with `page`.")
     aggregation: Aggregation
     scope: Literal["prompt", "generation", "both"]
     action: Literal["none", "annotate", "abort"] = Field(
@@ -127,7 +132,7 @@ class EventBuilder:
 
     def build(self, u: DetectorUpdate) -> dict | None:
         """The event (as JSON-ready data) for a detector update, or None when there is nothing to say."""
-        if not u.fired or u.alert_id is None or not (u.fired_now or u.final):
+        if not u.fired or u.alert_id is None or not (u.fired_now or u.escalated_now or u.final):
             return None
         revision = self._revisions.get(u.alert_id, -1) + 1
         if u.final:
@@ -144,8 +149,8 @@ class EventBuilder:
                 alert_id=u.alert_id, revision=revision, request_id=u.request_id, response_id=u.external_id,
                 sample=u.sample, model=self.model, deployment=self.deployment, namespace=self.namespace, pod=self.pod,
                 detector=spec.name, concept=spec.concept, severity=spec.severity, score=u.score,
-                threshold=spec.threshold, aggregation=spec.aggregation, scope=spec.scope,
-                action="none" if spec.mode == "shadow" else spec.action, mode=spec.mode, fired_at_position=u.fired_at,
+                threshold=u.tier_threshold, tier=u.tier or "page", aggregation=spec.aggregation, scope=spec.scope,
+                action="none" if spec.mode == "shadow" or not u.paged else spec.action, mode=spec.mode, fired_at_position=u.fired_at,
                 forward_pass_time=(rfc3339(datetime.fromtimestamp(u.step_time, timezone.utc))
                                    if u.step_time is not None else None),
                 final=u.final, labels=dict(spec.labels), tokens=tokens,

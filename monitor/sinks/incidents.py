@@ -52,7 +52,10 @@ class IncidentDetector(Strict):
     fired: bool
     alert_id: str | None = Field(description="The alert events' `alert_id` when it fired.")
     score: float | None = Field(description="Final score (null when no token was in its scope).")
-    threshold: float
+    threshold: float = Field(description="The page tier's threshold (`definition.record_threshold`: the record tier's).")
+    tier: Literal["record", "page"] | None = Field(
+        None, description="The highest tier it reached when it fired: `page` (its `threshold`) or `record` (its "
+                          "`record_threshold`: recorded, never paged).")
     fired_at_position: int | None
     definition: DetectorSpec = Field(description="The detector file as it was in force: inputs, aggregation, scope, "
                                      "and `calibration` (where the threshold came from: target FPR, its bound, data digest).")
@@ -126,6 +129,9 @@ class IncidentData(Strict):
         "unknown", description="How the model's reply began, read in the sidecar: `refused` (a refusal opens it), "
         "`answered` (no refusal: the model went along), `no_reply`, `unknown` (the reply is not read: "
         "`evidence.read_reply`).")
+    tier: Literal["record", "page"] = Field(
+        "page", description="`page` when a detector that fired (of the incident's `mode`) reached its page tier; "
+                            "`record` when each reached only its record tier: kept for review, nobody was paged.")
 
 
 class SealedValue(Strict):
@@ -217,11 +223,12 @@ class IncidentBuilder:
                 sealed = [SealedValue(position=v.position, box=v.box)
                           for v in self.sealer.seal(texts, text, hit, t.positions.tolist())]
         outcome = self.reply(inc) if self.reply is not None else UNKNOWN
+        mode = "shadow" if all(u.detector.mode == "shadow" for u in fired) else "live"
         detectors = [IncidentDetector(
             name=u.detector.name, concept=u.detector.concept,
             severity=severity_for(u.detector, outcome.outcome) if u.fired else u.detector.severity, fired=u.fired,
             alert_id=u.alert_id, score=None if np.isnan(u.score) else u.score, threshold=u.detector.threshold,
-            fired_at_position=u.fired_at, definition=u.detector,
+            tier=u.tier, fired_at_position=u.fired_at, definition=u.detector,
             evidence=[EvidenceToken(position=e.position, score=e.score, inputs=[
                 EvidenceInput(input=k, value=v, explanation=self.explanations.by_input.get(k))
                 for k, v in e.inputs.items()]) for e in u.evidence]) for u in inc.verdicts]
@@ -237,8 +244,8 @@ class IncidentBuilder:
             detectors=detectors, context=context,
             coverage=Coverage(uncovered_positions=inc.uncovered_positions, untraced_tokens=inc.untraced_tokens),
             text_policy=self.text, redacted_by=redacted_by,
-            mode="shadow" if all(u.detector.mode == "shadow" for u in fired) else "live", outcome=outcome.outcome,
-            sealed=sealed)
+            mode=mode, tier="page" if any(u.paged for u in fired if mode == "shadow" or u.detector.mode == "live")
+            else "record", outcome=outcome.outcome, sealed=sealed)
         evidence = sorted({e.position for u in fired for e in u.evidence})
         keep = np.ones(len(t.positions), dtype=bool)
         window = None

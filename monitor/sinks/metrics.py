@@ -295,12 +295,15 @@ class SidecarMetrics:
         r = self.registry
         labels = ["model_name", "detector", "severity"]
         # `mode`: a shadow detector's fires are counted like a live one's, and the paging rules skip them.
-        self.fires = Counter(f"{PREFIX}_detector_fires", "Detector fires (at most one per request and detector).",
-                             [*labels, "mode"], registry=r)
+        # `tier`: a request counts once in each tier it reaches (`record` when it fires there, `page` when it
+        # reaches `threshold`); a detector without a record tier counts in `page` only. The rules page on `page`.
+        self.fires = Counter(f"{PREFIX}_detector_fires", "Detector fires (at most one per request, detector and tier).",
+                             [*labels, "mode", "tier"], registry=r)
         self.actions = Counter(f"{PREFIX}_actions", "Actions ordered on requests by detectors that act (`action: "
                                "abort | annotate`), sent to vLLM's API servers.", [*labels, "action"], registry=r)
         self.verdicts = Counter(f"{PREFIX}_detector_evaluations",
-                                "Requests a detector reached a verdict on, by outcome (fired or not).",
+                                "Requests a detector reached a verdict on, by outcome: fired (its page tier), recorded (only its "
+                                "record tier), not_fired.",
                                 [*labels, "mode", "outcome"], registry=r)
         self.outcomes = Counter(
             f"{PREFIX}_incident_outcomes", "Detectors' incidents by how the model's reply began: refused, answered "
@@ -331,7 +334,7 @@ class SidecarMetrics:
                                     ("model_name", "detector"), RATIO_BUCKETS)
         self.bulk = [self.features, self.probes, self.ratios]
         self._prepared_for: DetectorSet | None = None
-        self._detector_series: set[tuple[str, str, str]] = set()  # (detector, severity, mode) exported now
+        self._detector_series: set[tuple] = set()  # (detector, severity, mode, tiers) exported now
         self._answered_series: set[tuple[str, str, str]] = set()  # (detector, severity_if_answered, mode)
         self.follow(snapshot().detectors)
         r.register(MonitorCollector(self))
@@ -348,10 +351,11 @@ class SidecarMetrics:
                 (self.probes if head.kind == "probe" else self.features).ensure((m, name))
         # A detector that left (or changed severity or mode) stops being exported: its old series would
         # otherwise stay forever, and a detector that went live would still look as if in shadow.
-        now = {(d.spec.name, d.spec.severity, d.spec.mode) for d in ds.detectors}
-        for name, severity, mode in self._detector_series - now:
-            self.fires.remove(m, name, severity, mode)
-            for outcome in ("fired", "not_fired"):
+        now = {(d.spec.name, d.spec.severity, d.spec.mode, _tiers(d.spec)) for d in ds.detectors}
+        for name, severity, mode, tiers in self._detector_series - now:
+            for tier in tiers:
+                self.fires.remove(m, name, severity, mode, tier)
+            for outcome in ("fired", "not_fired", *(("recorded",) if "record" in tiers else ())):
                 self.verdicts.remove(m, name, severity, mode, outcome)
         self._detector_series = now
         # The page on "the model answered" reads this series' increase: it exists at 0 from the start.
@@ -364,10 +368,11 @@ class SidecarMetrics:
         self._answered_series = answered
         for det in ds.detectors:
             spec = det.spec
-            self.fires.labels(m, spec.name, spec.severity, spec.mode)
+            for tier in _tiers(spec):
+                self.fires.labels(m, spec.name, spec.severity, spec.mode, tier)
             if spec.action != "none" and spec.mode == "live":
                 self.actions.labels(m, spec.name, spec.severity, spec.action)
-            for outcome in ("fired", "not_fired"):
+            for outcome in ("fired", "not_fired", *(("recorded",) if spec.record_threshold is not None else ())):
                 self.verdicts.labels(m, spec.name, spec.severity, spec.mode, outcome)
             self.ratios.ensure((m, spec.name))
         for h in (self.detection_latency, self.scoring_latency, self.step_lag, self.delivery_latency):
@@ -399,6 +404,8 @@ class SidecarMetrics:
         """`outcome`: the request's ReplyOutcome (None: replies are not read here)."""
         what = outcome.outcome if outcome is not None else "unknown"
         for u in inc.fired:
+            if not u.paged:  # a record-tier fire never pages, the model's answer to it included
+                continue
             spec = u.detector
             severity = severity_for(spec, what)
             self.outcomes.labels(self.model_name, spec.name, severity, spec.mode, what,
@@ -410,19 +417,28 @@ class SidecarMetrics:
 
     def on_detector(self, u: DetectorUpdate) -> None:
         spec = u.detector
-        if u.fired_now:
-            self.fires.labels(self.model_name, spec.name, spec.severity, spec.mode).inc()
+        if u.fired_now or u.escalated_now:
+            if u.fired_now and u.tier == "page" and spec.record_threshold is not None:
+                self.fires.labels(self.model_name, spec.name, spec.severity, spec.mode, "record").inc()  # passed it too
+            self.fires.labels(self.model_name, spec.name, spec.severity, spec.mode, u.tier or "page").inc()
+        if (u.fired_now or u.escalated_now) and u.paged:
             if spec.action != "none" and spec.mode == "live" and u.alert_id is not None:
                 self.actions.labels(self.model_name, spec.name, spec.severity, spec.action).inc()
+        if u.fired_now:
             if u.step_time is not None:
                 self.detection_latency.labels(self.model_name).observe(max(0.0, time.time() - u.step_time))
         if u.final:
-            outcome = "fired" if u.fired else "not_fired"
+            # `fired`: reached the page tier; `recorded`: only a detector's record tier (never paged).
+            outcome = "fired" if u.paged else "recorded" if u.fired else "not_fired"
             self.verdicts.labels(self.model_name, spec.name, spec.severity, spec.mode, outcome).inc()
             if spec.threshold > 0:
                 self.ratios.observe_many((self.model_name, spec.name), np.array([u.score / spec.threshold]))
             if self.drift is not None:
                 self.drift.on_final(spec, u.score)
+
+
+def _tiers(spec) -> tuple[str, ...]:
+    return ("page",) if spec.record_threshold is None else ("record", "page")
 
 
 WORKERS = 4  # concurrent requests: Prometheus, a probe or two, a person with curl

@@ -177,7 +177,7 @@ class Store:
                    namespace=d.get("namespace"), detectors=[x["name"] for x in fired],
                    severity=max((x["severity"] for x in fired), key=SEVERITY_RANK.get, default="info"),
                    alert_ids=d["alert_ids"], text_policy=d["text_policy"], mode=d.get("mode", "live"),
-                   event_time=_when(event["time"]),
+                   tier=d.get("tier", "page"), event_time=_when(event["time"]),
                    received_at=datetime.now(timezone.utc))
         new = self._insert(session, Incident, row)
         if new:
@@ -188,7 +188,7 @@ class Store:
             self._insert(session, IncidentDetector, [dict(
                 incident_event_id=event["id"], detector=x["name"], concept=x["concept"], severity=x["severity"],
                 event_time=row["event_time"], model=row["model"], deployment=row["deployment"],
-                incident_severity=row["severity"], incident_mode=row["mode"], status="open", verdict=None)
+                incident_severity=row["severity"], incident_mode=row["mode"], incident_tier=row["tier"], status="open", verdict=None)
                 for x in fired])
         return new
 

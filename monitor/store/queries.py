@@ -74,6 +74,9 @@ class IncidentFilter(BaseModel):
     mode: Literal["live", "shadow", "all"] = Field(
         "live", description="`live`: incidents a live detector fired on (what pages); `shadow`: those only detectors "
         "in shadow mode fired on (watched, never paged), listed apart; `all`: both.")
+    tier: Literal["page", "record"] | None = Field(
+        None, description="`page`: incidents a detector paged on; `record`: those recorded at a detector's lower "
+        "tier only (never paged). Empty: both.")
 
     @model_validator(mode="before")
     @classmethod
@@ -149,7 +152,7 @@ def _conditions(f: IncidentFilter) -> list:
 
     from monitor.store.schema import Incident, IncidentDetector
 
-    cond = _where(f, time=Incident.event_time, verdict=Incident.verdict, mode=Incident.mode,
+    cond = _where(f, time=Incident.event_time, verdict=Incident.verdict, mode=Incident.mode, tier=Incident.tier,
                   severity=Incident.severity, model=Incident.model, deployment=Incident.deployment, status=Incident.status)
     if f.detector is not None or f.concept is not None:
         # An uncorrelated IN: the matching incidents are found once through the (detector|concept, time)
@@ -164,7 +167,8 @@ def _per_detector(f: IncidentFilter, with_detector: bool = True) -> list:
     """`f` on the per-detector rows, which carry every filter column."""
     from monitor.store.schema import IncidentDetector as D
 
-    return _where(f, time=D.event_time, verdict=D.verdict, mode=D.incident_mode, concept=D.concept,
+    return _where(f, time=D.event_time, verdict=D.verdict, mode=D.incident_mode, tier=D.incident_tier,
+                  concept=D.concept,
                   severity=D.incident_severity,
                   model=D.model, deployment=D.deployment, status=D.status,
                   **({"detector": D.detector} if with_detector else {}))

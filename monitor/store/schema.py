@@ -44,6 +44,7 @@ class Incident(Base):
     alert_ids: Mapped[list] = mapped_column(JSON)
     text_policy: Mapped[str] = mapped_column(String(16))
     mode: Mapped[str] = mapped_column(String(8), default="live", server_default="live")  # live | shadow (never paged)
+    tier: Mapped[str] = mapped_column(String(8), default="page", server_default="page")  # page | record (never paged)
     event_time: Mapped[datetime] = mapped_column(UTC(), index=True)
     received_at: Mapped[datetime] = mapped_column(UTC())
     # Loaded only where asked for (`selectinload(Incident.body)`); touching it otherwise raises.
@@ -93,6 +94,7 @@ class IncidentDetector(Base):
     deployment: Mapped[str] = mapped_column(String(256))
     incident_severity: Mapped[str] = mapped_column(String(16))  # the incident's (its highest)
     incident_mode: Mapped[str] = mapped_column(String(8), default="live", server_default="live")  # the incident's
+    incident_tier: Mapped[str] = mapped_column(String(8), default="page", server_default="page")  # the incident's
     status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
     verdict: Mapped[str | None] = mapped_column(String(16))
 
