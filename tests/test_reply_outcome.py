@@ -86,7 +86,7 @@ def test_outcomes_are_counted_with_the_raised_severity():
 
     empty = SimpleNamespace(detectors=SimpleNamespace(heads={}, detectors=[]))  # no detector set: not read here
     m = SidecarMetrics("smollm2", snapshot=lambda: empty)
-    inc = SimpleNamespace(fired=[SimpleNamespace(detector=SPECS["pii-if-answered"]), SimpleNamespace(detector=SPECS["pii-probe"])])
+    inc = SimpleNamespace(fired=[SimpleNamespace(detector=SPECS["pii-if-answered"], paged=True), SimpleNamespace(detector=SPECS["pii-probe"], paged=True)])
     m.on_incident(inc, ReplyOutcome("answered", "Sure!", None))
     m.on_incident(inc, ReplyOutcome("refused", "I can't", "I can't"))
     m.on_incident(inc, None)
