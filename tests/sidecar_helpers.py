@@ -53,12 +53,14 @@ def open_ring(tmp_path: Path) -> RingWriter:
                                                            dtype=torch.float32))
 
 
-def start_service(cfg: Path, ring: RingWriter) -> tuple[threading.Thread, threading.Event]:
-    """`monitor sidecar`'s service in a thread, returned once it reads the ring."""
+def start_service(cfg: Path, ring: RingWriter, **options) -> tuple[threading.Thread, threading.Event]:
+    """`monitor sidecar`'s service in a thread (`options`: run_sidecar's, e.g. decisions=PATH), returned once it
+    reads the ring."""
     from monitor.sidecar.service import run_sidecar
 
     stop = threading.Event()
-    service = threading.Thread(target=run_sidecar, args=(cfg,), kwargs={"stop": stop, "watch_every": 0.2}, daemon=True)
+    service = threading.Thread(target=run_sidecar, args=(cfg,), kwargs={"stop": stop, "watch_every": 0.2, **options},
+                               daemon=True)
     service.start()
     deadline = time.time() + 30
     while ring.counters()["reader_seq"] == 0:

@@ -5,7 +5,6 @@ scorer's."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ from monitor.scoring import BatchedScorer, LinearProbe
 from monitor.scoring.probe import ProbeError, ProbeMetadata
 from monitor.transport.meta import Segment, SlotMeta
 from monitor.transport.ring import RingSpec, RingWriter
+from sidecar_helpers import start_service
 
 D = 16
 LAYERS = [1, 3]  # tapped layers 1, 2, 3: the probe reads two of them, in this order
@@ -102,8 +102,6 @@ def test_a_config_that_does_not_tap_every_layer_of_the_probe_is_refused(tmp_path
 def test_the_sidecar_scores_a_probe_over_layers_as_the_offline_scorer_does(tmp_path, trained):
     """The real sidecar over a real ring, each request's rows in two steps (prefill, then decode with other
     requests' rows around them): every verdict's score equals `aggregated_scores` on the same rows."""
-    from monitor.sidecar.service import run_sidecar
-
     probe, _ = trained
     cfg = _monitor(tmp_path, probe)
     rng = np.random.default_rng(5)
@@ -111,16 +109,9 @@ def test_the_sidecar_scores_a_probe_over_layers_as_the_offline_scorer_does(tmp_p
     ring = RingWriter(tmp_path / "rings/k-x.ring", RingSpec(slots=16, slot_rows=64, d_model=D, layers=(1, 2, 3),
                                                            dtype=torch.float32))
     log = tmp_path / "decisions.jsonl"
-    stop = threading.Event()
-    service = threading.Thread(target=run_sidecar, args=(cfg,), kwargs={"stop": stop, "decisions": log,
-                                                                     "watch_every": 0.2}, daemon=True)
-    service.start()
+    service, stop = start_service(cfg, ring, decisions=log)
+    deadline = time.time() + 30
     try:
-        deadline = time.time() + 30
-        while ring.counters()["reader_seq"] == 0:
-            assert time.time() < deadline, "the sidecar never attached to the ring"
-            ring.publish(0, SlotMeta(), None)
-            time.sleep(0.2)
         names = list(convs)
         for i in range(0, len(names), 4):  # four requests per step: prefill all but the last 2 rows, then the rest
             group = names[i:i + 4]

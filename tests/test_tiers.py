@@ -6,7 +6,6 @@ checked with promtool in rules.test.yml and through a real Prometheus in test_al
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 
@@ -23,7 +22,7 @@ from monitor.sinks.events import EventBuilder, alert_schema
 from monitor.sinks.incidents import incident_schema
 from monitor.stack.vllm_server import free_port
 from monitor.transport.meta import Segment, SlotMeta
-from sidecar_helpers import open_ring, tiny_monitor
+from sidecar_helpers import open_ring, start_service, tiny_monitor
 from test_console import NOW, Site
 
 TIERED = {"name": "harm", "concept": "harm", "inputs": [{"sae": "s", "feature": 3}], "aggregation": {"kind": "max"},
@@ -84,8 +83,6 @@ def _metric(text: str, name: str, **labels) -> float:
 def test_the_sidecar_records_escalates_and_counts_by_tier(tmp_path):
     """The real sidecar over a real ring: `warm` reaches only the record tier, `hot` records in its prefill and
     escalates in its decode step, `cold` fires nowhere. The decision log, the incidents and /metrics say so."""
-    from monitor.sidecar.service import run_sidecar
-
     port = free_port()
     cfg = tiny_monitor(tmp_path, {"prometheus": {"port": port}}, tiered=5.0)
     (tmp_path / "det/f.yaml").unlink()  # the tiered detector alone
@@ -94,10 +91,7 @@ def test_the_sidecar_records_escalates_and_counts_by_tier(tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
     ring = open_ring(tmp_path)
     log, incidents = tmp_path / "decisions.jsonl", tmp_path / "incidents.jsonl"
-    stop = threading.Event()
-    service = threading.Thread(target=run_sidecar, args=(cfg,), daemon=True,
-                               kwargs={"stop": stop, "decisions": log, "incidents": incidents, "watch_every": 0.2})
-    service.start()
+    service, stop = start_service(cfg, ring, decisions=log, incidents=incidents)
 
     def publish(req: str, start: int, values: list[float], finished: bool) -> None:
         import torch
@@ -107,12 +101,8 @@ def test_the_sidecar_records_escalates_and_counts_by_tier(tmp_path):
         seg = Segment(req, f"chatcmpl-{req}", req, 0, start, len(values), 3, 0)
         assert ring.publish(1, SlotMeta((seg,), (req,) if finished else (), time.time()), [x])
 
+    deadline = time.time() + 30
     try:
-        deadline = time.time() + 30
-        while ring.counters()["reader_seq"] == 0:
-            assert time.time() < deadline, "the sidecar never attached to the ring"
-            ring.publish(0, SlotMeta(), None)
-            time.sleep(0.2)
         publish("warm", 0, [0.0, 3.0, 1.0], True)
         publish("cold", 0, [0.0, 1.0, 1.0], True)
         publish("hot", 0, [0.0, 3.0, 1.0], False)

@@ -109,29 +109,18 @@ def test_too_few_requests_say_how_many_are_needed(traffic, capsys):
 def test_calibrate_on_what_a_real_sidecar_recorded_in_shadow(tmp_path, capsys):
     """The sidecar loop over a real ring writes its decision log with a detector in shadow; the threshold
     calibrated on it fires on the target share of those very requests."""
-    import threading
-
-    from monitor.sidecar.service import run_sidecar
-    from monitor.transport.meta import SlotMeta
-    from sidecar_helpers import open_ring, publish_request
+    from sidecar_helpers import open_ring, publish_request, start_service
 
     cfg = tiny_monitor(tmp_path, {})
     det = tmp_path / "det/f.yaml"
     det.write_text(yaml.safe_dump(yaml.safe_load(det.read_text()) | {"mode": "shadow"}))
     log = tmp_path / "decisions.jsonl"
     ring = open_ring(tmp_path)
-    stop = threading.Event()
-    service = threading.Thread(target=run_sidecar, args=(cfg,), kwargs={"stop": stop, "decisions": log,
-                                                                     "watch_every": 0.2}, daemon=True)
-    service.start()
+    service, stop = start_service(cfg, ring, decisions=log)
     rng = np.random.default_rng(3)
     maxima = rng.gamma(2.0, 2.0, 160)  # each request's feature maximum: its detector score
+    deadline = time.time() + 30
     try:
-        deadline = time.time() + 30
-        while ring.counters()["reader_seq"] == 0:
-            assert time.time() < deadline, "the sidecar never attached to the ring"
-            ring.publish(0, SlotMeta(), None)
-            time.sleep(0.2)
         for k, m in enumerate(maxima):
             publish_request(ring, [0.0, float(m), 0.5 * float(m)], req=f"t{k}")
             time.sleep(0.02)  # a producer at traffic speed: the ring never fills
