@@ -1,7 +1,7 @@
 """Soak: mixed traffic through a real `monitor sidecar` process into a real Kafka-protocol broker, with a
 broker bounce and a sidecar restart in the middle. Afterwards, is every fired alert in Kafka or counted?
 
-    python bench/soak.py [--duration 600] [--rate 20] [--json OUT]
+    python bench/soak.py [--duration 600] [--rate 20] [--min-requests N] [--json OUT]
 
 A producer writes finished requests into a real ring (the tiny monitor of the service tests: one SAE
 feature, detector `feat` fires at 5); about one in four is made to fire. At 1/3 of the run the broker
@@ -10,6 +10,9 @@ restarted tansu starts empty. At 2/3 the sidecar is stopped (SIGTERM, as a rolli
 started again. A consumer then reads every event; fired requests are matched, by request id, against
 the alerts received (deduplicated by event id) and the sidecar's loss counters. The sidecar's RSS,
 threads and open files are sampled every few seconds after its restart, to show they stay flat.
+
+The bounce and the restart take their time out of the traffic's (on a slow machine, most of a short run);
+`--min-requests` keeps the traffic going past `--duration` until that many requests were made.
 
 `tests/chaos/test_soak.py` runs it for 60 s and asserts the outcome; here it prints the figures.
 """
@@ -127,7 +130,7 @@ def wait_drained(port: int, ring: RingWriter, timeout: float = 60.0) -> dict[str
         time.sleep(0.3)
 
 
-def run(duration: float, rate: float, folder: Path) -> dict:
+def run(duration: float, rate: float, folder: Path, min_requests: int = 0) -> dict:
     port = free_port()
     broker = TansuBroker(log_path=folder / "tansu.log").start()
     broker.create_topic(TOPIC)
@@ -141,7 +144,7 @@ def run(duration: float, rate: float, folder: Path) -> dict:
                                                           dtype=torch.float32))
     sidecar = SidecarProcess(cfg, port, folder / "sidecar.log")
     try:
-        return _traffic(duration, rate, port, broker, ring, sidecar)
+        return _traffic(duration, rate, port, broker, ring, sidecar, min_requests)
     finally:  # whatever happened, leave no sidecar or broker running behind
         if sidecar.proc is not None and sidecar.proc.poll() is None:
             sidecar.proc.kill()
@@ -151,14 +154,14 @@ def run(duration: float, rate: float, folder: Path) -> dict:
 
 
 def _traffic(duration: float, rate: float, port: int, broker: TansuBroker, ring: RingWriter,
-             sidecar: SidecarProcess) -> dict:
+             sidecar: SidecarProcess, min_requests: int) -> dict:
     sidecar.start()
     fired, made, received, samples, losses = set(), 0, [], [], {}
     t0 = time.time()
     events = {"bounce_at": duration / 3, "back_at": duration / 3 + duration / 10, "restart_at": 2 * duration / 3}
     bounced = back = restarted = False
     next_sample = 0.0
-    while (now := time.time() - t0) < duration:
+    while (now := time.time() - t0) < duration or made < min_requests:
         fire = made % 4 == 0
         rid = f"soak-{made}"
         publish_request(ring, [0.0, 9.0 if fire else 1.0, 0.5], req=rid)
@@ -202,7 +205,8 @@ def _traffic(duration: float, rate: float, port: int, broker: TansuBroker, ring:
     sidecar.stop()
     alerts = {e["id"]: e for e in received}
     alerted = {e["subject"] for e in alerts.values() if not e["data"].get("final")}
-    return {"duration_s": duration, "requests": made, "fired": len(fired), "alerted_requests": len(alerted & fired),
+    return {"duration_s": duration, "ran_s": round(time.time() - t0, 1), "requests": made, "fired": len(fired),
+            "alerted_requests": len(alerted & fired),
             "missing": sorted(fired - alerted), "unexpected": sorted(alerted - fired),
             "events_received": len(received), "events_unique": len(alerts), "kafka_lost": sum(losses.values()),
             "kafka_lost_by_reason": losses, "ring_dropped_slots": counters["dropped_slots"], "ring": counters,
@@ -213,10 +217,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=600.0)
     ap.add_argument("--rate", type=float, default=20.0, help="requests per second")
+    ap.add_argument("--min-requests", type=int, default=0, help="go on past --duration until this many were made")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        result = run(args.duration, args.rate, Path(d))
+        result = run(args.duration, args.rate, Path(d), args.min_requests)
     print(json.dumps({k: v for k, v in result.items() if k != "process"}))
     for s in result["process"]:
         print(json.dumps(s))
