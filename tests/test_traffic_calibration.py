@@ -86,6 +86,15 @@ def test_the_threshold_fires_on_the_target_share_of_the_traffic(traffic, capsys)
     assert code == 0 and "400 requests" in out
 
 
+def test_a_log_the_sidecar_is_writing_is_read_to_its_last_whole_line(traffic, capsys):
+    """Calibrating on the live log: the record being written (no newline yet) is left for the next read."""
+    cfg, det, log, _ = traffic
+    log.write_text(log.read_text() + '{"event": "final", "time": 1, "request_id": "r-half", "detec')
+    code, out, err = calibrate(capsys, cfg, det, "--from-decisions", str(log), "--target-fpr", str(TARGET))
+    assert code == 0, err
+    assert yaml.safe_load(det.read_text())["calibration"]["n_benign"] == 399
+
+
 def test_too_few_requests_say_how_many_are_needed(traffic, capsys):
     cfg, det, log, _ = traffic
     before = det.read_text()

@@ -53,7 +53,9 @@ def read_decisions(files: list[Path], since: datetime | None) -> dict[str, list[
     for path in files:
         if not Path(path).is_file():
             raise OfflineError(f"--from-decisions {path}: no such file")
-        for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        # The last piece is "" when the log ends with a newline; otherwise it is the record a running sidecar is
+        # writing this instant, not yet whole: left for the next read.
+        for n, line in enumerate(Path(path).read_text().split("\n")[:-1], start=1):
             if not line.strip():
                 continue
             try:
