@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo's probe detectors, made with the product's own commands (what a user would run):
 #   monitor probe train  -> artifacts/demo/probes/<concept>/ and detectors/<concept>_probe.yaml
-#   monitor calibrate    -> every shipped threshold at 1% FPR on data/benign/calibration.jsonl
+#   monitor calibrate    -> every shipped threshold at 1% FPR on data/benign/calibration.jsonl (page tier), and
+#                           the probes' record tier at 5%
 #   monitor eval         -> figures by family and plots on the held-out test splits (docs/detectors.md)
 # The SAE-feature detector is chosen by scripts/select_demo_features.py. Data: data/build_datasets.py and
 # data/harmful_categories.py; data/eval/harmful-apart.jsonl is written by hand and only ever evaluated on.
@@ -28,6 +29,11 @@ train harmful_request warning "A request for clearly dangerous help." --aggregat
   --data data/concepts/harmful_request/train.jsonl data/concepts/harmful_request/categories-train.jsonl
 
 "$MONITOR" calibrate --detectors detectors --benign data/benign/calibration.jsonl --target-fpr 0.01
+# Two tiers for the probes, from the same set: record an incident at 5% FPR (nobody paged), page at 1%. The
+# SAE-feature detector is `info` (recorded, never routed): one tier is all it needs.
+for probe in detectors/*_probe.yaml; do
+  "$MONITOR" calibrate --detectors "$probe" --benign data/benign/calibration.jsonl --target-fpr 0.01 --record-fpr 0.05
+done
 # The test splits by shape, the categories' held-out tasks, and the sets written apart (evaluated on, never trained on).
 EVAL=(data/eval/single-turn.jsonl data/eval/multi-turn.jsonl data/concepts/harmful_request/categories-test.jsonl
       data/eval/harmful-apart.jsonl data/eval/pii-apart.jsonl data/eval/injection-apart.jsonl)

@@ -1,7 +1,7 @@
 """`monitor demo --once`: the whole path with the real components, as a newcomer runs it.
 
 vLLM (CPU, the demo model, the plugin) -> sidecar -> Kafka (read by a consumer group) and
-Prometheus -> Alertmanager -> the pager webhook; benign requests must stay quiet.
+Prometheus -> Alertmanager -> the pager webhook; benign requests must page nobody.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def test_demo_once_delivers_every_signal(summary):
 def test_flagged_requests_fire_their_detectors_and_benign_ones_do_not(summary):
     by_name = {r["name"]: r for r in summary["requests"]}
     benign = [r for r in summary["requests"] if not r["expected"]]
-    assert len(benign) >= 3 and all(r["fired"] == {} for r in benign)
+    # The probes' record tier keeps about 5% of normal conversations for review: a benign request may reach it,
+    # never the page tier.
+    assert len(benign) >= 3 and all(v["tier"] == "record" for r in benign for v in r["fired"].values())
     for r in summary["requests"]:
-        assert set(r["expected"]) <= set(r["fired"]), r
+        assert set(r["expected"]) <= {d for d, v in r["fired"].items() if v["tier"] == "page"}, r
     pii = by_name["pii-email"]["fired"]["pii-probe"]
     assert pii["score"] >= pii["threshold"] and pii["severity"] == "critical"
     # Why: the top tokens, with the probe's per-token contribution, positioned inside the prompt.
@@ -53,7 +55,8 @@ def test_flagged_requests_fire_their_detectors_and_benign_ones_do_not(summary):
 def test_events_pages_and_alerts_line_up(summary):
     events = summary["kafka_events"]
     assert len({e["id"] for e in events}) == len(events) == summary["kafka"]["events"]
-    assert {e["subject"] for e in events} == {r["request_id"] for r in summary["requests"] if r["expected"]}
+    paged = {e["subject"] for e in events if e["data"]["tier"] == "page"}
+    assert paged == {r["request_id"] for r in summary["requests"] if r["expected"]}
     assert all("text" not in t for e in events for t in e["data"]["tokens"])  # privacy default: no text
     firing = {a["labels"]["detector"] for a in summary["prometheus_alerts"]
               if a["alertname"] == "MisalignmentDetectorFired" and a["state"] == "firing"}
@@ -68,7 +71,9 @@ def test_events_pages_and_alerts_line_up(summary):
 def test_every_flagged_request_leaves_one_incident_with_its_words(summary):
     flagged = {r["request_id"] for r in summary["requests"] if r["expected"]}
     incidents = summary["incidents"]
-    assert sorted(i["request_id"] for i in incidents) == sorted(flagged)  # exactly one each, none for benign
+    assert len({i["request_id"] for i in incidents}) == len(incidents)  # one per request at most
+    # One page-tier incident for each flagged request, none for a benign one (which may leave a record-tier one).
+    assert sorted(i["request_id"] for i in incidents if i["tier"] == "page") == sorted(flagged)
     for i in incidents:
         assert i["tokens_traced"] > i["prompt_tokens"] and i["context_tokens"] > 0 and i["text_policy"] == "flagged"
         assert set(i["words_around_the_top_token"]) == set(i["detectors"])
@@ -151,7 +156,6 @@ def test_console_in_a_real_browser(summary, console_site, tmp_path):
     url, admin, viewer = console_site
     pii = next(r for r in summary["requests"] if r["name"] == "pii-email")
     incident = next(i for i in summary["incidents"] if i["request_id"] == pii["request_id"])
-    flagged = [r for r in summary["requests"] if r["expected"]]
     shots = ROOT / "docs" / "images"
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
@@ -165,13 +169,13 @@ def test_console_in_a_real_browser(summary, console_site, tmp_path):
             page.goto(f"{url}/login")
             page.fill("#token", admin)
             page.click("#login")
-            expect(page.locator("table.incidents tbody tr")).to_have_count(len(flagged))
+            expect(page.locator("table.incidents tbody tr")).to_have_count(len(summary["incidents"]))
             # Filter to one detector (the chip counts say how many each has).
             page.select_option("select[name=detector]", "pii-probe")
             page.click("#apply")
             assert "detector=pii-probe" in page.url
             rows = page.locator("table.incidents tbody tr")
-            n_pii = sum("pii-probe" in r["fired"] for r in flagged)
+            n_pii = sum("pii-probe" in i["detectors"] for i in summary["incidents"])
             expect(rows).to_have_count(n_pii)
             page.screenshot(path=str(shots / "console-list.png"), full_page=True)
             # Open the PII request's incident from the list.

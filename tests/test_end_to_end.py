@@ -109,7 +109,8 @@ def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings
             generated[rid] = token_ids_from_response(body["choices"][0])
         deadline = time.time() + 60
         while time.time() < deadline:
-            final = [json.loads(x) for x in decisions.read_text().splitlines()] if decisions.exists() else []
+            # Whole lines only: the last one may be the record the sidecar is writing this instant.
+            final = [json.loads(x) for x in decisions.read_text().split("\n")[:-1]] if decisions.exists() else []
             if {"e2e-pii", "e2e-injection", "e2e-benign"} <= {d["request_id"] for d in final if d["event"] == "final"}:
                 break
             time.sleep(0.5)
@@ -126,7 +127,10 @@ def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings
     if stalled:
         pytest.fail(f"the sidecar stopped delivering verdicts; ring {counters(rings)}; log:\n"
                     + (tmp_path / "sidecar.log").read_text()[-6000:])
-    fired = {(d["request_id"], d["detector"]) for d in final if d["event"] == "fired"}
+    # The shipped probes record at 5% FPR and page at 1%: what must page is the page tier (`fired` at page, or
+    # `escalated` to it); a benign request may reach the record tier, by design, never the page tier.
+    fired = {(d["request_id"], d["detector"]) for d in final if d["event"] in ("fired", "escalated")
+             and d["tier"] == "page"}
     verdicts = {(d["request_id"], d["detector"]): d for d in final if d["event"] == "final"}
     assert ("e2e-pii", "pii-probe") in fired, verdicts.get(("e2e-pii", "pii-probe"))
     assert ("e2e-injection", "prompt-injection-probe") in fired, verdicts.get(("e2e-injection", "prompt-injection-probe"))
@@ -137,7 +141,7 @@ def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings
 
 
 def check_incidents(folder: Path, config: Path, model_dir: Path, generated: dict[str, list[int]], pii: dict) -> None:
-    """One incident per flagged request, none for the benign one; the trace is what offline scoring says;
+    """One page-tier incident per flagged request, none for the benign one; the trace is what offline scoring says;
     and under the default text policy nothing of the conversation leaves: no text, no token id."""
     import jsonschema
     import numpy as np
@@ -157,7 +161,8 @@ def check_incidents(folder: Path, config: Path, model_dir: Path, generated: dict
         jsonschema.validate(e, incident_schema())
         assert e["subject"] not in by_request, f"two incidents for {e['subject']}"
         by_request[e["subject"]] = e["data"]
-    assert set(by_request) == {"e2e-pii", "e2e-injection"}  # the benign request left nothing
+    # The benign request paged nobody (at most a record-tier incident).
+    assert {rid for rid, d in by_request.items() if d["tier"] == "page"} == {"e2e-pii", "e2e-injection"}
     d = by_request["e2e-pii"]
     assert pii["alert_id"] in d["alert_ids"]
     (det,) = [x for x in d["detectors"] if x["name"] == "pii-probe"]

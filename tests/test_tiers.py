@@ -178,3 +178,8 @@ def test_the_console_shows_and_filters_the_tier(tmp_path, tokenizer):
     assert "About 1 in 20 normal conversations reach this detector&#39;s record tier&#39;s threshold" in page \
         or "About 1 in 20 normal conversations reach this detector's record tier's threshold" in page
     assert 'id="record-tier"' not in c.get(f"/incidents/{corpus[0][1]['data']['alert_ids'][0]}").text
+    # Where a page lands: the page-tier incidents behind MisalignmentDetectorFired, not the recorded ones.
+    since = "2000-01-01T00:00:00Z"
+    assert 'id="alert-incident-0"' not in c.get(f"/alert?detector=pii-tiered&since={since}").text
+    assert 'id="alert-incident-0"' in c.get(f"/alert?detector=pii-tiered&since={since}&tier=record").text
+    assert 'id="alert-incident-0"' in c.get(f"/alert?detector=pii-probe&since={since}").text

@@ -537,6 +537,9 @@ def create_app(cfg: MonitorConfig, store: Store, tokens: TokenStore, opener=None
         if not params.get("detector"):
             raise HTTPException(400, "an alert's page needs its detector: /alert?detector=<name>&model=<model>")
         params.setdefault("since", (datetime.now(timezone.utc) - LANDING_WINDOW).isoformat())
+        # The alert that links here (MisalignmentDetectorFired) pages on the page tier only: record-tier incidents
+        # are not behind it.
+        params.setdefault("tier", "page")
         try:
             f = IncidentFilter.model_validate({k: v for k, v in params.items() if k in IncidentFilter.model_fields})
         except ValidationError as e:

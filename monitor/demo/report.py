@@ -23,7 +23,7 @@ def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consume
             d = e["data"]
             if d["detector"] not in fired or d["revision"] >= fired[d["detector"]]["revision"]:
                 fired[d["detector"]] = {
-                    "revision": d["revision"], "severity": d["severity"], "score": d["score"],
+                    "revision": d["revision"], "tier": d.get("tier", "page"), "severity": d["severity"], "score": d["score"],
                     "threshold": d["threshold"], "aggregation": d["aggregation"]["kind"], "final": d["final"],
                     "top_tokens": [{"position": t["position"], "score": t["score"],
                                     "token": token_text.get(r.request_id, {}).get(t["position"]),
@@ -65,6 +65,7 @@ def incident_summary(e: dict) -> dict:
             "detectors": [x["name"] for x in fired], "tokens_traced": len(t["positions"]),
             "prompt_tokens": d["prompt_tokens"], "context_tokens": len(d["context"]), "text_policy": d["text_policy"],
             "redacted_by": d["redacted_by"], "words_around_the_top_token": words, "outcome": d.get("outcome"),
+            "tier": d.get("tier", "page"),
             "severities": {x["name"]: x["severity"] for x in fired}}
 
 
@@ -73,7 +74,8 @@ def show(s: dict) -> None:
     print("\n=== requests and detectors " + "=" * 50)
     for r in s["requests"]:
         status = "ERROR " + r["error"] if r["error"] else (", ".join(
-            f"{d} {v['score']:.3g}>={v['threshold']:.3g} ({v['severity']})" for d, v in r["fired"].items())
+            f"{d} {v['score']:.3g}>={v['threshold']:.3g} ({v['severity']}"
+            + (", record tier: kept, not paged)" if v["tier"] == "record" else ")") for d, v in r["fired"].items())
             or "no detector fired")
         print(f"{r['request_id']:<34} {status}")
         for d, v in r["fired"].items():
@@ -86,12 +88,14 @@ def show(s: dict) -> None:
           f"consumed by group {s['kafka']['consumer_group']} " + "=" * 10)
     for e in s["kafka_events"]:
         d = e["data"]
-        print(f"  {e['time']} {e['subject']:<34} {d['detector']:<24} rev {d['revision']}"
+        print(f"  {e['time']} {e['subject']:<34} {d['detector']:<24} rev {d['revision']} {d.get('tier', 'page')}"
               f"{' final' if d['final'] else ''} score {d['score']:.3g} id {e['id'][:8]}")
     print(f"\n=== incidents stored: {len(s['incidents'])} (one per flagged request, with its trace; "
           f"`monitor incidents list --config {s['run_folder']}/monitor.yaml`) " + "=" * 4)
     for i in s["incidents"]:
-        print(f"  {i['request_id']:<34} {', '.join(i['detectors'])}: {i['tokens_traced']} tokens traced "
+        print(f"  {i['request_id']:<34} {', '.join(i['detectors'])}"
+              + (" (record tier: kept for review, nobody paged)" if i["tier"] == "record" else "")
+              + f": {i['tokens_traced']} tokens traced "
               f"({i['prompt_tokens']} prompt), feature context at {i['context_tokens']} token(s)"
               + (f", redacted: {', '.join(i['redacted_by'])}" if i["redacted_by"] else "")
               + f"; the model {dict(refused='refused', answered='answered (no refusal)', no_reply='had not replied').get(i['outcome'], 'reply: not read')}")

@@ -247,7 +247,8 @@ def shift_table(reports: list[DetectorReport], top: int = 5) -> str:
 
 
 def plots(reports: list[DetectorReport], folder: Path) -> list[Path]:
-    """Per detector: ROC curve, and score histograms of positives vs negatives with the threshold."""
+    """Per detector: ROC curve, and score histograms of positives vs negatives with the threshold (and the record
+    tier's, when the detector has one)."""
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -265,6 +266,10 @@ def plots(reports: list[DetectorReport], folder: Path) -> list[Path]:
         roc.plot(fpr, tpr, drawstyle="steps-post", label=f"AUROC {r.auroc:.3f}")
         roc.plot([0, 1], [0, 1], ls=":", c="grey")
         roc.scatter([r.fpr_at_threshold], [r.recall], c="red", zorder=3, label=f"threshold {r.threshold:.3g}")
+        record = next((t for t in r.tiers if t.tier == "record"), None)
+        if record is not None:
+            roc.scatter([record.fpr], [record.recall], c="orange", zorder=3, marker="s",
+                        label=f"record tier {record.threshold:.3g}")
         roc.axvline(0.01, ls="--", c="grey", lw=0.8)
         roc.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"{r.detector}: ROC", xscale="symlog",
                 xlim=(0, 1))
@@ -276,6 +281,8 @@ def plots(reports: list[DetectorReport], folder: Path) -> list[Path]:
         hist.hist(neg[np.isfinite(neg)], bins=bins, alpha=0.6, label=f"negatives ({r.n_neg})", density=True)
         hist.hist(pos[np.isfinite(pos)], bins=bins, alpha=0.6, label=f"positives ({r.n_pos})", density=True)
         hist.axvline(r.threshold, c="red", label="threshold")
+        if record is not None:
+            hist.axvline(record.threshold, c="orange", ls="--", label="record tier")
         hist.set(xlabel="detector score", ylabel="density", title=f"{r.detector}: scores ({r.concept})")
         hist.legend()
         fig.tight_layout()
