@@ -1,6 +1,6 @@
 """Which lever lifts harmful-request recall on requests written by others? Measured side by side.
 
-    python scripts/harmful_levers.py [--out artifacts/demo/probes/harmful_levers.json]
+    python scripts/harmful_levers.py [--out artifacts/demo/probes/harmful_levers.json] [--only TEXT]
 
 Every lever is a linear probe on layer 15 (or several layers), thresholded as shipped detectors are: at
 1% and at 5% FPR on the calibration set (data/benign/calibration.jsonl, 3,702 chats no probe trains on).
@@ -12,7 +12,12 @@ Levers:
   the categories data (data/harmful_categories.py: ten categories, benign twins, nine registers);
 - how it is fit: logistic regression (C by family-grouped CV), or the difference of the class means
   (the refusal-direction recipe: no fit at all);
-- layers: 15 alone, or 10 + 15 + 20 side by side (offline only here).
+- layers: 15 alone, or 10 + 15 + 20 side by side (offline only here);
+- SAE features: the demo SAE's features (artifacts/demo/sae-l15) at the last token, alone or beside the
+  residual row (a probe + SAE-feature ensemble: one logistic fit over both). Features active on fewer than
+  1% of the training records are left out (a standardised feature seen once would carry a huge weight), and
+  activations enter as log1p (their scale spans orders of magnitude).
+`--only TEXT` runs the levers whose name contains TEXT and updates their entries in `--out`.
 Figures per held-out family, none of which any lever trains on: `templates` (the template families held
 out whole), `categories` (tasks held out whole, every register of each), `apart` (data/eval/harmful-apart.jsonl:
 80 requests written apart from every training set, in the voice of public benchmarks; used for nothing
@@ -39,6 +44,7 @@ from monitor.offline.rows_transformers import TransformersRows  # noqa: E402
 from monitor.offline.thresholds import threshold_at_fpr  # noqa: E402
 from monitor.paths import cache_dir  # noqa: E402
 from monitor.provenance import TrainingData  # noqa: E402
+from monitor.scoring.sae_file import load_sae_folder  # noqa: E402
 
 LAYERS = [10, 15, 20]
 CONCEPT = "harmful_request"
@@ -52,22 +58,44 @@ def rolling_max(logits: np.ndarray, w: int = 16) -> float:
     return float(((c[w:] - c[:-w]) / w).max())
 
 
-def features(convs, layers: list[int], where: str) -> torch.Tensor:
-    """[conversations, d * layers]: the prompt's mean row (positions >= 1) or its last row, per layer."""
+class SaeColumns:
+    """The demo SAE's features at a row, as lever inputs: log1p of the activations of the kept features."""
+
+    def __init__(self, folder: Path) -> None:
+        self.sae = load_sae_folder(folder)
+        self.keep: torch.Tensor | None = None  # set from the training rows: features active on >= 1% of them
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        acts = torch.log1p(self.sae.encode(rows.float()).clamp_min(0))
+        return acts if self.keep is None else acts[:, self.keep]
+
+
+def features(convs, layers: list[int], where: str, sae: SaeColumns | None = None) -> torch.Tensor:
+    """[conversations, width]: per layer, the prompt's mean row (positions >= 1) or its last row; with `where`
+    `sae` the SAE's features of the last row instead, with `last+sae` both side by side."""
     out = []
     for c in convs:
         parts = []
         for layer in layers:
             rows = scope_rows(c, layer, "prompt").float()
-            parts.append(rows[-1] if where == "last" else rows.mean(0))
-        out.append(torch.cat(parts))
-    return torch.stack(out)
+            if where in ("last", "last+sae"):
+                parts.append(rows[-1])
+            elif where == "mean":
+                parts.append(rows.mean(0))
+        out.append(torch.cat(parts) if parts else torch.empty(0))
+    x = torch.stack(out)
+    if where in ("sae", "last+sae"):
+        last = torch.stack([scope_rows(c, 15, "prompt").float()[-1] for c in convs])
+        x = torch.cat([x, sae(last)], dim=1)
+    return x
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts/demo/probes/harmful_levers.json")
+    ap.add_argument("--only", default="", help="run only the levers whose name contains this; update their entries")
     args = ap.parse_args()
+    sae = SaeColumns(ROOT / "artifacts/demo/sae-l15")
     rows = TransformersRows(cache_dir() / "models" / "SmolLM2-135M-Instruct", LAYERS)
 
     def load(paths, name):
@@ -84,13 +112,21 @@ def main() -> None:
     def labels(recs):
         return np.array([r.labels.get(CONCEPT, 0) for r in recs])
 
-    results = {}
+    results = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
 
     def lever(key, train_recs, train_c, layers, where, fit):
+        if args.only not in key:
+            return
         y = labels(train_recs)
-        x = features(train_c, layers, where)
+        if "sae" in where:
+            sae.keep = None
+            active = (sae(torch.stack([scope_rows(c, 15, "prompt").float()[-1] for c in train_c])) > 0).float().mean(0)
+            sae.keep = torch.nonzero(active >= 0.01).squeeze(1)
+            print(f"{key}: {len(sae.keep)} of {len(active)} SAE features active on >= 1% of training records", flush=True)
+        x = features(train_c, layers, where, sae)
         if fit == "logistic":
-            probe = fit_logistic_probe(x, y, name=key, concept=CONCEPT, model="SmolLM2-135M-Instruct", layer=layers[0],
+            probe = fit_logistic_probe(x, y, name=key, concept=CONCEPT, model="SmolLM2-135M-Instruct",
+                                       layer=(layers or [15])[0],
                                        training=TrainingData(path="-", n_pos=int(y.sum()), n_neg=int((1 - y).sum())),
                                        groups=source_groups(train_recs)).probe
             w, b, mu, sd = probe.weight[0].double(), float(probe.bias[0]), probe.mean.double(), probe.std.double()
@@ -101,8 +137,8 @@ def main() -> None:
             w, b = z[y == 1].mean(0) - z[y == 0].mean(0), 0.0
 
         def score(convs):
-            if where == "last":
-                return (((features(convs, layers, "last").double() - mu) / sd) @ w + b).numpy()
+            if where != "mean":
+                return (((features(convs, layers, where, sae).double() - mu) / sd) @ w + b).numpy()
             out = []
             for c in convs:  # per-token logits of the mean-fit probe, max of rolling means (the shipped detector)
                 r = torch.cat([scope_rows(c, la, "prompt").float() for la in layers], dim=1).double()
@@ -129,6 +165,8 @@ def main() -> None:
     lever("last-token/templates+categories", both, both_c, [15], "last", "logistic")
     lever("last-token-diff-of-means/templates+categories", both, both_c, [15], "last", "diffmeans")
     lever("last-token/layers10+15+20/templates+categories", both, both_c, LAYERS, "last", "logistic")
+    lever("last-token-sae-features/templates+categories", both, both_c, [], "sae", "logistic")
+    lever("last-token+sae-features/templates+categories", both, both_c, [15], "last+sae", "logistic")
     args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
