@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -228,6 +229,28 @@ def test_a_request_whose_end_falls_in_a_dropped_slot_still_ends(tmp_path):
     pub.publish(4, [Segment("d", "d", "d", 0, 0, 1, 1, 0)], ["c"], row, 0.0)
     (last,) = r.poll(8)
     assert set(last.meta.finished) == {"a", "b", "c"}
+    r.close()
+    w.close()
+
+
+def test_an_end_dropped_on_the_last_step_before_a_quiet_spell_still_arrives(tmp_path):
+    """vLLM announces ends in a step of their own; if that slot is dropped and no request follows, the
+    end is retried once the reader makes room, not left waiting for the next request."""
+    spec = RingSpec(slots=2, slot_rows=4, d_model=3, layers=(0,), dtype=torch.float32)
+    w = RingWriter(tmp_path / "quiet.ring", spec)
+    r = RingReader(w.path)
+    pub = _Publisher(w, retry_every=0.01)
+    for step, req in enumerate(("a", "b")):
+        pub.publish(step, [Segment(req, req, req, 0, 0, 1, 1, 0)], [], [torch.ones(1, 3)], 0.0)
+    pub.publish(2, [], ["a", "b"], None, 0.0)  # full ring: dropped, and nothing comes after it
+    time.sleep(0.1)
+    assert [s.meta.finished for s in r.poll(8)] == [(), ()]  # the reader catches up: room again
+    deadline, ends = time.time() + 5, []
+    while time.time() < deadline and not ends:
+        ends = [e for s in r.poll(8) for e in s.meta.finished]
+        time.sleep(0.01)
+    assert sorted(ends) == ["a", "b"]
+    assert w.counters()["dropped_slots"] == 1
     r.close()
     w.close()
 

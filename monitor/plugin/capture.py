@@ -53,22 +53,32 @@ def _write_off_marker(ring: Path, reason: str) -> None:
 
 
 MAX_UNSENT_FINISHED = 4096
+RETRY_ENDS_EVERY_S = 0.05
 
 
 class _Publisher:
     """Splits a step into ring slots and writes them; rows come as per-layer [n, d] CPU tensors."""
 
-    def __init__(self, ring: RingWriter) -> None:
+    def __init__(self, ring: RingWriter, retry_every: float = RETRY_ENDS_EVERY_S) -> None:
         self.ring = ring
         self.lock = threading.Lock()  # the GPU path writes from the publisher thread
         # Requests whose end was announced in a dropped slot: a lost end would leave the request open in
         # the sidecar (no verdict until it expires), so it rides on the next slot that gets through.
         self.unsent_finished: list[str] = []
+        self._unsent_since = 0.0
+        self._step = 0
+        # The last step before a quiet spell is often the very one that carries the ends (vLLM sends them
+        # in one step with nothing scheduled): with no next step to ride on they would wait for the next
+        # request. A thread retries them once the reader has made room, off the inference thread.
+        self._ends_waiting = threading.Event()
+        self._retry_every = retry_every
+        threading.Thread(target=self._retry_ends, name="misalignment-monitor-ends", daemon=True).start()
 
     def publish(self, step: int, segments: list[Segment], finished: list[str], rows: list[torch.Tensor] | None,
                 t: float, token_ids: np.ndarray | None = None) -> None:
         # `t`: wall-clock time the step's forward pass returned; the sidecar measures detection latency from it.
         with self.lock:
+            self._step = step
             if self.unsent_finished:
                 finished, self.unsent_finished = self.unsent_finished + list(finished), []
             chunks = split_segments(segments, self.ring.spec.slot_rows) if segments else []
@@ -121,8 +131,29 @@ class _Publisher:
     def _keep_unsent(self, finished: list[str]) -> None:
         # Bounded: with no reader for hours every step drops, and vLLM's memory must not grow for it. A
         # reader that attaches later never saw those requests, so only the newest ends can still matter.
+        if not finished:
+            return
+        if not self.unsent_finished:
+            self._unsent_since = time.time()  # when they ended: the sidecar measures latency from it
         self.unsent_finished += finished
         del self.unsent_finished[:-MAX_UNSENT_FINISHED]
+        self._ends_waiting.set()
+
+    def _retry_ends(self) -> None:
+        while True:
+            self._ends_waiting.wait()
+            time.sleep(self._retry_every)
+            with self.lock:
+                if self.ring.closed:
+                    return
+                try:
+                    if self.unsent_finished and self.ring.has_room():
+                        finished, self.unsent_finished = self.unsent_finished, []
+                        self._finished_only(self._step, finished, self._unsent_since)
+                except ValueError:  # the ring was unmapped at exit while this thread looked at it
+                    return
+                if not self.unsent_finished:
+                    self._ends_waiting.clear()
 
 
 class _GpuStager:
