@@ -23,6 +23,7 @@ import yaml
 
 from capture_helpers import capture_config, token_ids_from_response
 from monitor.stack.vllm_server import VLLMServer
+from monitor.sinks.jsonl import whole_lines
 from monitor.transport.ring import RingReader
 
 pytestmark = pytest.mark.vllm
@@ -109,8 +110,7 @@ def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings
             generated[rid] = token_ids_from_response(body["choices"][0])
         deadline = time.time() + 60
         while time.time() < deadline:
-            # Whole lines only: the last one may be the record the sidecar is writing this instant.
-            final = [json.loads(x) for x in decisions.read_text().split("\n")[:-1]] if decisions.exists() else []
+            final = [json.loads(x) for x in whole_lines(decisions)] if decisions.exists() else []
             if {"e2e-pii", "e2e-injection", "e2e-benign"} <= {d["request_id"] for d in final if d["event"] == "final"}:
                 break
             time.sleep(0.5)

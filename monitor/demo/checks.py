@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from monitor.config.models import DetectorSpec
 from monitor.demo.traffic import DemoRequest
+from monitor.sinks.events import tier_of
 from monitor.stack.alerting import Prometheus, WebhookReceiver
 
 CONSUMER_GROUP = "monitor-demo"
@@ -197,7 +198,7 @@ def check(exp: Expectations, consumer: EventConsumer | None, stored: StoredIncid
     # design (5% of normal traffic for the demo's probes); what a flagged request must do, and a benign one
     # must never do, is reach the page tier.
     def page_tier(e: dict) -> bool:
-        return e["data"].get("tier", "page") == "page"
+        return tier_of(e["data"]) == "page"
 
     seen = {(e["subject"], e["data"]["detector"]) for e in events if page_tier(e)}
     for key in exp.kafka:

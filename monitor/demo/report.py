@@ -7,6 +7,7 @@ from pathlib import Path
 
 from monitor.demo.checks import CONSUMER_GROUP, Expectations
 from monitor.demo.traffic import DemoRequest
+from monitor.sinks.events import tier_of
 
 
 def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consumer, stored, prom, receiver,
@@ -23,7 +24,7 @@ def summary(exp: Expectations, requests: list[DemoRequest], model: Path, consume
             d = e["data"]
             if d["detector"] not in fired or d["revision"] >= fired[d["detector"]]["revision"]:
                 fired[d["detector"]] = {
-                    "revision": d["revision"], "tier": d.get("tier", "page"), "severity": d["severity"], "score": d["score"],
+                    "revision": d["revision"], "tier": tier_of(d), "severity": d["severity"], "score": d["score"],
                     "threshold": d["threshold"], "aggregation": d["aggregation"]["kind"], "final": d["final"],
                     "top_tokens": [{"position": t["position"], "score": t["score"],
                                     "token": token_text.get(r.request_id, {}).get(t["position"]),
@@ -65,7 +66,7 @@ def incident_summary(e: dict) -> dict:
             "detectors": [x["name"] for x in fired], "tokens_traced": len(t["positions"]),
             "prompt_tokens": d["prompt_tokens"], "context_tokens": len(d["context"]), "text_policy": d["text_policy"],
             "redacted_by": d["redacted_by"], "words_around_the_top_token": words, "outcome": d.get("outcome"),
-            "tier": d.get("tier", "page"),
+            "tier": tier_of(d),
             "severities": {x["name"]: x["severity"] for x in fired}}
 
 
@@ -88,7 +89,7 @@ def show(s: dict) -> None:
           f"consumed by group {s['kafka']['consumer_group']} " + "=" * 10)
     for e in s["kafka_events"]:
         d = e["data"]
-        print(f"  {e['time']} {e['subject']:<34} {d['detector']:<24} rev {d['revision']} {d.get('tier', 'page')}"
+        print(f"  {e['time']} {e['subject']:<34} {d['detector']:<24} rev {d['revision']} {tier_of(d)}"
               f"{' final' if d['final'] else ''} score {d['score']:.3g} id {e['id'][:8]}")
     print(f"\n=== incidents stored: {len(s['incidents'])} (one per flagged request, with its trace; "
           f"`monitor incidents list --config {s['run_folder']}/monitor.yaml`) " + "=" * 4)

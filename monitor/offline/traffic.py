@@ -30,6 +30,7 @@ from monitor.offline.records import sha256_file
 from monitor.offline.tiers import check_record_rate, record_tier
 from monitor.offline.thresholds import fpr_upper_bound, min_samples, threshold_at_fpr
 from monitor.provenance import Calibration
+from monitor.sinks.jsonl import whole_lines
 
 
 @dataclass
@@ -53,9 +54,7 @@ def read_decisions(files: list[Path], since: datetime | None) -> dict[str, list[
     for path in files:
         if not Path(path).is_file():
             raise OfflineError(f"--from-decisions {path}: no such file")
-        # The last piece is "" when the log ends with a newline; otherwise it is the record a running sidecar is
-        # writing this instant, not yet whole: left for the next read.
-        for n, line in enumerate(Path(path).read_text().split("\n")[:-1], start=1):
+        for n, line in enumerate(whole_lines(path), start=1):
             if not line.strip():
                 continue
             try:

@@ -31,6 +31,13 @@ EVENT_TYPE = "io.misalignment-monitor.alert.v1"
 # The schema's own $id; the file ships in the package (monitor/schemas/alert.v1.json).
 SCHEMA_REF = "misalignment-monitor/alert.v1.json"
 SCHEMA_FILE = "schemas/alert.v1.json"
+# Alerts written before detectors had tiers carry none; each of them paged.
+DEFAULT_TIER = "page"
+
+
+def tier_of(detector: dict) -> str:
+    """The tier an alert event's `data` (or a stored copy of it) reached."""
+    return detector.get("tier", DEFAULT_TIER)
 
 class EvidenceInput(Strict):
     input: str = Field(description="<sae>/<feature> or <probe>/<output>")
@@ -62,7 +69,7 @@ class AlertData(Strict):
                                      "inputs' units (see docs/configuration.md, `threshold`).")
     threshold: float = Field(description="The threshold of the tier reached (`tier`).")
     tier: Literal["record", "page"] = Field(
-        "page", description="The highest tier the alert reached: `page` (the detector's `threshold`: pages when "
+        DEFAULT_TIER, description="The highest tier the alert reached: `page` (the detector's `threshold`: pages when "
                             "live, acts) or `record` (its `record_threshold`: an incident is recorded, nobody is "
                             "paged, nothing acts). A two-tier alert that escalates sends a new revision with `page`.")
     aggregation: Aggregation

@@ -1,7 +1,7 @@
 """Append JSON objects to a file, one per line, each line one write as it is made.
 
 One `write` per line (unbuffered, append mode), so a reader tailing the file meets whole lines and, at worst,
-the start of the line being written, which it leaves for its next read (`monitor.offline.traffic`)."""
+the start of the line being written, which it leaves for its next read (`whole_lines`)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,9 @@ class JsonLines:
 
     def close(self) -> None:
         self.f.close()
+
+
+def whole_lines(path: Path) -> list[str]:
+    """The file's complete lines. The last piece is "" when the file ends with a newline; otherwise it is
+    the line a writer is making this instant, not yet whole: left for the next read."""
+    return Path(path).read_text().split("\n")[:-1]

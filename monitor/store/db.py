@@ -11,6 +11,7 @@ from typing import Iterator
 
 from monitor.config.models import StoreSettings
 from monitor.paths import cache_dir
+from monitor.sinks.events import tier_of
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
@@ -177,7 +178,7 @@ class Store:
                    namespace=d.get("namespace"), detectors=[x["name"] for x in fired],
                    severity=max((x["severity"] for x in fired), key=SEVERITY_RANK.get, default="info"),
                    alert_ids=d["alert_ids"], text_policy=d["text_policy"], mode=d.get("mode", "live"),
-                   tier=d.get("tier", "page"), event_time=_when(event["time"]),
+                   tier=tier_of(d), event_time=_when(event["time"]),
                    received_at=datetime.now(timezone.utc))
         new = self._insert(session, Incident, row)
         if new:
