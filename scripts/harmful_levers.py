@@ -17,6 +17,9 @@ Levers:
   residual row (a probe + SAE-feature ensemble: one logistic fit over both). Features active on fewer than
   1% of the training records are left out (a standardised feature seen once would carry a huge weight), and
   activations enter as log1p (their scale spans orders of magnitude).
+- the model's own reaction: the mean of its first 8 generated tokens' rows (greedy, as a chat server
+  answers), alone or beside the last prompt token; a refusal, or the start of a compliant answer, may
+  separate what the prompt alone does not. Costs a verdict 8 tokens later than the prompt's.
 `--only TEXT` runs the levers whose name contains TEXT and updates their entries in `--out`.
 Figures per held-out family, none of which any lever trains on: `templates` (the template families held
 out whole), `categories` (tasks held out whole, every register of each), `apart` (data/eval/harmful-apart.jsonl:
@@ -27,6 +30,7 @@ but this report). Nothing of the garak or spikee packages is read.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -70,6 +74,59 @@ class SaeColumns:
         return acts if self.keep is None else acts[:, self.keep]
 
 
+REPLY_ROWS: dict[int, torch.Tensor] = {}  # id(conversation rows) -> its reply's rows (the rows are frozen)
+
+
+class Replies:
+    """The first tokens a greedy chat server would answer with, and their rows at one layer, per conversation;
+    cached on disk by the prompt's token ids (generation is the slow part)."""
+
+    def __init__(self, rows: TransformersRows, layer: int = 15, new_tokens: int = 9, batch: int = 16) -> None:
+        self.rows, self.layer, self.new_tokens, self.batch = rows, layer, new_tokens, batch
+        self.path = cache_dir() / "activations" / f"replies-l{layer}-n{new_tokens}.pt"
+        self.cache: dict[str, dict] = torch.load(self.path) if self.path.is_file() else {}
+
+    @staticmethod
+    def key(ids: list[int]) -> str:
+        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]]) -> list[dict]:
+        tok, model = self.rows.tokenizer, self.rows.model
+        width = max(map(len, prompts))
+        pad = tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding: all end together
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.new_tokens, do_sample=False,
+                             pad_token_id=pad, output_hidden_states=True, return_dict_in_generate=True)
+        # hidden_states[step][layer + 1]: the block's output for the token fed at that step; step s >= 1
+        # feeds generated token s - 1, so n new tokens give n - 1 reply rows (the last is never fed).
+        fed = torch.cat([h[self.layer + 1][:, -1:] for h in out.hidden_states[1:]], dim=1).float()
+        gen = out.sequences[:, width:]
+        res = []
+        for i in range(len(prompts)):
+            g = gen[i].tolist()
+            n = g.index(tok.eos_token_id) if tok.eos_token_id in g else len(g)  # rows up to the reply's end
+            res.append({"tokens": g[:n], "rows": fed[i, : min(n, fed.shape[1])].clone()})
+        return res
+
+    def attach(self, convs, name: str) -> None:
+        """Files each conversation's reply rows ([k, d]) under it in REPLY_ROWS."""
+        todo = sorted({self.key(c.token_ids[: c.n_prompt]): c.token_ids[: c.n_prompt] for c in convs
+                       if self.key(c.token_ids[: c.n_prompt]) not in self.cache}.items(), key=lambda kv: len(kv[1]))
+        for i in range(0, len(todo), self.batch):
+            part = todo[i : i + self.batch]
+            for (k, _), r in zip(part, self._generate([ids for _, ids in part])):
+                self.cache[k] = r
+            if (i // self.batch) % 20 == 0 or i + self.batch >= len(todo):
+                print(f"{name}: replies {min(i + self.batch, len(todo))}/{len(todo)}", flush=True)
+        if todo:
+            torch.save(self.cache, self.path)
+        for c in convs:
+            r = self.cache[self.key(c.token_ids[: c.n_prompt])]
+            REPLY_ROWS[id(c)] = r["rows"]
+
+
 def features(convs, layers: list[int], where: str, sae: SaeColumns | None = None) -> torch.Tensor:
     """[conversations, width]: per layer, the prompt's mean row (positions >= 1) or its last row; with `where`
     `sae` the SAE's features of the last row instead, with `last+sae` both side by side."""
@@ -78,8 +135,11 @@ def features(convs, layers: list[int], where: str, sae: SaeColumns | None = None
         parts = []
         for layer in layers:
             rows = scope_rows(c, layer, "prompt").float()
-            if where in ("last", "last+sae"):
+            if where in ("last", "last+sae", "last+reply"):
                 parts.append(rows[-1])
+            if where in ("reply", "last+reply"):  # an empty reply: the decision point's row stands for it
+                reply = REPLY_ROWS[id(c)]
+                parts.append(reply.mean(0) if len(reply) else rows[-1])
             elif where == "mean":
                 parts.append(rows.mean(0))
         out.append(torch.cat(parts) if parts else torch.empty(0))
@@ -108,6 +168,12 @@ def main() -> None:
     families = {name: load([p], f"test {name}") for name, p in (
         ("templates", D / f"concepts/{CONCEPT}/test.jsonl"), ("categories", D / f"concepts/{CONCEPT}/categories-test.jsonl"),
         ("apart", D / "eval/harmful-apart.jsonl"))}
+
+    if "reply" in args.only:
+        replies = Replies(rows)
+        for (_, convs), name in (((calib, calib_c), "calibration"), ((templates, templates_c), "train templates"),
+                                 ((cats, cats_c), "train categories"), *((families[f], f"test {f}") for f in families)):
+            replies.attach(convs, name)
 
     def labels(recs):
         return np.array([r.labels.get(CONCEPT, 0) for r in recs])
@@ -167,6 +233,9 @@ def main() -> None:
     lever("last-token/layers10+15+20/templates+categories", both, both_c, LAYERS, "last", "logistic")
     lever("last-token-sae-features/templates+categories", both, both_c, [], "sae", "logistic")
     lever("last-token+sae-features/templates+categories", both, both_c, [15], "last+sae", "logistic")
+    if "reply" in args.only:  # generation is slow (minutes): only when asked for
+        lever("reply-first-8-tokens/templates+categories", both, both_c, [15], "reply", "logistic")
+        lever("last-token+reply-first-8-tokens/templates+categories", both, both_c, [15], "last+reply", "logistic")
     args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
