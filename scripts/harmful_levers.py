@@ -9,7 +9,8 @@ Levers:
   tokens (shipped until now) against the last prompt token, the assistant header's last token, where
   the model has read the request and decides how to answer (Arditi et al. 2024);
 - what it learns from: the template families (data/concepts/harmful_request/train.jsonl) alone, or with
-  the categories data (data/harmful_categories.py: ten categories, benign twins, nine registers);
+  the categories data (data/harmful_categories.py: ten categories, benign twins, nine registers), or with
+  a second round of tasks per category besides (`python data/harmful_categories.py --more`);
 - how it is fit: logistic regression (C by family-grouped CV), or the difference of the class means
   (the refusal-direction recipe: no fit at all);
 - layers: 15 alone, or 10 + 15 + 20 side by side (offline only here);
@@ -22,7 +23,7 @@ Levers:
   separate what the prompt alone does not. Costs a verdict 8 tokens later than the prompt's.
 `--only TEXT` runs the levers whose name contains TEXT and updates their entries in `--out`.
 Figures per held-out family, none of which any lever trains on: `templates` (the template families held
-out whole), `categories` (tasks held out whole, every register of each), `apart` (data/eval/harmful-apart.jsonl:
+out whole), `categories` and `categories-more` (tasks held out whole, every register of each), `apart` (data/eval/harmful-apart.jsonl:
 80 requests written apart from every training set, in the voice of public benchmarks; used for nothing
 but this report). Nothing of the garak or spikee packages is read.
 """
@@ -165,8 +166,10 @@ def main() -> None:
     calib, calib_c = load([D / "benign/calibration.jsonl"], "calibration")
     templates, templates_c = load([D / f"concepts/{CONCEPT}/train.jsonl", D / "benign/train.jsonl"], "train templates")
     cats, cats_c = load([D / f"concepts/{CONCEPT}/categories-train.jsonl"], "train categories")
+    more, more_c = load([D / f"concepts/{CONCEPT}/categories-more-train.jsonl"], "train categories-more")
     families = {name: load([p], f"test {name}") for name, p in (
         ("templates", D / f"concepts/{CONCEPT}/test.jsonl"), ("categories", D / f"concepts/{CONCEPT}/categories-test.jsonl"),
+        ("categories-more", D / f"concepts/{CONCEPT}/categories-more-test.jsonl"),
         ("apart", D / "eval/harmful-apart.jsonl"))}
 
     if "reply" in args.only:
@@ -229,6 +232,7 @@ def main() -> None:
     lever("rolling16-mean-fit/templates+categories", both, both_c, [15], "mean", "logistic")
     lever("last-token/templates", templates, templates_c, [15], "last", "logistic")
     lever("last-token/templates+categories", both, both_c, [15], "last", "logistic")
+    lever("last-token/templates+categories+more", both + more, both_c + more_c, [15], "last", "logistic")
     lever("last-token-diff-of-means/templates+categories", both, both_c, [15], "last", "diffmeans")
     lever("last-token/layers10+15+20/templates+categories", both, both_c, LAYERS, "last", "logistic")
     lever("last-token-sae-features/templates+categories", both, both_c, [], "sae", "logistic")
