@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from capture_helpers import capture_config, token_ids_from_response
-from monitor.stack.vllm_server import VLLMServer
 from monitor.sinks.jsonl import whole_lines
+from monitor.stack.vllm_server import VLLMServer
 from monitor.transport.ring import RingReader
 
 pytestmark = pytest.mark.vllm

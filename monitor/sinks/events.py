@@ -39,6 +39,7 @@ def tier_of(detector: dict) -> str:
     """The tier an alert event's `data` (or a stored copy of it) reached."""
     return detector.get("tier", DEFAULT_TIER)
 
+
 class EvidenceInput(Strict):
     input: str = Field(description="<sae>/<feature> or <probe>/<output>")
     value: float = Field(description="The input's score at this token, in its own space (activation or logit).")
