@@ -1,6 +1,7 @@
 """Which lever lifts harmful-request recall on requests written by others? Measured side by side.
 
     python scripts/harmful_levers.py [--out artifacts/demo/probes/harmful_levers.json] [--only TEXT]
+    python scripts/harmful_levers.py --concept prompt_injection   # the readers and layers for injection
 
 Every lever is a linear probe on layer 15 (or several layers), thresholded as shipped detectors are: at
 1% and at 5% FPR on the calibration set (data/benign/calibration.jsonl, 3,702 chats no probe trains on).
@@ -21,6 +22,9 @@ Levers:
 - the model's own reaction: the mean of its first 8 generated tokens' rows (greedy, as a chat server
   answers), alone or beside the last prompt token; a refusal, or the start of a compliant answer, may
   separate what the prompt alone does not. Costs a verdict 8 tokens later than the prompt's.
+`--concept prompt_injection` measures the readers and layers for injection instead (trained on its template
+families, judged on its held-out templates, the multi-turn conversations and data/eval/injection-apart.jsonl;
+figures in artifacts/demo/probes/prompt_injection_levers.json).
 `--only TEXT` runs the levers whose name contains TEXT and updates their entries in `--out`.
 Figures per held-out family, none of which any lever trains on: `templates` (the template families held
 out whole), `categories` and `categories-more` (tasks held out whole, every register of each), `apart` (data/eval/harmful-apart.jsonl:
@@ -52,7 +56,6 @@ from monitor.provenance import TrainingData  # noqa: E402
 from monitor.scoring.sae_file import load_sae_folder  # noqa: E402
 
 LAYERS = [10, 15, 20]
-CONCEPT = "harmful_request"
 D = ROOT / "data"
 
 
@@ -153,24 +156,32 @@ def features(convs, layers: list[int], where: str, sae: SaeColumns | None = None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "artifacts/demo/probes/harmful_levers.json")
+    ap.add_argument("--concept", choices=["harmful_request", "prompt_injection"], default="harmful_request")
+    ap.add_argument("--out", type=Path, help="default: artifacts/demo/probes/harmful_levers.json "
+                                             "(prompt_injection_levers.json for injection)")
     ap.add_argument("--only", default="", help="run only the levers whose name contains this; update their entries")
     args = ap.parse_args()
+    concept = args.concept
+    harmful = concept == "harmful_request"
+    args.out = args.out or ROOT / "artifacts/demo/probes" / ("harmful_levers.json" if harmful else f"{concept}_levers.json")
     sae = SaeColumns(ROOT / "artifacts/demo/sae-l15")
     rows = TransformersRows(cache_dir() / "models" / "SmolLM2-135M-Instruct", LAYERS)
 
-    def load(paths, name):
-        recs = [r for p in paths for r in read_labeled(p, require_labels=False)]
+    def load(paths, name, labelled_only=False):
+        recs = [r for p in paths for r in read_labeled(p, require_labels=False)
+                if not labelled_only or concept in r.labels]  # judged on the records that label the concept
         return recs, rows.many([r.messages for r in recs], progress=name)
 
     calib, calib_c = load([D / "benign/calibration.jsonl"], "calibration")
-    templates, templates_c = load([D / f"concepts/{CONCEPT}/train.jsonl", D / "benign/train.jsonl"], "train templates")
-    cats, cats_c = load([D / f"concepts/{CONCEPT}/categories-train.jsonl"], "train categories")
-    more, more_c = load([D / f"concepts/{CONCEPT}/categories-more-train.jsonl"], "train categories-more")
-    families = {name: load([p], f"test {name}") for name, p in (
-        ("templates", D / f"concepts/{CONCEPT}/test.jsonl"), ("categories", D / f"concepts/{CONCEPT}/categories-test.jsonl"),
-        ("categories-more", D / f"concepts/{CONCEPT}/categories-more-test.jsonl"),
-        ("apart", D / "eval/harmful-apart.jsonl"))}
+    templates, templates_c = load([D / f"concepts/{concept}/train.jsonl", D / "benign/train.jsonl"], "train templates")
+    cats, cats_c = load([D / f"concepts/{concept}/categories-train.jsonl"], "train categories") if harmful else ([], [])
+    more, more_c = load([D / f"concepts/{concept}/categories-more-train.jsonl"], "train categories-more") \
+        if harmful else ([], [])
+    tests = ((("templates", D / f"concepts/{concept}/test.jsonl"), ("categories", D / f"concepts/{concept}/categories-test.jsonl"),
+              ("categories-more", D / f"concepts/{concept}/categories-more-test.jsonl"), ("apart", D / "eval/harmful-apart.jsonl"))
+             if harmful else (("templates", D / f"concepts/{concept}/test.jsonl"), ("multi-turn", D / "eval/multi-turn.jsonl"),
+                              ("apart", D / "eval/injection-apart.jsonl")))
+    families = {name: load([p], f"test {name}", labelled_only=True) for name, p in tests}
 
     if "reply" in args.only:
         replies = Replies(rows)
@@ -179,7 +190,7 @@ def main() -> None:
             replies.attach(convs, name)
 
     def labels(recs):
-        return np.array([r.labels.get(CONCEPT, 0) for r in recs])
+        return np.array([r.labels.get(concept, 0) for r in recs])
 
     results = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
 
@@ -194,7 +205,7 @@ def main() -> None:
             print(f"{key}: {len(sae.keep)} of {len(active)} SAE features active on >= 1% of training records", flush=True)
         x = features(train_c, layers, where, sae)
         if fit == "logistic":
-            probe = fit_logistic_probe(x, y, name=key, concept=CONCEPT, model="SmolLM2-135M-Instruct",
+            probe = fit_logistic_probe(x, y, name=key, concept=concept, model="SmolLM2-135M-Instruct",
                                        layer=(layers or [15])[0],
                                        training=TrainingData(path="-", n_pos=int(y.sum()), n_neg=int((1 - y).sum())),
                                        groups=source_groups(train_recs)).probe
@@ -227,6 +238,13 @@ def main() -> None:
         results[key] = res
         print(key, json.dumps(res), flush=True)
 
+    if not harmful:
+        lever("rolling16-mean-fit/templates (shipped)", templates, templates_c, [15], "mean", "logistic")
+        lever("rolling16-mean-fit/layers10+15+20/templates", templates, templates_c, LAYERS, "mean", "logistic")
+        lever("last-token/templates", templates, templates_c, [15], "last", "logistic")
+        lever("last-token/layers10+15+20/templates", templates, templates_c, LAYERS, "last", "logistic")
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        return
     both, both_c = templates + cats, templates_c + cats_c
     lever("rolling16-mean-fit/templates (shipped)", templates, templates_c, [15], "mean", "logistic")
     lever("rolling16-mean-fit/templates+categories", both, both_c, [15], "mean", "logistic")
