@@ -78,9 +78,6 @@ class SaeColumns:
         return acts if self.keep is None else acts[:, self.keep]
 
 
-REPLY_ROWS: dict[int, torch.Tensor] = {}  # id(conversation rows) -> its reply's rows (the rows are frozen)
-
-
 class Replies:
     """The first tokens a greedy chat server would answer with, and their rows at one layer, per conversation;
     cached on disk by the prompt's token ids (generation is the slow part)."""
@@ -91,8 +88,12 @@ class Replies:
         self.cache: dict[str, dict] = torch.load(self.path) if self.path.is_file() else {}
 
     @staticmethod
-    def key(ids: list[int]) -> str:
-        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    def key(conv) -> str:
+        return hashlib.sha256(json.dumps(conv.token_ids[: conv.n_prompt]).encode()).hexdigest()
+
+    def of(self, conv) -> torch.Tensor:
+        """The reply's rows ([k, d]; k = 0 for an empty reply); `generate` must have seen the conversation."""
+        return self.cache[self.key(conv)]["rows"]
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]]) -> list[dict]:
@@ -114,10 +115,14 @@ class Replies:
             res.append({"tokens": g[:n], "rows": fed[i, : min(n, fed.shape[1])].clone()})
         return res
 
-    def attach(self, convs, name: str) -> None:
-        """Files each conversation's reply rows ([k, d]) under it in REPLY_ROWS."""
-        todo = sorted({self.key(c.token_ids[: c.n_prompt]): c.token_ids[: c.n_prompt] for c in convs
-                       if self.key(c.token_ids[: c.n_prompt]) not in self.cache}.items(), key=lambda kv: len(kv[1]))
+    def generate(self, convs, name: str) -> None:
+        """Replies for the conversations not in the cache yet, shortest prompts first (little padding)."""
+        todo = {}
+        for c in convs:
+            k = self.key(c)
+            if k not in self.cache:
+                todo[k] = c.token_ids[: c.n_prompt]
+        todo = sorted(todo.items(), key=lambda kv: len(kv[1]))
         for i in range(0, len(todo), self.batch):
             part = todo[i : i + self.batch]
             for (k, _), r in zip(part, self._generate([ids for _, ids in part])):
@@ -126,14 +131,13 @@ class Replies:
                 print(f"{name}: replies {min(i + self.batch, len(todo))}/{len(todo)}", flush=True)
         if todo:
             torch.save(self.cache, self.path)
-        for c in convs:
-            r = self.cache[self.key(c.token_ids[: c.n_prompt])]
-            REPLY_ROWS[id(c)] = r["rows"]
 
 
-def features(convs, layers: list[int], where: str, sae: SaeColumns | None = None) -> torch.Tensor:
+def features(convs, layers: list[int], where: str, sae: SaeColumns | None = None,
+             replies: Replies | None = None) -> torch.Tensor:
     """[conversations, width]: per layer, the prompt's mean row (positions >= 1) or its last row; with `where`
-    `sae` the SAE's features of the last row instead, with `last+sae` both side by side."""
+    `sae` the SAE's features of the last row instead, with `last+sae` both side by side; with `reply` the
+    mean of the reply's rows instead, with `last+reply` both."""
     out = []
     for c in convs:
         parts = []
@@ -141,11 +145,11 @@ def features(convs, layers: list[int], where: str, sae: SaeColumns | None = None
             rows = scope_rows(c, layer, "prompt").float()
             if where in ("last", "last+sae", "last+reply"):
                 parts.append(rows[-1])
-            if where in ("reply", "last+reply"):  # an empty reply: the decision point's row stands for it
-                reply = REPLY_ROWS[id(c)]
-                parts.append(reply.mean(0) if len(reply) else rows[-1])
             elif where == "mean":
                 parts.append(rows.mean(0))
+        if where in ("reply", "last+reply"):  # an empty reply: the decision point's row stands for it
+            reply = replies.of(c)
+            parts.append(reply.mean(0) if len(reply) else scope_rows(c, replies.layer, "prompt").float()[-1])
         out.append(torch.cat(parts) if parts else torch.empty(0))
     x = torch.stack(out)
     if where in ("sae", "last+sae"):
@@ -183,11 +187,11 @@ def main() -> None:
                               ("apart", D / "eval/injection-apart.jsonl")))
     families = {name: load([p], f"test {name}", labelled_only=True) for name, p in tests}
 
-    if "reply" in args.only:
-        replies = Replies(rows)
+    replies = Replies(rows) if "reply" in args.only else None
+    if replies is not None:
         for (_, convs), name in (((calib, calib_c), "calibration"), ((templates, templates_c), "train templates"),
                                  ((cats, cats_c), "train categories"), *((families[f], f"test {f}") for f in families)):
-            replies.attach(convs, name)
+            replies.generate(convs, name)
 
     def labels(recs):
         return np.array([r.labels.get(concept, 0) for r in recs])
@@ -203,7 +207,7 @@ def main() -> None:
             active = (sae(torch.stack([scope_rows(c, 15, "prompt").float()[-1] for c in train_c])) > 0).float().mean(0)
             sae.keep = torch.nonzero(active >= 0.01).squeeze(1)
             print(f"{key}: {len(sae.keep)} of {len(active)} SAE features active on >= 1% of training records", flush=True)
-        x = features(train_c, layers, where, sae)
+        x = features(train_c, layers, where, sae, replies)
         if fit == "logistic":
             probe = fit_logistic_probe(x, y, name=key, concept=concept, model="SmolLM2-135M-Instruct",
                                        layer=(layers or [15])[0],
@@ -218,7 +222,7 @@ def main() -> None:
 
         def score(convs):
             if where != "mean":
-                return (((features(convs, layers, where, sae).double() - mu) / sd) @ w + b).numpy()
+                return (((features(convs, layers, where, sae, replies).double() - mu) / sd) @ w + b).numpy()
             out = []
             for c in convs:  # per-token logits of the mean-fit probe, max of rolling means (the shipped detector)
                 r = torch.cat([scope_rows(c, la, "prompt").float() for la in layers], dim=1).double()
