@@ -58,8 +58,10 @@ def rings(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def config(rings) -> Path:
-    # Few slots, so a missing or paused reader fills the ring within a few requests.
-    return capture_config(rings, detectors=True, slots=8)
+    # Few slots, so a missing or paused reader fills the ring within a few requests (five answers are
+    # 125 slots), yet room for one whole concept request (17 slots): the end-to-end check must not hang
+    # on how fast a 2-core CI machine schedules the sidecar beside vLLM.
+    return capture_config(rings, detectors=True, slots=32)
 
 
 @pytest.fixture(scope="module")
@@ -96,37 +98,67 @@ def wait_until_reading(server: VLLMServer, rings: Path, proc: subprocess.Popen, 
         time.sleep(0.5)
 
 
+def finals(decisions: Path) -> set[str]:
+    lines = [json.loads(x) for x in whole_lines(decisions)] if decisions.exists() else []
+    return {d["request_id"] for d in lines if d["event"] == "final"}
+
+
+def wait_for_final(decisions: Path, request_id: str, proc: subprocess.Popen, timeout: float = 60) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if request_id in finals(decisions):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def warm_up(server: VLLMServer, decisions: Path, proc: subprocess.Popen, log: Path) -> None:
+    """Pings until one has its verdict: the sidecar is up, has scored and finished a whole request, and has
+    drained whatever queued while it started."""
+    deadline = time.time() + 180
+    for k in range(1000):
+        rid = f"e2e-warm-{k}"
+        server.chat([{"role": "user", "content": "ping"}], max_tokens=2, request_id=rid)
+        if wait_for_final(decisions, rid, proc, timeout=5):
+            return
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "the sidecar never gave a verdict on a ping"
+
+
+def stall_report(proc: subprocess.Popen, rings: Path, folder: Path, missing: str) -> str:
+    """What a stalled sidecar was doing: its threads (SIGUSR1), the ring's counters, its own metrics."""
+    os.kill(proc.pid, signal.SIGUSR1)
+    time.sleep(1)
+    metrics = [x for x in (folder / "metrics.txt").read_text().splitlines()
+               if x.startswith("misalignment_monitor_") and "_bucket" not in x and "_created" not in x]
+    return (f"no verdict for {missing}; ring {counters(rings)}; metrics:\n" + "\n".join(metrics)
+            + "\nlog:\n" + (folder / "sidecar.log").read_text()[-6000:])
+
+
 def test_concepts_fire_their_detectors_and_benign_does_not(server, config, rings, tmp_path, model_dir):
     side, decisions = start_sidecar(config, tmp_path)
-    stalled = False
-    final: list[dict] = []
+    port = yaml.safe_load(config.read_text())["sinks"]["prometheus"]["port"]
+    stalled = ""
     generated: dict[str, list[int]] = {}
     try:
-        wait_until_reading(server, rings, side, tmp_path / "sidecar.log")
+        warm_up(server, decisions, side, tmp_path / "sidecar.log")
+        # One request at a time, each to its verdict, so each starts on an empty ring.
         for rid, text in (("e2e-pii", PII), ("e2e-injection", INJECTION), ("e2e-benign", BENIGN)):
             body, headers = server.chat([{"role": "user", "content": text}], max_tokens=16, request_id=rid,
                                         logprobs=True, return_tokens_as_token_ids=True)
             assert headers["x-request-id"] == rid
             generated[rid] = token_ids_from_response(body["choices"][0])
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            final = [json.loads(x) for x in whole_lines(decisions)] if decisions.exists() else []
-            if {"e2e-pii", "e2e-injection", "e2e-benign"} <= {d["request_id"] for d in final if d["event"] == "final"}:
+            if not wait_for_final(decisions, rid, side):
+                stalled = rid
                 break
-            time.sleep(0.5)
-        stalled = side.poll() is None and not {"e2e-pii", "e2e-injection", "e2e-benign"} <= {
-            d["request_id"] for d in final if d["event"] == "final"}
-        port = yaml.safe_load(config.read_text())["sinks"]["prometheus"]["port"]
         (tmp_path / "metrics.txt").write_bytes(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
-        if stalled:  # dump the sidecar's threads into its log before stopping it
-            os.kill(side.pid, signal.SIGUSR1)
-            time.sleep(1)
+        if stalled and side.poll() is None:
+            pytest.fail("the sidecar stopped delivering verdicts: " + stall_report(side, rings, tmp_path, stalled))
+        assert side.poll() is None, (tmp_path / "sidecar.log").read_text()[-3000:]
     finally:
         side.terminate()
         side.wait(timeout=30)
-    if stalled:
-        pytest.fail(f"the sidecar stopped delivering verdicts; ring {counters(rings)}; log:\n"
-                    + (tmp_path / "sidecar.log").read_text()[-6000:])
+    final = [json.loads(x) for x in whole_lines(decisions)]
     # The shipped probes record at 5% FPR and page at 1%: what must page is the page tier (`fired` at page, or
     # `escalated` to it); a benign request may reach the record tier, by design, never the page tier.
     fired = {(d["request_id"], d["detector"]) for d in final if d["event"] in ("fired", "escalated")

@@ -282,3 +282,20 @@ def test_middleware_pins_requests_whose_headers_match(tmp_path, monkeypatch):
     assert acme == "call-1" and acme in reader and generated in reader and other not in reader
     (pinned_file,) = (tmp_path / "rings").glob("k-pinned-*.ids")
     assert pinned_file.read_text().split() == ["call-1", generated]  # ids only: no header values
+
+
+def test_a_request_whose_rows_were_all_dropped_is_counted_unscored(tmp_path):
+    """Only its end reached the sidecar (a full ring dropped every row): no verdict can exist, and
+    the metric says so; a second copy of the end (another producer) is not counted twice."""
+    side = Sidecar(load_config(monitor_config(tmp_path)), device="cpu")
+    producer = ring(tmp_path)
+    side.discover()
+    verdicts = []
+    side.bus.on_detector(lambda u: verdicts.append(u.request_id) if u.final else None)
+    segs, x = one_request("a", 3, 3.0)
+    producer.publish(0, SlotMeta(segs, (), None), [torch.from_numpy(x)])
+    producer.publish(1, SlotMeta((), ("a-0000abcd", "lost-0000abcd"), None), None)
+    producer.publish(2, SlotMeta((), ("lost-0000abcd",), None), None)
+    side.poll_once()
+    assert set(verdicts) == {"a"} and side.stats.requests_seen == 1
+    assert side.stats.requests_no_rows == 1 and side.stats.requests_finished == 1

@@ -435,6 +435,11 @@ class Sidecar:
         if info is None:
             if self.skipped.pop(req, None) is not None:
                 self.table.remember_ended(req)
+            elif req not in self.table.ended:
+                # Its end came but none of its rows: every slot that carried them was dropped (the ring was
+                # full), or it ran before this sidecar attached. It gets no verdict; counted, never silent.
+                self.stats.requests_no_rows += 1
+                self.table.remember_ended(req)
             self.bus.emit_request_end(parse_request_id(req)[0])
             return
         if expired:

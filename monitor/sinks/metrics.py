@@ -149,9 +149,11 @@ class MonitorCollector(Collector):
                       st.uncovered_positions)
         yield counter("duplicate_rows", "Rows for positions already scored (preempted requests recomputed); ignored.",
                       st.duplicate_rows)
-        yield by_label("requests_not_scored", "Requests never scored, by reason: left out by `sampling.fraction`, or "
-                       "over `sampling.max_requests` tracked at once.", "reason",
-                       {"sampled_out": st.requests_sampled_out, "over_limit": st.requests_over_limit})
+        yield by_label("requests_not_scored", "Requests never scored, by reason: left out by `sampling.fraction`, "
+                       "over `sampling.max_requests` tracked at once, or no_rows: the request's end arrived but none "
+                       "of its rows (a full ring dropped every one, or it ran before the sidecar attached).", "reason",
+                       {"sampled_out": st.requests_sampled_out, "over_limit": st.requests_over_limit,
+                        "no_rows": st.requests_no_rows})
         yield counter("late_rows", "Rows of a request that had already ended (a late or second copy); ignored.",
                       st.late_rows)
         yield counter("nonfinite_rows", "Rows whose scores held NaN or infinity (a broken model or SAE); each was left "

@@ -29,6 +29,7 @@ class LoopStats:
     nonfinite_rows: int = 0  # rows with a NaN or infinite score: left out of every detector, one by one
     requests_sampled_out: int = 0  # not scored: left out by `sampling`
     requests_over_limit: int = 0  # not scored: `sampling.max_requests` were tracked already
+    requests_no_rows: int = 0  # not scored: its end arrived, none of its rows (dropped, or before we attached)
     uncovered_positions: int = 0
     incidents: int = 0  # fired requests that finished and became an incident
     slots_skipped: dict[str, int] = field(default_factory=dict)  # slots not scored, by reason
