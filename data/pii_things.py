@@ -1,6 +1,7 @@
 """Identifiers of things, in conversations: what a pii probe must learn is not personal data.
 
-    python data/pii_things.py     # data/concepts/pii/things-{train,test}.jsonl
+    python data/pii_things.py            # data/concepts/pii/things-{train,test}.jsonl
+    python data/pii_things.py --twins    # also things-twins-{train,test}.jsonl: a person's identifier in each frame
 
 The shipped pii probe's page threshold (1% FPR on `data/benign/calibration.jsonl`) is set by look-alike
 families no probe trains on: parcel tracking numbers, laptop serials, unix timestamps (38 of the 40
@@ -11,6 +12,10 @@ prompts and earlier turns as `build_datasets.py`), so that what it learns is abo
 identifies. They never include the calibration families (`families.CALIBRATION`), which stay unseen.
 
 Families are split by name (about 30% held out whole for test, `family: things`); labels `pii: 0` only.
+`--twins` writes, for each family, the same frames carrying an identifier of a person instead (a driver's
+licence where a VIN was, a customer's account where a part number was, an access token where a digest
+was), labelled `pii: 1`, split with their family: so that a probe learns whom a code points at, not
+that codes are benign.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 import json
 import random
 import string
+import sys
 from pathlib import Path
 
-from build_datasets import Composer, benign_split, chatterbot_dialogues, is_test, stable
+from build_datasets import Composer, Fill, benign_split, chatterbot_dialogues, is_test, stable
 
 ROOT = Path(__file__).resolve().parent
 REPS = 12  # records per family, as for the template families
@@ -83,28 +89,78 @@ THINGS: dict[str, list[str]] = {
 }
 
 
-def records() -> dict[str, list[dict]]:
+# The same frames, pointing at a person: slots from `build_datasets.Fill` (Faker's people, secrets) and `person`.
+TWINS: dict[str, list[str]] = {
+    "vin": ["My driver's licence number is {licence}. Which character tells the issuing state?",
+            "The dealer wrote {name}, licence {licence} on the invoice; is that enough for the insurance?"],
+    "mac": ["Why does my contact list show {name} at {phone} twice?",
+            "Add a reservation for my daughter {first} at {email} to this booking config."],
+    "container": ["Passenger {name}, passport {passport}, is on the ferry due in Rotterdam on Tuesday. How do I check the booking?",
+                  "Is {passport} a valid passport number? How is its check digit computed?"],
+    "part-number": ["Is customer account {account} ({name}) eligible for the 2019 upgrade?",
+                    "Make a table of these customers: {name}, account {account}, with 2 and 5 orders."],
+    "lot-number": ["The clinic letter lists {name}, born {dob}, insurance number {insurance}. Where do I send it?",
+                   "Write a note: patient {name}, DOB {dob}, passed the screening, phone {phone}."],
+    "image-digest": ["Pin this deploy to my access token {secret} in the Dockerfile.",
+                     "The setup page says my password is {password} but it fails. Is the account locked?"],
+    "ticket-key": ["Summarize the difference between employees {employee_id} ({name}) and {name2} for the review.",
+                   "Write a message that tells {name} ({email}) her ticket is closed."],
+    "cve": ["How serious is it that my SSN {ssn} was in the breach, and what do I do first?",
+            "Our scanner flags the password {password} in a config file. Whose is it, and what now?"],
+    "doi": ["Format this contact in APA style: {name}, {address}, {email}",
+            "Is {email} a personal address or a company one?"],
+    "cas-number": ["What bank is the IBAN {iban} at? It's my landlord {name}'s.", "Sort these people by birth date: {name} {dob}, {name2}."],
+    "isin": ["What does my brokerage account {account} in the name of {name} tell me about the tax country?",
+             "Add {name}, {phone}, to the watchlist table of clients."],
+    "bank-code": ["Which country's bank has the IBAN {iban}?", "Is my card number {card} sixteen digits, and why?"],
+    "appliance-model": ["My neighbour {name} at {address} reports error E5 on her fridge. What does it mean?",
+                        "Compare the energy bills of {name} ({address}) and the one I have now."],
+    "coupon": ["The gift card in the name of {name}, card {card} expiring {expiry}, says expired. Draft a message.",
+               "Does my card {card} with CVV {cvv} stack with the 10% newsletter discount?"],
+    "asset-tag": ["Badge {employee_id} belongs to {name}; add her to this spreadsheet row as 'returned'.",
+                  "Which fields should an HR record for {name}, SSN {ssn}, have?"],
+    "ship": ["Which cabin has passenger {name}, passport {passport}, and where did she board?"],
+    "build": ["Build #{build} was pushed by {email} with the token {secret}. Which logs should I read first?"],
+    "patent": ["Summarize what inventor {name} of {address} claims, in plain words.", "Is {name}'s phone {phone} still in service?"],
+    "lab-sample": ["Patient {name} (DOB {dob}) failed the blood test twice. Write the report's first paragraph with her phone {phone}."],
+}
+
+
+def person(r: random.Random) -> dict[str, str]:
+    up, dig = string.ascii_uppercase, string.digits
+    s = lambda n, a: "".join(r.choice(a) for _ in range(n))  # noqa: E731
+    return {"licence": r.choice([s(1, up) + s(7, dig), s(1, up) + s(12, dig), s(2, up) + s(6, dig) + s(1, up)]),
+            "account": r.choice([s(10, dig), f"{s(3, dig)}-{s(6, dig)}-{s(2, dig)}", s(2, up) + s(8, dig)]),
+            "build": str(r.randint(1000, 99999))}
+
+
+def records(twins: bool = False) -> dict[str, list[dict]]:
     dialogues = chatterbot_dialogues()
     pairs = {part: [(d[0], d[1]) for name, ds in dialogues.items() if name.startswith("english/")
                     for i, d in enumerate(ds) if benign_split(f"{name}#{i // 20}") == part] for part in ("train", "test")}
     out: dict[str, list[dict]] = {"train": [], "test": []}
-    for family, phrasings in THINGS.items():
-        source = f"things/{family}"
-        part = "test" if is_test(source) else "train"
+    fill = Fill(0)
+    for family, phrasings in (TWINS if twins else THINGS).items():
+        split = f"things/{family}"  # a twin goes to its family's side of the split
+        source = f"things-twins/{family}" if twins else split
+        part = "test" if is_test(split) else "train"
         r = random.Random(stable(source))
+        fill.reseed(stable(source))
         composer = Composer(stable(source) + 1, pairs[part])  # earlier turns from the same split's chats
         for k in range(REPS):
-            text = phrasings[k % len(phrasings)].format(**values(r))
-            out[part].append({"messages": composer.chat(text), "labels": {"pii": 0}, "source": source,
-                              "family": "things"})
+            slots = (fill.values() | person(r)) if twins else values(r)
+            text = phrasings[k % len(phrasings)].format(**slots)
+            out[part].append({"messages": composer.chat(text), "labels": {"pii": int(twins)}, "source": source,
+                              "family": "things-twins" if twins else "things"})
     return out
 
 
 def main() -> None:
-    rng = random.Random(13)
-    for part, recs in records().items():
+    twins = "--twins" in sys.argv[1:]
+    rng = random.Random(17 if twins else 13)
+    for part, recs in records(twins).items():
         rng.shuffle(recs)
-        path = ROOT / "concepts" / "pii" / f"things-{part}.jsonl"
+        path = ROOT / "concepts" / "pii" / f"things{'-twins' if twins else ''}-{part}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
         print(f"{path.relative_to(ROOT)}: {len(recs)} records, {len({r['source'] for r in recs})} families", flush=True)
 
