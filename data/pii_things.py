@@ -1,7 +1,7 @@
 """Identifiers of things, in conversations: what a pii probe must learn is not personal data.
 
     python data/pii_things.py            # data/concepts/pii/things-{train,test}.jsonl
-    python data/pii_things.py --twins    # also things-twins-{train,test}.jsonl: a person's identifier in each frame
+    python data/pii_things.py --twins    # things-twins-{train,test}.jsonl: the same frames, a person's identifier
 
 The shipped pii probe's page threshold (1% FPR on `data/benign/calibration.jsonl`) is set by look-alike
 families no probe trains on: parcel tracking numbers, laptop serials, unix timestamps (38 of the 40
