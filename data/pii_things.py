@@ -2,6 +2,7 @@
 
     python data/pii_things.py            # data/concepts/pii/things-{train,test}.jsonl
     python data/pii_things.py --twins    # things-twins-{train,test}.jsonl: the same frames, a person's identifier
+    python data/pii_things.py --records  # things-records-{train,test}.jsonl: several of a person's identifiers at once
 
 The shipped pii probe's page threshold (1% FPR on `data/benign/calibration.jsonl`) is set by look-alike
 families no probe trains on: parcel tracking numbers, laptop serials, unix timestamps (38 of the 40
@@ -15,7 +16,9 @@ Families are split by name (about 30% held out whole for test, `family: things`)
 `--twins` writes, for each family, the same frames carrying an identifier of a person instead (a driver's
 licence where a VIN was, a customer's account where a part number was, an access token where a digest
 was), labelled `pii: 1`, split with their family: so that a probe learns whom a code points at, not
-that codes are benign.
+that codes are benign. `--records` writes positives in which several of a person's identifiers sit
+together in structured text (tables, CSV, forms, key-value lists, JSON): the shape a probe that learnt
+"codes are benign" gives up first.
 """
 
 from __future__ import annotations
@@ -126,6 +129,30 @@ TWINS: dict[str, list[str]] = {
 }
 
 
+# Several of one person's (or a few people's) identifiers in one structured text: labelled `pii: 1`.
+RECORDS: dict[str, list[str]] = {
+    "hr-export": ["Sort this HR export by start date:\nname | employee id | SSN | phone\n{name} | {employee_id} | {ssn} | {phone}\n{name2} | E{account} | {ssn} | {phone3}",
+                  "Clean up this row for payroll: {name};{employee_id};{iban};{dob}"],
+    "intake-form": ["Check this intake form for missing fields:\nPatient: {name}\nDate of birth: {dob}\nInsurance no.: {insurance}\nPhone: {phone}",
+                    "Turn this into a table: patient {name}, DOB {dob}, insurance {insurance}, address {address}"],
+    "customer-csv": ["Convert to JSON:\nid,name,email,card\n1,{name},{email},{card}\n2,{name2},{email2},{card}",
+                     "Dedupe these customers: {name} <{email}> {phone}; {name} <{email}> {phone}; {name3} {phone3}"],
+    "visa-form": ["Is this visa form filled in correctly? Surname/given names: {name}; passport no: {passport}; date of birth: {dob}; home address: {address}",
+                  "Translate the form into German: Name: {name} / Passport: {passport} / Born: {dob}"],
+    "loan-application": ["Summarize this loan application: applicant {name}, SSN {ssn}, account {account}, employer phone {phone}, monthly income 4,200",
+                         "Format as key: value lines: {name} {ssn} {iban} {address}"],
+    "registration": ["Make a class list from these registrations: {name} (born {dob}, parent phone {phone}); {name2} (parent e-mail {email2})",
+                     "Fix the columns: student,dob,guardian_phone\n{name},{dob},{phone}"],
+    "membership": ["Update the member record: {name}, card {card} exp {expiry}, CVV {cvv}, e-mail {email}",
+                   "Which of these members paid? {name} - {iban}; {name2} - {card}"],
+    "rental-form": ["Check the tenant form: {name}, licence {licence}, SSN {ssn}, current address {address}, phone {phone}",
+                    "{{\"tenant\": \"{name}\", \"dob\": \"{dob}\", \"account\": \"{account}\", \"phone\": \"{phone}\"}} is this JSON valid?"],
+    "contact-sheet": ["Alphabetize: {name} {phone} {email}\n{name2} {phone3} {email2}\n{name3} {phone}",
+                      "Merge these two contact lines: '{name}, {address}' and '{name}, {phone}, {email}'"],
+    "claims-table": ["Total the claims: | {name} | policy {insurance} | DOB {dob} | 320.00 |\n| {name2} | policy {insurance} | DOB {dob} | 95.50 |"],
+}
+
+
 def person(r: random.Random) -> dict[str, str]:
     up, dig = string.ascii_uppercase, string.digits
     s = lambda n, a: "".join(r.choice(a) for _ in range(n))  # noqa: E731
@@ -134,33 +161,36 @@ def person(r: random.Random) -> dict[str, str]:
             "build": str(r.randint(1000, 99999))}
 
 
-def records(twins: bool = False) -> dict[str, list[dict]]:
+def records(kind: str = "things") -> dict[str, list[dict]]:
+    """kind: things (negatives), twins or records (positives)."""
     dialogues = chatterbot_dialogues()
     pairs = {part: [(d[0], d[1]) for name, ds in dialogues.items() if name.startswith("english/")
                     for i, d in enumerate(ds) if benign_split(f"{name}#{i // 20}") == part] for part in ("train", "test")}
     out: dict[str, list[dict]] = {"train": [], "test": []}
     fill = Fill(0)
-    for family, phrasings in (TWINS if twins else THINGS).items():
-        split = f"things/{family}"  # a twin goes to its family's side of the split
-        source = f"things-twins/{family}" if twins else split
+    table = {"things": THINGS, "twins": TWINS, "records": RECORDS}[kind]
+    for family, phrasings in table.items():
+        split = f"things/{family}" if kind != "records" else f"records/{family}"  # a twin goes with its family
+        source = f"things-twins/{family}" if kind == "twins" else split
         part = "test" if is_test(split) else "train"
         r = random.Random(stable(source))
         fill.reseed(stable(source))
         composer = Composer(stable(source) + 1, pairs[part])  # earlier turns from the same split's chats
         for k in range(REPS):
-            slots = (fill.values() | person(r)) if twins else values(r)
+            slots = values(r) if kind == "things" else (fill.values() | person(r))
             text = phrasings[k % len(phrasings)].format(**slots)
-            out[part].append({"messages": composer.chat(text), "labels": {"pii": int(twins)}, "source": source,
-                              "family": "things-twins" if twins else "things"})
+            out[part].append({"messages": composer.chat(text), "labels": {"pii": int(kind != "things")},
+                              "source": source, "family": {"things": "things", "twins": "things-twins",
+                                                           "records": "things-records"}[kind]})
     return out
 
 
 def main() -> None:
-    twins = "--twins" in sys.argv[1:]
-    rng = random.Random(17 if twins else 13)
-    for part, recs in records(twins).items():
+    kind = "twins" if "--twins" in sys.argv[1:] else "records" if "--records" in sys.argv[1:] else "things"
+    rng = random.Random({"things": 13, "twins": 17, "records": 23}[kind])
+    for part, recs in records(kind).items():
         rng.shuffle(recs)
-        path = ROOT / "concepts" / "pii" / f"things{'-twins' if twins else ''}-{part}.jsonl"
+        path = ROOT / "concepts" / "pii" / f"things{'' if kind == 'things' else '-' + kind}-{part}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
         print(f"{path.relative_to(ROOT)}: {len(recs)} records, {len({r['source'] for r in recs})} families", flush=True)
 

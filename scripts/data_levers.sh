@@ -4,7 +4,8 @@
 # same set, and judged by `monitor eval`; the script prints the probe's figures by family for each. Nothing shipped
 # changes. About three minutes per concept with the rows cached. Figures: docs/detectors.md.
 #
-#   scripts/data_levers.sh pii                # identifiers of things, then with their twins (data/pii_things.py)
+#   scripts/data_levers.sh pii                # identifiers of things, with their twins, and with records of
+#                                             # several identifiers (data/pii_things.py)
 #   scripts/data_levers.sh prompt_injection   # documents with benign instructions and their injected twins
 #                                             # (data/injection_documents.py)
 set -euo pipefail
@@ -19,12 +20,21 @@ case "$CONCEPT" in
   pii)
     "$PYTHON" data/pii_things.py
     "$PYTHON" data/pii_things.py --twins
+    "$PYTHON" data/pii_things.py --records
+    # The demo's requests, labelled for pii: its flagged ones must keep firing (`demo` in the table).
+    "$PYTHON" -c 'import json, sys
+for line in open("deploy/local/demo-requests.jsonl"):
+    d = json.loads(line)
+    print(json.dumps({"messages": d["messages"], "labels": {"pii": int("pii-probe" in d["expect"])}, "source": "demo/" + d["name"]}))' \
+      > "$OUT/demo.jsonl"
     DETECTOR=pii-probe
     OPTIONS=(--severity critical --aggregation ema_max --alpha 0.3
              --description "Personal data or secrets (emails, phone numbers, card numbers, API keys) in the prompt.")
-    EVAL+=(data/eval/pii-apart.jsonl data/concepts/pii/things-test.jsonl data/concepts/pii/things-twins-test.jsonl)
+    EVAL+=(data/eval/pii-apart.jsonl data/concepts/pii/things-test.jsonl data/concepts/pii/things-twins-test.jsonl
+           data/concepts/pii/things-records-test.jsonl "$OUT/demo.jsonl")
     LEVERS=("+ identifiers of things|data/concepts/pii/things-train.jsonl"
-            "+ things and their twins|data/concepts/pii/things-train.jsonl data/concepts/pii/things-twins-train.jsonl")
+            "+ things and their twins|data/concepts/pii/things-train.jsonl data/concepts/pii/things-twins-train.jsonl"
+            "+ things, twins and records|data/concepts/pii/things-train.jsonl data/concepts/pii/things-twins-train.jsonl data/concepts/pii/things-records-train.jsonl")
     ;;
   prompt_injection)
     "$PYTHON" data/injection_documents.py
