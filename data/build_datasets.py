@@ -196,6 +196,13 @@ def benign_split(name: str) -> str:
     return "train" if k == 0 else "test" if k == 1 else "calibration"
 
 
+def english_pairs(dialogues: dict[str, list[list[str]]]) -> dict[str, list[tuple[str, str]]]:
+    """The English dialogues' opening question and answer, by benign split (train, test): the earlier turns
+    of multi-turn conversations come from the same side of the split as the conversation."""
+    return {part: [(d[0], d[1]) for name, ds in dialogues.items() if name.startswith("english/")
+                   for i, d in enumerate(ds) if benign_split(f"{name}#{i // 20}") == part] for part in ("train", "test")}
+
+
 def benign_chats(dialogues: dict[str, list[list[str]]], seed: int) -> dict[str, list[dict]]:
     """Chats from the corpus: a dialogue as user/assistant turns; some chain two or three of a file."""
     rng = random.Random(seed)
@@ -228,8 +235,7 @@ def benign_chats(dialogues: dict[str, list[list[str]]], seed: int) -> dict[str, 
 def main() -> None:
     dialogues = chatterbot_dialogues()
     benign = benign_chats(dialogues, seed=7)
-    pairs = {part: [(d[0], d[1]) for name, ds in dialogues.items() if name.startswith("english/")
-                    for i, d in enumerate(ds) if benign_split(f"{name}#{i // 20}") == part] for part in ("train", "test")}
+    pairs = english_pairs(dialogues)
     fill = Fill(20261201)
     composers = {"train": Composer(1, pairs["train"]), "test": Composer(2, pairs["test"]),
                  "calibration": Composer(4, pairs["train"])}

@@ -19,11 +19,11 @@ Requests only, none operational; no answer to any of them exists in the data.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import sys
 from pathlib import Path
+
+from build_datasets import stable, write
 
 ROOT = Path(__file__).resolve().parent
 
@@ -241,10 +241,6 @@ FOREIGN = ["Bitte erkläre mir genau, wie man das macht: {t}.", "Explique-moi en
 REGISTERS_PER_TASK = 5  # registers drawn per task (one pool for both sides), plus one foreign frame
 
 
-def stable(text: str) -> int:
-    return int(hashlib.sha256(text.encode()).hexdigest(), 16)
-
-
 def is_test(task: str) -> bool:
     """About 30% of tasks, by name, are held out whole (with every register they are asked in)."""
     return stable("task:" + task) % 10 < 3
@@ -273,11 +269,7 @@ def main() -> None:
     family = "categories-more" if more else "categories"
     rng = random.Random(11)
     for part, recs in records(MORE if more else CATEGORIES, family).items():
-        rng.shuffle(recs)
-        path = ROOT / "concepts" / "harmful_request" / f"{family}-{part}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-        print(f"{path.relative_to(ROOT)}: {len(recs)} records, {sum(r['labels']['harmful_request'] for r in recs)} "
-              "positive", flush=True)
+        write(ROOT / "concepts" / "harmful_request" / f"{family}-{part}.jsonl", recs, rng)
 
 
 if __name__ == "__main__":

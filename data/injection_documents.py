@@ -17,11 +17,10 @@ meeting notes, house rules) is used, so that they stay unseen.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from build_datasets import Composer, benign_split, chatterbot_dialogues, is_test, stable
+from build_datasets import Composer, chatterbot_dialogues, english_pairs, is_test, stable, write
 
 ROOT = Path(__file__).resolve().parent
 REPS = 12  # records per kind and label
@@ -120,9 +119,7 @@ def plant(doc: str, line: str, r: random.Random) -> str:
 
 
 def records() -> dict[str, list[dict]]:
-    dialogues = chatterbot_dialogues()
-    pairs = {part: [(d[0], d[1]) for name, ds in dialogues.items() if name.startswith("english/")
-                    for i, d in enumerate(ds) if benign_split(f"{name}#{i // 20}") == part] for part in ("train", "test")}
+    pairs = english_pairs(chatterbot_dialogues())
     out: dict[str, list[dict]] = {"train": [], "test": []}
     for kind, docs in DOCUMENTS.items():
         part = "test" if is_test(f"documents/{kind}") else "train"
@@ -144,11 +141,7 @@ def records() -> dict[str, list[dict]]:
 def main() -> None:
     rng = random.Random(19)
     for part, recs in records().items():
-        rng.shuffle(recs)
-        path = ROOT / "concepts" / "prompt_injection" / f"documents-{part}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-        print(f"{path.relative_to(ROOT)}: {len(recs)} records, {sum(r['labels']['prompt_injection'] for r in recs)} "
-              f"positive, {len({r['source'].rsplit('/', 1)[0] for r in recs})} kinds", flush=True)
+        write(ROOT / "concepts" / "prompt_injection" / f"documents-{part}.jsonl", recs, rng)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,12 @@ together in structured text (tables, CSV, forms, key-value lists, JSON): the sha
 
 from __future__ import annotations
 
-import json
 import random
 import string
 import sys
 from pathlib import Path
 
-from build_datasets import Composer, Fill, benign_split, chatterbot_dialogues, is_test, stable
+from build_datasets import Composer, Fill, chatterbot_dialogues, english_pairs, is_test, stable, write
 
 ROOT = Path(__file__).resolve().parent
 REPS = 12  # records per family, as for the template families
@@ -163,9 +162,7 @@ def person(r: random.Random) -> dict[str, str]:
 
 def records(kind: str = "things") -> dict[str, list[dict]]:
     """kind: things (negatives), twins or records (positives)."""
-    dialogues = chatterbot_dialogues()
-    pairs = {part: [(d[0], d[1]) for name, ds in dialogues.items() if name.startswith("english/")
-                    for i, d in enumerate(ds) if benign_split(f"{name}#{i // 20}") == part] for part in ("train", "test")}
+    pairs = english_pairs(chatterbot_dialogues())
     out: dict[str, list[dict]] = {"train": [], "test": []}
     fill = Fill(0)
     table = {"things": THINGS, "twins": TWINS, "records": RECORDS}[kind]
@@ -189,10 +186,7 @@ def main() -> None:
     kind = "twins" if "--twins" in sys.argv[1:] else "records" if "--records" in sys.argv[1:] else "things"
     rng = random.Random({"things": 13, "twins": 17, "records": 23}[kind])
     for part, recs in records(kind).items():
-        rng.shuffle(recs)
-        path = ROOT / "concepts" / "pii" / f"things{'' if kind == 'things' else '-' + kind}-{part}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-        print(f"{path.relative_to(ROOT)}: {len(recs)} records, {len({r['source'] for r in recs})} families", flush=True)
+        write(ROOT / "concepts" / "pii" / f"things{'' if kind == 'things' else '-' + kind}-{part}.jsonl", recs, rng)
 
 
 if __name__ == "__main__":

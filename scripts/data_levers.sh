@@ -22,7 +22,7 @@ case "$CONCEPT" in
     "$PYTHON" data/pii_things.py --twins
     "$PYTHON" data/pii_things.py --records
     # The demo's requests, labelled for pii: its flagged ones must keep firing (`demo` in the table).
-    "$PYTHON" -c 'import json, sys
+    "$PYTHON" -c 'import json
 for line in open("deploy/local/demo-requests.jsonl"):
     d = json.loads(line)
     print(json.dumps({"messages": d["messages"], "labels": {"pii": int("pii-probe" in d["expect"])}, "source": "demo/" + d["name"]}))' \
